@@ -1,0 +1,259 @@
+"""The `editbank` command: demo, world build, edit, undo, ls, ask, eval."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Lifelong, reversible knowledge editing of language models.", no_args_is_help=True)
+world_app = typer.Typer(help="Build the built-in fact world and its model.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+console = Console()
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Model directory, or world:small / world:default (built on first use).")
+]
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="SQLite edit store (created if missing).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
+
+
+def _resolve_model(model: str, progress: bool = True) -> str:
+    if model.startswith("world:"):
+        from .world import World
+
+        return str(World.build(model.split(":", 1)[1], progress=progress).path)
+    return model
+
+
+def _parse_hparams(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in pairs:
+        if "=" not in item:
+            _fail(f"--hp expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _open(model: str, store: Path | None, method: str | None, hp: list[str] | None = None, json_out: bool = False):
+    from .editor import Editor
+
+    try:
+        return Editor.open(_resolve_model(model, progress=not json_out), method=method, store=store,
+                           **_parse_hparams(hp or []))
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        _fail(str(exc))
+
+
+def _edit_table(edits) -> Table:
+    t = Table("id", "status", "prompt", "target", "method", "loss")
+    for e in edits:
+        loss = e.stats.get("loss")
+        t.add_row(str(e.id), e.status, e.request.prompt, e.request.target, e.method,
+                  "" if loss is None else f"{loss:.4f}")
+    return t
+
+
+def _metrics_table(report: dict[str, Any], title: str) -> Table:
+    t = Table("metric", "value", "protocol", title=title)
+    for k in ("reliability", "generalization", "locality", "portability", "fluency"):
+        v = report.get(k)
+        if v is not None:
+            t.add_row(k, f"{v:.3f}", report["protocols"].get(k, report["protocol"]))
+    return t
+
+
+@world_app.command("build")
+def world_build(
+    size: Annotated[str, typer.Option(help="Built-in size: small or default.")] = "default",
+    spec: Annotated[Path | None, typer.Option(help="JSON spec file (see docs/world.md).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build (or find in the cache) a world model and print its directory."""
+    from .world import World
+
+    try:
+        w = World.build(str(spec) if spec else size, force=force, progress=not json_out)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if json_out:
+        print(json.dumps({"path": str(w.path), "facts": len(w.facts)}))
+    else:
+        console.print(f"world ready: [bold]{w.path}[/bold] ({len(w.facts)} facts)")
+
+
+@app.command()
+def edit(
+    model: ModelOpt = "world:default",
+    store: StoreOpt = Path("edits.db"),
+    method: Annotated[str | None, typer.Option(help="Editing method (default: the store's, else grace).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt to edit.")] = None,
+    target: Annotated[str | None, typer.Option(help="New completion.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Subject of the fact (needed by some methods).")] = None,
+    file: Annotated[Path | None, typer.Option(help="JSONL file of requests, one object per line.")] = None,
+    hp: Annotated[list[str] | None, typer.Option(help="Hyperparameter key=value (repeatable).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply one edit (--prompt/--target) or a file of edits, sequentially."""
+    from .requests import EditRequest
+
+    try:
+        if file is not None:
+            lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
+            reqs = [EditRequest.from_dict(json.loads(ln)) for ln in lines]
+        elif prompt is not None and target is not None:
+            reqs = [EditRequest(prompt=prompt, target=target, subject=subject)]
+        else:
+            _fail("give --prompt and --target, or --file")
+    except (ValueError, TypeError, OSError) as exc:
+        _fail(str(exc))
+    ed = _open(model, store, method, hp, json_out)
+    done = []
+    try:
+        for r in reqs:
+            done.append(ed.edit(r))
+    except (ValueError, TypeError) as exc:
+        _fail(str(exc))
+    finally:
+        ed.close()
+    if json_out:
+        print(json.dumps([e.to_dict() for e in done]))
+    else:
+        console.print(_edit_table(done))
+
+
+@app.command()
+def undo(
+    ids: Annotated[list[int], typer.Argument(help="Edit id(s) to undo.")],
+    model: ModelOpt = "world:default",
+    store: StoreOpt = Path("edits.db"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Undo edits by id: the model answers as if it had never received them."""
+    if not store.exists():
+        _fail(f"no store at {store}")
+    ed = _open(model, store, None, json_out=json_out)
+    try:
+        done = [ed.undo(i) for i in ids]
+    except (ValueError, KeyError) as exc:
+        _fail(str(exc))
+    finally:
+        ed.close()
+    if json_out:
+        print(json.dumps([e.to_dict() for e in done]))
+    else:
+        console.print(_edit_table(done))
+
+
+@app.command("ls")
+def ls(
+    store: StoreOpt = Path("edits.db"),
+    status: Annotated[str | None, typer.Option(help="Only edits with this status.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the edits in a store (no model needed)."""
+    from .store import EditStore
+
+    if not store.exists():
+        _fail(f"no store at {store}")
+    st = EditStore(store)
+    edits = st.edits(status)
+    meta = st.meta()
+    st.close()
+    if json_out:
+        print(json.dumps({"meta": meta, "edits": [e.to_dict() for e in edits]}))
+        return
+    console.print(f"store {store}: method {meta.get('method')}, {len(edits)} edit(s)")
+    console.print(_edit_table(edits))
+
+
+@app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="Prompt to complete.")],
+    model: ModelOpt = "world:default",
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="Edit store (omit for the base model).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 8,
+    json_out: JsonOpt = False,
+) -> None:
+    """Complete a prompt with the edited model (and show the unedited answer next to it)."""
+    if store is not None and not store.exists():
+        _fail(f"no store at {store}")
+    ed = _open(model, store, None, json_out=json_out)
+    try:
+        edited = ed.generate(prompt, max_new_tokens=max_new_tokens)
+        with ed.unedited():
+            base = ed.generate(prompt, max_new_tokens=max_new_tokens)
+    finally:
+        ed.close()
+    if json_out:
+        print(json.dumps({"prompt": prompt, "edited": edited, "unedited": base}))
+    else:
+        console.print(f"[bold]{prompt}[/bold][green]{edited}[/green]")
+        if base != edited:
+            console.print(f"[dim]unedited: {prompt}{base}[/dim]")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "world:default",
+    store: StoreOpt = Path("edits.db"),
+    protocol: Annotated[str, typer.Option(help="teacher_forced_token_acc or greedy_exact_match.")] = "greedy_exact_match",
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate every active edit of a store on the current model."""
+    if not store.exists():
+        _fail(f"no store at {store}")
+    ed = _open(model, store, None, json_out=json_out)
+    try:
+        report = ed.evaluate([e.request for e in ed.edits("active")], protocol=protocol)
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        ed.close()
+    if json_out:
+        print(json.dumps(report))
+    else:
+        console.print(_metrics_table(report, f"{report['n']} active edits"))
+
+
+@app.command()
+def demo(
+    method: Annotated[str | None, typer.Option(help="Method (default: the best available).")] = None,
+    edits: Annotated[int, typer.Option(help="Number of sequential edits.")] = 50,
+    undo_count: Annotated[int, typer.Option("--undo", help="How many edits to undo afterwards.")] = 10,
+    size: Annotated[str, typer.Option(help="World size.")] = "default",
+    json_out: JsonOpt = False,
+) -> None:
+    """Edit the built-in world model, evaluate, undo some edits, and show they answer as before."""
+    from .demo import run_demo
+
+    try:
+        result = run_demo(method=method, n_edits=edits, n_undo=undo_count, size=size, console=None if json_out else console)
+    except ValueError as exc:
+        _fail(str(exc))
+    if json_out:
+        print(json.dumps(result))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

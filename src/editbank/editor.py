@@ -1,0 +1,336 @@
+"""Editor: the session object tying a model, one method and a store; transactional edit and undo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .methods import base as mbase
+from .models.loading import load_model, model_fingerprint
+from .models.registry import arch_of
+from .requests import EditRequest
+from .store import Edit, EditStore
+from .tokens import pad_id, prompt_ids, target_ids
+
+
+def _max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Deterministic randomness for one edit without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class Editor:
+    """A model + tokenizer + one editing method + an edit store.
+
+    Every `edit` and `undo` is transactional: on any failure the model weights, the method state
+    and the store are exactly as before, and the exception says what went wrong.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: str | None = None,
+        store: str | Path | EditStore | None = None,
+        *,
+        seed: int = 0,
+        snapshot_every: int = 10,
+        **hparams: Any,
+    ) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError("seed must be an int")
+        if not isinstance(snapshot_every, int) or snapshot_every < 1:
+            raise ValueError("snapshot_every must be a positive int")
+        self.model, self.tokenizer = model, tokenizer
+        self.seed, self.snapshot_every = seed, snapshot_every
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.arch = arch_of(model)
+        self.store = store if isinstance(store, EditStore) else EditStore(store)
+        name = method if method is not None else (self.store.get_meta("method") or "grace")
+        cls = mbase.get_method(name)
+        stored = self.store.get_meta("hparams")
+        if stored is not None and hparams:
+            base = dataclasses.asdict(mbase.build_hparams(cls.Hparams, stored))
+            changed = {k: v for k, v in hparams.items() if base.get(k, object()) != v}
+            if changed:
+                raise ValueError(
+                    f"store {self.store.path} was created with other hyperparameters; cannot change "
+                    f"{sorted(changed)} on reopen (use a new store)"
+                )
+        hp = mbase.build_hparams(cls.Hparams, stored if stored is not None else hparams)
+        self.fingerprint = model_fingerprint(model)
+        self.method: mbase.Method = cls(model, tokenizer, self.arch, hp)
+        self.store.bind(self.fingerprint, name, dataclasses.asdict(hp), __version__)
+        self._base_weights = {k: p.detach().clone() for k, p in self.method.touched_parameters().items()}
+        self._base_cache: dict[tuple[str, str, str], Any] = {}
+        self.method.attach()
+        state = self.store.get_state()
+        if state is not None:
+            self._load_tensors(*state)
+
+    @classmethod
+    def open(
+        cls,
+        model,
+        method: str | None = None,
+        store: str | Path | EditStore | None = None,
+        *,
+        tokenizer=None,
+        dtype=None,
+        device=None,
+        device_map=None,
+        seed: int = 0,
+        snapshot_every: int = 10,
+        **hparams: Any,
+    ) -> Editor:
+        """Open an editor on a local model directory, a built World, or a model object (+ tokenizer)."""
+        if method is not None:
+            mbase.get_method(method)  # fail on an unknown method before loading anything
+        if hasattr(model, "path") and not isinstance(model, (str, Path)) and not hasattr(model, "config"):
+            model = model.path  # a World
+        model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
+        return cls(model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, **hparams)
+
+    # -- context manager ----------------------------------------------------------------------
+    def close(self) -> None:
+        self.method.detach()
+        self.store.close()
+
+    def __enter__(self) -> Editor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self, request: Any) -> EditRequest:
+        """Check a request against this model and method (raises ValueError/TypeError naming the field)."""
+        if isinstance(request, dict):
+            request = EditRequest.from_dict(request)
+        if not isinstance(request, EditRequest):
+            raise TypeError(f"edit expects EditRequest objects, got {type(request).__name__}")
+        if not target_ids(self.tokenizer, request.target):
+            raise ValueError(f"EditRequest.target {request.target!r} tokenizes to nothing")
+        limit = _max_positions(self.model.config)
+        n = len(prompt_ids(self.tokenizer, request.prompt)) + len(target_ids(self.tokenizer, request.target))
+        if limit is not None and n > limit:
+            raise ValueError(
+                f"EditRequest.prompt is too long: prompt+target is {n} tokens, the model's context is {limit}"
+            )
+        if self.method.needs_subject and request.subject is None:
+            raise ValueError(f"EditRequest.subject is required by method {self.method.name!r}")
+        return request
+
+    # -- edit / undo --------------------------------------------------------------------------
+    def edit(self, requests: EditRequest | Iterable[EditRequest]) -> Edit | list[Edit]:
+        """Apply one request (returns an Edit) or a batch (returns a list of Edits)."""
+        single = isinstance(requests, (EditRequest, dict))
+        reqs = [self.validate(r) for r in ([requests] if single else list(requests))]
+        if not reqs:
+            raise ValueError("edit needs at least one request")
+        ckpt = self._checkpoint()
+        try:
+            with self.store.transaction():
+                first = self.store.add_edit(reqs[0], self.method.name)
+                edits = [first] + [self.store.add_edit(r, self.method.name, first.id) for r in reqs[1:]]
+                t0 = time.perf_counter()
+                with _seeded(self.seed + first.id), torch.enable_grad():
+                    stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
+                elapsed = time.perf_counter() - t0
+                self._check_finite(stats, edits)
+                for e, s in zip(edits, stats):
+                    e.stats = {**s, "seconds": elapsed / len(edits)}
+                    self.store.update_edit(e.id, stats=e.stats)
+                    self.store.put_artifacts(e.id, self.method.artifacts(e.id))
+                self._save_state(snapshot=self.store.count("active") % self.snapshot_every == 0)
+        except BaseException:
+            self._restore(ckpt)
+            raise
+        return edits[0] if single else edits
+
+    def undo(self, edit_id: int) -> Edit:
+        """Revert one edit: the model behaves as if it had never received it."""
+        edit = self.store.get_edit(edit_id)
+        if edit.status != "active":
+            raise ValueError(f"edit {edit_id} is {edit.status}, not active; nothing to undo")
+        ckpt = self._checkpoint()
+        try:
+            with self.store.transaction():
+                if not self.method.remove(edit.id):
+                    self._replay(exclude=edit.id)
+                self.store.update_edit(edit.id, status="reverted")
+                self.store.drop_snapshots_from(edit.id)
+                self._save_state(snapshot=False)
+        except BaseException:
+            self._restore(ckpt)
+            raise
+        return self.store.get_edit(edit.id)
+
+    def edits(self, status: str | None = None) -> list[Edit]:
+        return self.store.edits(status)
+
+    def _replay(self, exclude: int) -> None:
+        """Rebuild from the nearest snapshot before `exclude` and re-apply later active edits."""
+        snap = self.store.latest_snapshot_before(exclude)
+        start = 0
+        if snap is None:
+            self.method.reset()
+            self._set_weights(self._base_weights)
+        else:
+            start, tensors, meta = snap
+            self._load_tensors(tensors, meta)
+        todo = [e for e in self.store.edits("active") if e.id > start and e.id != exclude]
+        groups: dict[int, list[Edit]] = {}
+        for e in todo:
+            groups.setdefault(e.batch, []).append(e)
+        for batch_id, group in groups.items():
+            with _seeded(self.seed + batch_id), torch.enable_grad():
+                stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
+            self._check_finite(stats, group)
+
+    # -- state handling -----------------------------------------------------------------------
+    def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        mt, meta = self.method.state_dict()
+        tensors = {f"method.{k}": v for k, v in mt.items()}
+        tensors.update({f"weights.{k}": p for k, p in self.method.touched_parameters().items()})
+        return tensors, meta
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        mt = {k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")}
+        wt = {k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")}
+        self.method.reset()
+        self.method.load_state_dict(mt, meta)
+        self._set_weights(wt)
+
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        params = self.method.touched_parameters()
+        unknown = set(weights) - set(params)
+        if unknown:
+            raise ValueError(f"stored weights {sorted(unknown)} are not parameters this method edits")
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+    def _save_state(self, snapshot: bool) -> None:
+        tensors, meta = self._state_tensors()
+        self.store.put_state(tensors, meta)
+        if snapshot:
+            last = self.store.edits("active")[-1].id
+            self.store.put_snapshot(last, tensors, meta)
+
+    def _checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = self._state_tensors()
+        return {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+
+    def _restore(self, ckpt) -> None:
+        self._load_tensors(*ckpt)
+
+    def _check_finite(self, stats: list[dict[str, Any]], edits: list[Edit]) -> None:
+        if len(stats) != len(edits):
+            raise mbase.EditFailed(f"method returned {len(stats)} results for {len(edits)} edits")
+        for e, s in zip(edits, stats):
+            for k, v in s.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise mbase.EditFailed(f"edit of {e.request.prompt!r} failed: {k} is {v}")
+        for name, p in self.method.touched_parameters().items():
+            if not torch.isfinite(p).all():
+                raise mbase.EditFailed(f"edit produced non-finite values in {name}")
+        for name, t in self.method.state_dict()[0].items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise mbase.EditFailed(f"edit produced non-finite values in method state {name}")
+
+    # -- running the edited model -------------------------------------------------------------
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        """Inside the block the model behaves as the unedited base model."""
+        params = self.method.touched_parameters()
+        current = {k: p.detach().clone() for k, p in params.items()}
+        self._set_weights(self._base_weights)
+        try:
+            with self.method.disabled():
+                yield
+        finally:
+            self._set_weights(current)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask=None, query_index=None) -> torch.Tensor:
+        """Forward pass with routing at `query_index` (default: the last token of each row)."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if query_index is None:
+            query_index = attention_mask.sum(1) - 1
+        route = mbase.Route(query_index=query_index.to(self.device))
+        with self.method.routing(route):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask.to(self.device)).logits
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: str | list[str], max_new_tokens: int = 16, **kwargs: Any
+    ) -> str | list[str]:
+        """Greedy continuation(s) of the prompt(s); a routing decision taken on the prompt is kept."""
+        ids = self.generate_ids(prompts, max_new_tokens, **kwargs)
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+        return texts[0] if isinstance(prompts, str) else texts
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: str | list[str], max_new_tokens: int = 16, **kwargs: Any) -> list[list[int]]:
+        """Token ids of the greedy continuations (eos and what follows removed)."""
+        plist = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [prompt_ids(self.tokenizer, p) for p in plist]
+        width = max(len(r) for r in rows)
+        pid = pad_id(self.tokenizer)
+        ids = torch.full((len(rows), width), pid, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        route = mbase.Route(query_index=torch.full((len(rows),), width - 1, device=self.device), keep_decisions=True)
+        kwargs.setdefault("do_sample", False)
+        with self.method.routing(route):
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pid,
+                **kwargs,
+            )
+        eos = self.tokenizer.eos_token_id
+        result = []
+        for row in out[:, width:].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            result.append(row)
+        return result
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, requests: list[EditRequest], protocol: str = "teacher_forced_token_acc", **kw: Any):
+        """Reliability / generalization / locality (/ portability, fluency) of `requests` on this model."""
+        from .evaluate.metrics import evaluate
+
+        return evaluate(self, requests, protocol=protocol, **kw)
+

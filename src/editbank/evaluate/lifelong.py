@@ -1,0 +1,119 @@
+"""Lifelong editing: a sequential stream evaluated on the final model, and rollback evaluation."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import torch
+
+from ..requests import EditRequest
+from ..store import Edit
+from ..tokens import batch_from_ids, pad_id, prompt_ids, target_ids
+from .metrics import _mean, argmax_tokens, check_protocol, evaluate, score_locality, score_pairs
+
+
+def _progress(total: int, label: str, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled, transient=False
+    )
+    return prog, prog.add_task(label, total=total)
+
+
+def run_stream(
+    editor,
+    requests: list[EditRequest],
+    protocol: str = "greedy_exact_match",
+    *,
+    eval_every: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Apply `requests` one at a time, then evaluate all of them on the final model (WISE protocol).
+
+    With `eval_every=k`, after every k edits the edits so far are scored too, giving the retention
+    matrix (row t: reliability of edit i after t edits), ERR (mean over past edits) and TRR (locality).
+    """
+    check_protocol(protocol)
+    requests = list(requests)
+    probes = [p for r in requests for p in r.locality]
+    if probes:
+        score_locality(editor, probes, protocol)  # caches the pre-edit predictions before editing
+    edits: list[Edit] = []
+    retention: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    prog, task = _progress(len(requests), "editing", progress)
+    with prog:
+        for t, req in enumerate(requests, 1):
+            edits.append(editor.edit(req))
+            prog.advance(task)
+            if eval_every and t % eval_every == 0:
+                rel = score_pairs(editor, [(r.prompt, r.target) for r in requests[:t]], protocol)
+                loc = score_locality(editor, probes, protocol) if probes else []
+                retention.append({"step": t, "reliability": rel, "ERR": _mean(rel), "TRR": _mean(loc)})
+    edit_seconds = time.perf_counter() - t0
+    final = evaluate(editor, requests, protocol)
+    return {
+        "protocol": protocol,
+        "edits": [e.id for e in edits],
+        "edit_seconds": edit_seconds,
+        "final": final,
+        "retention": retention,
+    }
+
+
+@torch.no_grad()
+def _prompt_logits(editor, requests: list[EditRequest]) -> list[torch.Tensor]:
+    tok = editor.tokenizer
+    rows = [(prompt_ids(tok, r.prompt), target_ids(tok, r.target)) for r in requests]
+    b = batch_from_ids(rows, pad_id(tok), editor.device)
+    logits = editor.logits(b.input_ids, b.attention_mask, b.query_index)
+    return [logits[i, : len(p) + len(t)].float().cpu() for i, (p, t) in enumerate(rows)]
+
+
+def rollback_eval(
+    editor,
+    edits: list[Edit],
+    fraction: float = 0.1,
+    *,
+    seed: int = 0,
+    protocol: str = "greedy_exact_match",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Undo a random `fraction` of `edits`; undone requests must predict what the unedited model did.
+
+    Reports the share of undone requests whose predictions on prompt+target equal the pre-edit ones,
+    the largest absolute logit difference from the unedited model on those sequences, and the usual
+    scores of the edits that stay.
+    """
+    check_protocol(protocol)
+    if not 0 < fraction <= 1:
+        raise ValueError("fraction must be in (0, 1]")
+    active = [e for e in edits if e.status == "active"]
+    k = max(1, round(fraction * len(active)))
+    chosen = random.Random(seed).sample(active, k)
+    reqs = [e.request for e in chosen]
+    tok = editor.tokenizer
+    rows = [(prompt_ids(tok, r.prompt), target_ids(tok, r.target)) for r in reqs]
+    with editor.unedited():
+        before = argmax_tokens(editor, rows)
+        base_logits = _prompt_logits(editor, reqs)
+    prog, task = _progress(len(chosen), "undoing", progress)
+    with prog:
+        for e in chosen:
+            editor.undo(e.id)
+            prog.advance(task)
+    after = argmax_tokens(editor, rows)
+    now_logits = _prompt_logits(editor, reqs)
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(now_logits, base_logits))
+    chosen_ids = {e.id for e in chosen}
+    kept = [e.request for e in active if e.id not in chosen_ids]
+    return {
+        "protocol": protocol,
+        "undone": sorted(chosen_ids),
+        "restored": _mean([float(a == b) for a, b in zip(after, before)]),
+        "max_abs_logit_diff": max_diff,
+        "kept": evaluate(editor, kept, protocol) if kept else None,
+    }

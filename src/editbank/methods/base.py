@@ -1,0 +1,179 @@
+"""The Method protocol, hyperparameter validation and the method registry.
+
+A method owns its state as attributes (never module globals). The editor drives it:
+`apply` writes a batch of requests, `remove` tries an exact undo, `reset` returns to the unedited
+state (for snapshot-and-replay undo), `state_dict`/`load_state_dict` persist it through the store.
+Methods that change model weights name them in `touched_parameters`; the editor snapshots and
+restores those weights itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..requests import EditRequest
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a Method available as `Editor.open(..., method=name)`."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {METHODS[name].__qualname__}")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a str, got {type(name).__name__}")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+class EditFailed(RuntimeError):
+    """A method could not write an edit (non-finite loss, bad state); nothing was changed."""
+
+
+@dataclass
+class EditItem:
+    """One request as the method sees it: the store's edit id plus the request."""
+
+    id: int
+    request: EditRequest
+
+
+@dataclass
+class Route:
+    """Per-forward routing context: where each row's prompt ends, and decisions kept for generation.
+
+    `query_index[b]` is the last prompt token of row b. In generation the decision taken on the
+    prompt (the first forward) is stored in `decisions` and reused for every generated token.
+    """
+
+    query_index: torch.Tensor | None = None
+    keep_decisions: bool = False
+    decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(annotation)
+        inner = args[0] if args else Any
+        return all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def build_hparams(cls: type, overrides: dict[str, Any]) -> Any:
+    """Make a hyperparameter dataclass, naming any unknown or mistyped field in the error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    for k, v in overrides.items():
+        if not _type_ok(v, hints[k]):
+            raise TypeError(f"hyperparameter {k!r} must be {hints[k]}, got {v!r} ({type(v).__name__})")
+    hp = cls(**overrides)
+    if hasattr(hp, "validate"):
+        hp.validate()
+    return hp
+
+
+class Method:
+    """Base class of every editing method."""
+
+    name: ClassVar[str] = ""
+    Hparams: ClassVar[type]
+    needs_subject: ClassVar[bool] = False
+
+    def __init__(self, model, tokenizer, arch, hparams) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.hparams = hparams
+        self.route: Route | None = None
+        self.enabled = True
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Install whatever persistent hooks the method needs on the model."""
+
+    def detach(self) -> None:
+        """Remove every hook `attach` installed."""
+
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        """Write the requests; return per-item stats (include a float 'loss')."""
+        raise NotImplementedError
+
+    def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
+        """Tensors that describe one edit (stored with it, for inspection and export)."""
+        return {}
+
+    def remove(self, edit_id: int) -> bool:
+        """Undo one edit exactly if the method can; return False (changing nothing) if it cannot."""
+        return False
+
+    def reset(self) -> None:
+        """Forget every edit (method state only; the editor restores touched weights)."""
+
+    def touched_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Model parameters this method writes into (snapshotted and restored by the editor)."""
+        return {}
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if tensors or meta:
+            raise ValueError(f"method {self.name!r} has no state to load")
+
+    # -- routing and switching ------------------------------------------------------------------
+    @contextmanager
+    def routing(self, route: Route) -> Iterator[None]:
+        """Make `route` the routing context of the forwards inside the block."""
+        previous, self.route = self.route, route
+        try:
+            yield
+        finally:
+            self.route = previous
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the block with this method's hooks switched off (weights are the editor's job)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous

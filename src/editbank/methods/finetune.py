@@ -1,0 +1,80 @@
+"""FT-L: constrained fine-tuning of one MLP output projection (Zhu et al., 2020; ROME's baseline).
+
+The weight is trained on the target tokens with Adam and, after every step, clamped elementwise to
+within `norm_constraint` of its value before this edit (an L-infinity bound on the change). The
+method has no state of its own: its edits live in the weight, so undo is the editor's
+snapshot-and-replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..tokens import make_batch
+from .base import EditFailed, EditItem, Method, register
+
+
+@dataclass
+class FTHparams:
+    layer: int | None = None  # decoder layer whose MLP output projection is trained (None: upper-middle)
+    lr: float = 5e-3  # Adam learning rate
+    n_iter: int = 30  # at most this many steps per edit (or batch)
+    norm_constraint: float = 5e-3  # L-infinity bound on the change of any weight entry per edit
+    stop_loss: float = 1e-2  # stop early once the mean target NLL is below this
+
+    def validate(self) -> None:
+        if self.n_iter < 1:
+            raise ValueError("n_iter must be >= 1")
+        if not self.norm_constraint > 0:
+            raise ValueError("norm_constraint must be > 0")
+
+
+@register("ft")
+class FineTune(Method):
+    Hparams = FTHparams
+
+    def __init__(self, model, tokenizer, arch, hparams: FTHparams) -> None:
+        super().__init__(model, tokenizer, arch, hparams)
+        self.layer = hparams.layer if hparams.layer is not None else arch.default_layers(1)[0]
+        if not 0 <= self.layer < arch.num_layers:
+            raise ValueError(f"layer {self.layer} out of range: the model has {arch.num_layers} layers")
+        self.path = arch.layer_path(self.layer, "mlp_out")
+        self.weight = arch.module(self.path).weight
+
+    def touched_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{self.path}.weight": self.weight}
+
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        hp = self.hparams
+        batch = make_batch(
+            self.tokenizer, [(it.request.prompt, it.request.target) for it in items], device=self.weight.device
+        )
+        w0 = self.weight.detach().clone()
+        self.weight.requires_grad_(True)
+        opt = torch.optim.Adam([self.weight], lr=hp.lr)
+        loss_value, steps = float("inf"), 0
+        try:
+            for steps in range(1, hp.n_iter + 1):
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100
+                )
+                loss_value = float(loss.detach())
+                if not torch.isfinite(loss):
+                    raise EditFailed(f"FT-L diverged: loss is {loss_value} at step {steps}")
+                if loss_value < hp.stop_loss:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    self.weight.copy_(torch.clamp(self.weight, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+        finally:
+            self.weight.requires_grad_(False)
+            self.weight.grad = None
+        delta = float((self.weight - w0).abs().max())
+        return [{"loss": loss_value, "steps": steps, "max_abs_change": delta} for _ in items]

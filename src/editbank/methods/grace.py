@@ -1,0 +1,240 @@
+"""GRACE (Hartvigsen et al., 2023): a discrete key-value codebook adaptor at one layer.
+
+Key = input of the layer's MLP output projection at the last prompt token. A query within radius
+eps of its nearest key has the projection's output replaced by that entry's trained value, from the
+last prompt token on (and for every generated token). New keys get radius `eps_init`; a key that
+falls inside an entry with the same target expands that entry's radius, one with a conflicting target
+splits the two radii at half the distance. Undo deletes the entry (restoring any radius it changed)
+exactly; if a later edit has touched the same entries, the editor replays instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..models.hooks import trace
+from ..tokens import make_batch
+from .base import EditFailed, EditItem, Method, Route, register
+
+
+@dataclass
+class GraceHparams:
+    layer: int | None = None  # decoder layer whose MLP output projection is adapted (None: upper-middle)
+    eps_init: float = 1.0  # initial radius of a new codebook entry (Euclidean distance on the key)
+    edit_lr: float = 1.0  # Adam learning rate of a value
+    n_iter: int = 100  # at most this many steps per value
+    stop_loss: float = 1e-3  # stop training a value once the target's mean NLL is below this
+
+    def validate(self) -> None:
+        if self.eps_init <= 0:
+            raise ValueError("eps_init must be > 0")
+        if self.n_iter < 1:
+            raise ValueError("n_iter must be >= 1")
+        if self.edit_lr <= 0:
+            raise ValueError("edit_lr must be > 0")
+
+
+@register("grace")
+class Grace(Method):
+    Hparams = GraceHparams
+
+    def __init__(self, model, tokenizer, arch, hparams: GraceHparams) -> None:
+        super().__init__(model, tokenizer, arch, hparams)
+        n = arch.num_layers
+        self.layer = hparams.layer if hparams.layer is not None else arch.default_layers(1)[0]
+        if not 0 <= self.layer < n:
+            raise ValueError(f"layer {self.layer} out of range: the model has {n} layers")
+        self.path = arch.layer_path(self.layer, "mlp_out")
+        self.module = arch.module(self.path)
+        self._handle = None
+        self._train_value: torch.Tensor | None = None
+        self.reset()
+
+    # -- codebook ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        w = self.arch.weight_out_in(self.module)
+        self.keys = w.new_zeros((0, w.shape[1]))
+        self.values = w.new_zeros((0, w.shape[0]))
+        self.eps = w.new_zeros((0,))
+        self.owner = torch.zeros(0, dtype=torch.long)  # edit id that created each entry
+        self.last_touch = torch.zeros(0, dtype=torch.long)  # edit id that last created/changed it
+        self.labels: list[str] = []
+        self.undo_log: dict[int, dict[str, Any]] = {}
+
+    def _row(self, owner: int) -> int:
+        hits = (self.owner == owner).nonzero()
+        if len(hits) != 1:
+            raise KeyError(f"no codebook entry owned by edit {owner}")
+        return int(hits[0])
+
+    # -- the adaptor hook -------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _decide(self, x: torch.Tensor, qidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: whether a codebook entry covers the query, and that entry's value."""
+        b = x.shape[0]
+        if self._train_value is not None:
+            return torch.ones(b, dtype=torch.bool, device=x.device), self._train_value.expand(b, -1)
+        q = x[torch.arange(b, device=x.device), qidx]
+        d = torch.cdist(q.float(), self.keys.float(), compute_mode="donot_use_mm_for_euclid_dist")
+        dmin, j = d.min(dim=1)
+        return dmin <= self.eps[j], self.values[j]
+
+    def _hook(self, module, inputs, output):
+        if not self.enabled or (len(self.keys) == 0 and self._train_value is None):
+            return None
+        x = inputs[0]
+        b, s = x.shape[:2]
+        route = self.route if self.route is not None else Route()
+        qidx = route.query_index
+        if qidx is None:
+            qidx = torch.full((b,), s - 1, device=x.device)
+        cached = route.decisions.get(self.path) if route.keep_decisions else None
+        if cached is not None and s == 1:
+            matched, values = cached
+            from_pos = torch.zeros(b, dtype=torch.long, device=x.device)
+        else:
+            matched, values = self._decide(x, qidx.to(x.device))
+            if route.keep_decisions:
+                route.decisions[self.path] = (matched, values)
+            from_pos = qidx.to(x.device)
+        if not bool(matched.any()):
+            return None
+        positions = torch.arange(s, device=x.device)[None, :] >= from_pos[:, None]
+        mask = (matched[:, None] & positions)[..., None]
+        return torch.where(mask, values[:, None, :].to(output.dtype), output)
+
+    # -- editing ----------------------------------------------------------------------------------
+    def _key_and_output(self, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        batch = make_batch(self.tokenizer, [(prompt, target)], device=self.keys.device)
+        with torch.no_grad(), self.disabled(), trace(self.model, self.path) as tr:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        q = int(batch.query_index[0])
+        return tr[self.path].input[0, q].detach(), tr[self.path].output[0, q].detach(), batch
+
+    def _train(self, batch, init: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        v = init.clone().float().requires_grad_(True)
+        opt = torch.optim.Adam([v], lr=self.hparams.edit_lr)
+        loss_value, steps = float("inf"), 0
+        self._train_value = v
+        try:
+            with self.routing(Route(query_index=batch.query_index)):
+                for steps in range(1, self.hparams.n_iter + 1):
+                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                    loss = F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
+                    loss_value = float(loss.detach())
+                    if not torch.isfinite(loss):
+                        raise EditFailed(f"GRACE value training diverged (loss {loss_value})")
+                    if loss_value < self.hparams.stop_loss:
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        finally:
+            self._train_value = None
+        return v.detach().to(self.values.dtype), loss_value, steps
+
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        return [self._apply_one(it) for it in items]
+
+    def _apply_one(self, item: EditItem) -> dict[str, Any]:
+        req, eid = item.request, item.id
+        key, out, batch = self._key_and_output(req.prompt, req.target)
+        log: dict[str, Any] = {"created": False, "modified": []}
+        stats: dict[str, Any] = {}
+        if len(self.keys):
+            d = torch.linalg.vector_norm(self.keys.float() - key.float(), dim=1)
+            dist, j = float(d.min()), int(d.argmin())
+            stats["nearest_distance"] = dist
+        else:
+            dist, j = float("inf"), -1
+        eps0 = self.hparams.eps_init
+        if j >= 0 and dist <= float(self.eps[j]) + eps0 and self.labels[j] == req.target:
+            log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
+            self.eps[j] = max(float(self.eps[j]), dist)
+            self.last_touch[j] = eid
+            stats.update(action="expand", loss=0.0, steps=0)
+        else:
+            new_eps = eps0
+            if j >= 0 and dist <= float(self.eps[j]) + eps0:
+                log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
+                new_eps = dist / 2
+                self.eps[j] = min(float(self.eps[j]), dist / 2)
+                self.last_touch[j] = eid
+                stats["action"] = "split"
+            else:
+                stats["action"] = "new"
+            value, loss, steps = self._train(batch, out)
+            self.keys = torch.cat([self.keys, key[None].to(self.keys.dtype)])
+            self.values = torch.cat([self.values, value[None]])
+            self.eps = torch.cat([self.eps, self.eps.new_tensor([new_eps])])
+            self.owner = torch.cat([self.owner, torch.tensor([eid])])
+            self.last_touch = torch.cat([self.last_touch, torch.tensor([eid])])
+            self.labels.append(req.target)
+            log["created"] = True
+            stats.update(loss=loss, steps=steps)
+        self.undo_log[eid] = log
+        return stats
+
+    def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
+        if not self.undo_log.get(edit_id, {}).get("created"):
+            return {}
+        r = self._row(edit_id)
+        return {"key": self.keys[r], "value": self.values[r], "eps": self.eps[r : r + 1]}
+
+    def remove(self, edit_id: int) -> bool:
+        log = self.undo_log.get(edit_id)
+        if log is None:
+            return False
+        touched = [edit_id] if log["created"] else []
+        touched += [owner for owner, _, _ in log["modified"]]
+        if any(int(self.last_touch[self._row(o)]) != edit_id for o in touched):
+            return False  # a later edit changed the same entries: let the editor replay
+        for owner, old_eps, old_touch in log["modified"]:
+            r = self._row(owner)
+            self.eps[r] = old_eps
+            self.last_touch[r] = old_touch
+        if log["created"]:
+            keep = self.owner != edit_id
+            r = self._row(edit_id)
+            self.labels.pop(r)
+            self.keys, self.values, self.eps = self.keys[keep], self.values[keep], self.eps[keep]
+            self.owner, self.last_touch = self.owner[keep], self.last_touch[keep]
+        del self.undo_log[edit_id]
+        return True
+
+    # -- persistence ------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {
+            "keys": self.keys,
+            "values": self.values,
+            "eps": self.eps,
+            "owner": self.owner,
+            "last_touch": self.last_touch,
+        }
+        meta = {"labels": list(self.labels), "undo_log": {str(k): v for k, v in self.undo_log.items()}}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.reset()
+        if not tensors:
+            return
+        dev = self.keys.device
+        self.keys = tensors["keys"].to(dev, self.keys.dtype)
+        self.values = tensors["values"].to(dev, self.values.dtype)
+        self.eps = tensors["eps"].to(dev, self.eps.dtype)
+        self.owner = tensors["owner"].long().cpu()
+        self.last_touch = tensors["last_touch"].long().cpu()
+        self.labels = list(meta["labels"])
+        self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}

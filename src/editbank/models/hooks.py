@@ -1,0 +1,100 @@
+"""Context-managed tracing and patching of module inputs/outputs (baukit `nethook` style).
+
+Every manager removes the hooks it registered when its block exits, also when the block raises, so a
+failed edit never leaves a model with stray hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PatchFn = Callable[[nn.Module, Any, Any], Any]
+
+
+@dataclass
+class Trace:
+    """What one module saw on its latest call: first positional input and (first) output tensor."""
+
+    input: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+
+def _first_input(args: tuple, kwargs: dict) -> Any:
+    """The first positional argument, else `hidden_states`/the first tensor keyword argument."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _first_output(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) and output else output
+
+
+def _replace_first(output: Any, new: Any) -> Any:
+    if isinstance(output, tuple) and output:
+        return (new, *output[1:])
+    if isinstance(output, list) and output:
+        return [new, *output[1:]]
+    return new
+
+
+def _detach(x: Any, detach: bool) -> Any:
+    return x.detach() if detach and isinstance(x, torch.Tensor) else x
+
+
+@contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, Callable]], *, with_kwargs: bool = False) -> Iterator[None]:
+    """Register forward hooks for the duration of the block; always removes them on exit."""
+    with ExitStack() as stack:
+        for module, fn in hooks:
+            stack.callback(module.register_forward_hook(fn, with_kwargs=with_kwargs).remove)
+        yield
+
+
+@contextmanager
+def trace(
+    model: nn.Module, *paths: str, inputs: bool = True, outputs: bool = True, detach: bool = True
+) -> Iterator[dict[str, Trace]]:
+    """Record the input/output of each module at `paths` (dotted from the model root) during the block.
+
+    A module called several times in the block (e.g. during generation) keeps its latest call.
+    """
+    traces = {p: Trace() for p in paths}
+
+    def make_hook(t: Trace) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if inputs:
+                t.input = _detach(_first_input(args, kwargs), detach)
+            if outputs:
+                t.output = _detach(_first_output(output), detach)
+
+        return hook
+
+    hooks = [(model.get_submodule(p), make_hook(traces[p])) for p in paths]
+    with forward_hooks(hooks, with_kwargs=True):
+        yield traces
+
+
+@contextmanager
+def patch(model: nn.Module, path: str, fn: PatchFn) -> Iterator[nn.Module]:
+    """Replace the output of the module at `path` by `fn(module, input, output)` during the block.
+
+    `fn` gets the first input and the first output tensor and returns the new output tensor, or None
+    to keep it; for tuple outputs only the first element is replaced. Yields the patched module.
+    """
+    module = model.get_submodule(path)
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        new = fn(mod, _first_input(args, kwargs), _first_output(output))
+        return None if new is None else _replace_first(output, new)
+
+    with forward_hooks([(module, hook)], with_kwargs=True):
+        yield module

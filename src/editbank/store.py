@@ -1,0 +1,269 @@
+"""EditStore: the durable SQLite ledger of edits, their artifacts, method state and snapshots.
+
+Tensors are stored as safetensors bytes and metadata as JSON: nothing is ever unpickled. Every
+edit or undo is one transaction (`with store.transaction(): ...`). What is in the store is what
+the model knows.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .requests import EditRequest
+
+SCHEMA_VERSION = 1
+STATUSES = ("active", "reverted", "superseded")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS edits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    method TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    stats TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    edit_id INTEGER NOT NULL REFERENCES edits(id),
+    name TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (edit_id, name)
+);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, data BLOB NOT NULL, meta TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots (
+    after_edit INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    data BLOB NOT NULL,
+    meta TEXT NOT NULL
+);
+"""
+
+
+class StoreMismatchError(ValueError):
+    """The store belongs to another model or method."""
+
+
+@dataclass
+class Edit:
+    """An applied request: one row of the store."""
+
+    id: int
+    request: EditRequest
+    method: str
+    status: str = "active"
+    batch: int = 0
+    created: float = 0.0
+    updated: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "request": self.request.to_dict(),
+            "method": self.method,
+            "status": self.status,
+            "batch": self.batch,
+            "created": self.created,
+            "updated": self.updated,
+            "stats": self.stats,
+        }
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def bytes_to_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    return st_load(data)
+
+
+class EditStore:
+    """SQLite ledger (WAL mode). `path=None` keeps it in memory."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = None if path is None else Path(path)
+        if self.path is not None and self.path.is_dir():
+            raise ValueError(f"store path {self.path} is a directory; give a file name such as edits.db")
+        target = ":memory:" if self.path is None else str(self.path)
+        self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA foreign_keys=ON")
+        if self.path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        self._depth = 0
+        with self.transaction():
+            for statement in _split(_SCHEMA):
+                self._db.execute(statement)
+            if self.get_meta("schema_version") is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- transactions -------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all (nested blocks join the outer one)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    # -- metadata -----------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+
+    def bind(self, fingerprint: str, method: str, hparams: dict[str, Any], version: str) -> None:
+        """Record (or check) which model and method this store belongs to."""
+        known = self.get_meta("fingerprint")
+        if known is not None and known != fingerprint:
+            raise StoreMismatchError(
+                f"store {self.path} was made for another model (fingerprint {known[:12]}…, "
+                f"this model is {fingerprint[:12]}…); open it with the model it was made for"
+            )
+        known_method = self.get_meta("method")
+        if known_method is not None and known_method != method:
+            raise StoreMismatchError(
+                f"store {self.path} holds edits of method {known_method!r}, not {method!r}"
+            )
+        with self.transaction():
+            if known is None:
+                self.set_meta("fingerprint", fingerprint)
+                self.set_meta("method", method)
+                self.set_meta("created", time.time())
+            self.set_meta("hparams", hparams)
+            self.set_meta("editbank_version", version)
+
+    # -- edits --------------------------------------------------------------------------------
+    def add_edit(self, request: EditRequest, method: str, batch: int | None = None) -> Edit:
+        now = time.time()
+        cur = self._db.execute(
+            "INSERT INTO edits(batch, request, method, status, created, updated, stats) "
+            "VALUES (?, ?, ?, 'active', ?, ?, '{}')",
+            (batch or 0, json.dumps(request.to_dict()), method, now, now),
+        )
+        eid = int(cur.lastrowid)
+        if batch is None:
+            self._db.execute("UPDATE edits SET batch=? WHERE id=?", (eid, eid))
+        return Edit(eid, request, method, "active", batch or eid, now, now, {})
+
+    def update_edit(self, edit_id: int, *, status: str | None = None, stats: dict | None = None) -> None:
+        if status is not None:
+            if status not in STATUSES:
+                raise ValueError(f"unknown edit status {status!r}")
+            self._db.execute(
+                "UPDATE edits SET status=?, updated=? WHERE id=?", (status, time.time(), edit_id)
+            )
+        if stats is not None:
+            self._db.execute("UPDATE edits SET stats=? WHERE id=?", (json.dumps(stats), edit_id))
+
+    def _row_to_edit(self, row) -> Edit:
+        eid, batch, req, method, status, created, updated, stats = row
+        return Edit(
+            eid, EditRequest.from_dict(json.loads(req)), method, status, batch, created, updated,
+            json.loads(stats),
+        )
+
+    def get_edit(self, edit_id: int) -> Edit:
+        row = self._db.execute(
+            "SELECT id, batch, request, method, status, created, updated, stats FROM edits WHERE id=?",
+            (int(edit_id),),
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"no edit with id {edit_id} in the store")
+        return self._row_to_edit(row)
+
+    def edits(self, status: str | None = None) -> list[Edit]:
+        q = "SELECT id, batch, request, method, status, created, updated, stats FROM edits"
+        args: tuple = ()
+        if status is not None:
+            q += " WHERE status=?"
+            args = (status,)
+        return [self._row_to_edit(r) for r in self._db.execute(q + " ORDER BY id", args)]
+
+    def count(self, status: str | None = None) -> int:
+        if status is None:
+            return self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM edits WHERE status=?", (status,)).fetchone()[0]
+
+    # -- artifacts ----------------------------------------------------------------------------
+    def put_artifacts(self, edit_id: int, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            self._db.execute(
+                "INSERT OR REPLACE INTO artifacts(edit_id, name, data) VALUES (?, ?, ?)",
+                (edit_id, name, tensors_to_bytes({"t": t})),
+            )
+
+    def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
+        rows = self._db.execute("SELECT name, data FROM artifacts WHERE edit_id=?", (edit_id,))
+        return {name: bytes_to_tensors(data)["t"] for name, data in rows}
+
+    # -- method state and snapshots -----------------------------------------------------------
+    def put_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO state(name, data, meta) VALUES ('current', ?, ?)",
+            (tensors_to_bytes(tensors), json.dumps(meta)),
+        )
+
+    def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        row = self._db.execute("SELECT data, meta FROM state WHERE name='current'").fetchone()
+        return None if row is None else (bytes_to_tensors(row[0]), json.loads(row[1]))
+
+    def put_snapshot(self, after_edit: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO snapshots(after_edit, created, data, meta) VALUES (?, ?, ?, ?)",
+            (after_edit, time.time(), tensors_to_bytes(tensors), json.dumps(meta)),
+        )
+
+    def latest_snapshot_before(self, edit_id: int) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+        row = self._db.execute(
+            "SELECT after_edit, data, meta FROM snapshots WHERE after_edit < ? ORDER BY after_edit DESC",
+            (edit_id,),
+        ).fetchone()
+        return None if row is None else (row[0], bytes_to_tensors(row[1]), json.loads(row[2]))
+
+    def drop_snapshots_from(self, edit_id: int) -> None:
+        """Snapshots taken after `edit_id` contain it; they are invalid once it is undone."""
+        self._db.execute("DELETE FROM snapshots WHERE after_edit >= ?", (edit_id,))
+
+    def snapshot_ids(self) -> list[int]:
+        return [r[0] for r in self._db.execute("SELECT after_edit FROM snapshots ORDER BY after_edit")]
+
+
+def _split(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

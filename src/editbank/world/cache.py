@@ -1,0 +1,43 @@
+"""Where built worlds live on disk, and the atomic publish of a finished build."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+#: Written last into a build directory; its presence means the world is complete.
+MARKER = "world.complete"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $EDITBANK_CACHE, else $XDG_CACHE_HOME/editbank, else ~/.cache/editbank."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("EDITBANK_CACHE"):
+        return Path(os.environ["EDITBANK_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "editbank"
+    return Path.home() / ".cache" / "editbank"
+
+
+def world_dir(name: str, spec_hash: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The directory of the world `name` with spec hash `spec_hash`."""
+    return cache_root(cache_dir) / "worlds" / f"{name}-{spec_hash}"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether `path` holds a finished build (the marker is written last)."""
+    return (path / MARKER).is_file()
+
+
+def publish(tmp: Path, final: Path, force: bool) -> None:
+    """Move the finished build `tmp` to `final` atomically; keep a complete `final` unless `force`."""
+    if final.exists() and (force or not is_complete(final)):
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not is_complete(final):  # lost a race against a concurrent build only if that one finished
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

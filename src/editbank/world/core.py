@@ -1,0 +1,274 @@
+"""The `World` object: build (cached), load, queries and counterfactual edit requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from editbank.requests import EditRequest, normalize_target
+
+from .cache import MARKER, is_complete, publish, world_dir
+from .generate import entities_of, generate_facts
+from .spec import FORMAT_VERSION, Fact, Relation, WorldSpec, parse_spec
+from .specs import SIZES, builtin_spec
+
+WORLD_FILE = "world.json"
+SPLITS = ("train", "reserved")
+
+Pair = tuple[str, str]
+
+
+@dataclass
+class World:
+    """A built fact world: its spec, entities, facts and the directory holding model + tokenizer."""
+
+    path: Path
+    spec: WorldSpec
+    entities: list[str]
+    facts: list[Fact]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def relations(self) -> list[Relation]:
+        return self.spec.relations
+
+    def relation(self, name: str) -> Relation:
+        """The relation called `name`."""
+        return self.spec.relation(name)
+
+    # ------------------------------------------------------------------ building and loading
+    @classmethod
+    def build(
+        cls,
+        size_or_spec: str | dict[str, Any] | os.PathLike = "small",
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        force: bool = False,
+        progress: bool = True,
+        seed: int | None = None,
+    ) -> World:
+        """Build (or reuse from the cache) the world for a size name, spec dict or spec JSON path."""
+        spec = _resolve_spec(size_or_spec)
+        if seed is not None:
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise ValueError(f"seed must be an integer, got {seed!r}")
+            spec.seed = seed
+        final = world_dir(spec.name, spec.spec_hash(), cache_dir)
+        if is_complete(final) and not force:
+            return cls.load(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            _build_into(tmp, spec, progress)
+            publish(tmp, final, force)
+        finally:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls.load(final)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any] | str | os.PathLike, **kwargs: Any) -> World:
+        """Build (or reuse) the world described by a spec dict or JSON file; kwargs as for `build`."""
+        if isinstance(spec, str) and spec in SIZES and not Path(spec).exists():
+            raise ValueError(f"{spec!r} is a size name; use World.build({spec!r})")
+        return cls.build(parse_spec(spec).to_dict(), **kwargs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> World:
+        """Reopen a built world from its directory."""
+        path = Path(path)
+        meta_file = path / WORLD_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a built world (no {WORLD_FILE})")
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path} is an incomplete world build (no {MARKER})")
+        data = json.loads(meta_file.read_text(encoding="utf-8"))
+        spec = parse_spec(data["spec"])
+        facts = [Fact(*f) for f in data["facts"]]
+        return cls(path, spec, list(data["entities"]), facts, dict(data.get("build", {})))
+
+    def load_tokenizer(self):
+        """The world's tokenizer (`AutoTokenizer.from_pretrained(self.path)`)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def load_model(self):
+        """The world's model in eval mode (`AutoModelForCausalLM.from_pretrained(self.path)`)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path).eval()
+
+    # ------------------------------------------------------------------ queries and edits
+    def queries(self, split: str = "train") -> list[Pair]:
+        """(prompt, answer) pairs: 'train' = every fact x training template, 'reserved' = x reserved ones."""
+        return queries_for(self.spec, self.facts, split)
+
+    def edit_requests(self, n: int = 20, seed: int = 0) -> list[EditRequest]:
+        """`n` counterfactual edits of distinct facts (distinct subjects first), chosen by `seed`."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if n > len(self.facts):
+            raise ValueError(f"asked for {n} edit requests but world {self.name!r} has {len(self.facts)} facts")
+        rng = random.Random(seed)
+        chosen = _pick_facts(self.facts, n, rng)
+        edited_subjects = {f.subject for f in chosen}
+        others = [f for f in self.facts if f.subject not in edited_subjects] or [
+            f for f in self.facts if f not in set(chosen)
+        ]
+        out = []
+        for fact in chosen:
+            rel = self.relation(fact.relation)
+            template = rng.choice(rel.templates)
+            alt = [t for t in rel.templates if t != template]
+            rephrases = [rel.fill(t, fact.subject) for t in rel.reserved_templates]
+            if alt:
+                rephrases.append(rel.fill(rng.choice(alt), fact.subject))
+            out.append(
+                EditRequest(
+                    prompt=rel.fill(template, fact.subject),
+                    target=rng.choice([o for o in rel.objects if o != fact.object]),
+                    subject=fact.subject,
+                    rephrases=rephrases,
+                    locality=self._locality(fact, others, rng),
+                    meta={"relation": fact.relation, "true_object": fact.object},
+                )
+            )
+        return out
+
+    def _locality(self, fact: Fact, others: list[Fact], rng: random.Random) -> list[Pair]:
+        """Three probes of other subjects' facts: one of the same relation when possible, two random."""
+        pool = [f for f in others if f.subject != fact.subject]
+        same = [f for f in pool if f.relation == fact.relation]
+        picks = [rng.choice(same)] if same else []
+        rest = [f for f in pool if f not in picks]
+        picks += rng.sample(rest, min(3 - len(picks), len(rest)))
+        probes = []
+        for f in picks:
+            rel = self.relation(f.relation)
+            probes.append((rel.fill(rng.choice(rel.templates), f.subject), normalize_target(f.object)))
+        return probes
+
+    def __repr__(self) -> str:
+        return f"World(name={self.name!r}, facts={len(self.facts)}, path={str(self.path)!r})"
+
+
+def queries_for(spec: WorldSpec, facts: list[Fact], split: str) -> list[Pair]:
+    """The (prompt, answer) pairs of `facts` asked with the `split` templates of their relation."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    rels = {r.name: r for r in spec.relations}
+    out = []
+    for f in facts:
+        rel = rels[f.relation]
+        for t in rel.templates if split == "train" else rel.reserved_templates:
+            out.append((rel.fill(t, f.subject), normalize_target(f.object)))
+    return out
+
+
+def _resolve_spec(size_or_spec: str | dict[str, Any] | os.PathLike) -> WorldSpec:
+    if isinstance(size_or_spec, str) and size_or_spec in SIZES:
+        return parse_spec(builtin_spec(size_or_spec))
+    if isinstance(size_or_spec, str) and not size_or_spec.endswith(".json") and not Path(size_or_spec).exists():
+        raise ValueError(f"unknown world size {size_or_spec!r}; choose one of {list(SIZES)} or a spec file")
+    return parse_spec(size_or_spec)
+
+
+def _pick_facts(facts: list[Fact], n: int, rng: random.Random) -> list[Fact]:
+    """`n` distinct facts, one per subject per round (subjects and facts in random order)."""
+    by_subject: dict[str, list[Fact]] = {}
+    for f in facts:
+        by_subject.setdefault(f.subject, []).append(f)
+    for fs in by_subject.values():
+        rng.shuffle(fs)
+    subjects = sorted(by_subject)
+    rng.shuffle(subjects)
+    chosen: list[Fact] = []
+    while len(chosen) < n:
+        for s in subjects:
+            if by_subject[s] and len(chosen) < n:
+                chosen.append(by_subject[s].pop())
+    return chosen
+
+
+def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
+    """Generate, tokenize, train, evaluate and save a world into the empty directory `out`."""
+    import torch
+    import transformers
+
+    from .accuracy import accuracy, exact_match_flags
+    from .model import new_model
+    from .tokenizer import train_tokenizer
+    from .train import train_model
+
+    start = time.perf_counter()
+    entities = entities_of(spec)
+    facts = generate_facts(spec, entities)
+    train_pairs = queries_for(spec, facts, "train")
+    reserved_pairs = queries_for(spec, facts, "reserved")
+    corpus = [p + a for p, a in train_pairs] + [" " + o for r in spec.relations for o in r.objects]
+    tok = train_tokenizer(corpus, spec.tokenizer.vocab_size, spec.model.max_position_embeddings)
+    longest = max(len(tok(p + a)["input_ids"]) + 1 for p, a in train_pairs + reserved_pairs)
+    if longest > spec.model.max_position_embeddings:
+        raise ValueError(
+            f"world spec field 'model.max_position_embeddings': {spec.model.max_position_embeddings} is "
+            f"shorter than the longest query ({longest} tokens)"
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_cores())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = new_model(spec.model, tok)
+            result = train_model(model, tok, train_pairs, spec.train, seed=spec.seed, progress=progress)
+            train_acc = accuracy(exact_match_flags(model, tok, train_pairs))
+            reserved_acc = accuracy(exact_match_flags(model, tok, reserved_pairs))
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    data = {
+        "format_version": FORMAT_VERSION,
+        "name": spec.name,
+        "spec_hash": spec.spec_hash(),
+        "spec": spec.to_dict(),
+        "entities": entities,
+        "facts": [f.to_list() for f in facts],
+        "templates": {
+            "train": {r.name: r.templates for r in spec.relations},
+            "reserved": {r.name: r.reserved_templates for r in spec.relations},
+        },
+        "split": {"train": [list(p) for p in train_pairs], "reserved": [list(p) for p in reserved_pairs]},
+        "build": {
+            "seconds": round(time.perf_counter() - start, 2),
+            "train_seconds": round(result.seconds, 2),
+            "steps": result.steps,
+            "final_loss": round(result.loss, 5),
+            "train_accuracy": train_acc,
+            "reserved_accuracy": reserved_acc,
+            "threads": _cores(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    (out / WORLD_FILE).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / MARKER).write_text(spec.spec_hash() + "\n", encoding="utf-8")
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)

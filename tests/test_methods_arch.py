@@ -1,0 +1,55 @@
+"""Table-driven: every method x every registry architecture, on tiny random models built from configs.
+
+One single-token edit must change the answer to the target, leave an unrelated prompt's logits alone
+(for routing methods), and undo must restore the exact pre-edit logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editbank import Editor, EditRequest
+from editbank.tokens import make_batch, target_ids
+from tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
+
+# per method: hyperparameters that let it write a fact into a random (untrained) tiny model
+METHOD_HPARAMS = {
+    "grace": {"eps_init": 1e-3, "n_iter": 50},
+    "ft": {"lr": 0.05, "norm_constraint": 1.0, "n_iter": 50},
+}
+ROUTED = {"grace"}  # methods that leave unrouted prompts bit-identical
+
+PROMPT, OTHER = "The capital of Arvelia is", "Norland was born in"
+CASES = [(m, t) for m in METHOD_HPARAMS for t in TINY_TYPES]
+
+
+def next_token_logits(ed: Editor, prompt: str) -> torch.Tensor:
+    b = make_batch(ed.tokenizer, [(prompt, " x")])
+    return ed.logits(b.input_ids, b.attention_mask, b.query_index)[0, b.prompt_len[0] - 1]
+
+
+def single_token_words(tok) -> list[str]:
+    words = {tok.decode([i]).strip() for i in range(len(tok))}
+    return [f" {w}" for w in sorted(words) if w.isalpha() and len(target_ids(tok, f" {w}")) == 1]
+
+
+@pytest.mark.parametrize("method, model_type", CASES, ids=[f"{m}-{t}" for m, t in CASES])
+def test_edit_and_undo(method, model_type):
+    tok = tiny_tokenizer()
+    model = tiny_model(model_type, len(tok))
+    ed = Editor(model, tok, method=method, **METHOD_HPARAMS[method])
+    before, other_before = next_token_logits(ed, PROMPT), next_token_logits(ed, OTHER)
+    # the most likely single-token word that is not already the answer: random tiny models have
+    # near-flat logits, so a nearby target keeps the case about the method, not about the init
+    target = max(single_token_words(tok), key=lambda w: before[target_ids(tok, w)[0]].item()
+                 if target_ids(tok, w)[0] != before.argmax().item() else float("-inf"))
+    e = ed.edit(EditRequest(prompt=PROMPT, target=target))
+    after = next_token_logits(ed, PROMPT)
+    assert after.argmax().item() == target_ids(tok, target)[0], "the edit must change the answer"
+    if method in ROUTED:
+        assert torch.equal(next_token_logits(ed, OTHER), other_before)
+    ed.undo(e.id)
+    assert torch.equal(next_token_logits(ed, PROMPT), before), "undo must restore the exact logits"
+    assert torch.equal(next_token_logits(ed, OTHER), other_before)
+    ed.close()

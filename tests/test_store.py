@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from editbank import EditRequest, EditStore
+from editbank.store import StoreMismatchError
+
+
+def test_edits_artifacts_and_state_round_trip(tmp_path):
+    path = tmp_path / "s.db"
+    st = EditStore(path)
+    st.bind("fp1", "grace", {"eps_init": 1.0}, "0")
+    e = st.add_edit(EditRequest(prompt="a b", target="c"), "grace")
+    st.put_artifacts(e.id, {"key": torch.arange(4.0)})
+    st.put_state({"w": torch.ones(2, 2)}, {"labels": ["x"]})
+    st.update_edit(e.id, status="reverted", stats={"loss": 0.5})
+    st.close()
+    st = EditStore(path)
+    got = st.get_edit(e.id)
+    assert got.status == "reverted" and got.stats == {"loss": 0.5} and got.request.target == " c"
+    assert torch.equal(st.artifacts(e.id)["key"], torch.arange(4.0))
+    tensors, meta = st.get_state()
+    assert torch.equal(tensors["w"], torch.ones(2, 2)) and meta == {"labels": ["x"]}
+    with pytest.raises(StoreMismatchError, match="another model"):
+        st.bind("fp2", "grace", {}, "0")
+    with pytest.raises(StoreMismatchError, match="method"):
+        st.bind("fp1", "ft", {}, "0")
+
+
+def test_transaction_rolls_back_everything():
+    st = EditStore(None)
+    with pytest.raises(RuntimeError):
+        with st.transaction():
+            st.add_edit(EditRequest(prompt="p", target="t"), "grace")
+            st.put_state({"w": torch.zeros(1)}, {})
+            raise RuntimeError("boom")
+    assert st.count() == 0 and st.get_state() is None
+
+
+def test_snapshots_are_dropped_when_they_contain_an_undone_edit():
+    st = EditStore(None)
+    for after in (0, 5, 10):
+        st.put_snapshot(after, {"w": torch.full((1,), float(after))}, {})
+    assert st.latest_snapshot_before(7)[0] == 5
+    st.drop_snapshots_from(5)
+    assert st.snapshot_ids() == [0]
