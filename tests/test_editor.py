@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from editbank import Editor, EditRequest, register
-from editbank.methods.base import EditFailed, Method
+from editbank.methods.base import EditFailed
+from editbank.methods.finetune import FineTune
 from editbank.methods.grace import Grace, GraceHparams
 from editbank.store import EditStore, StoreMismatchError
 from editbank.tokens import make_batch
@@ -110,6 +111,17 @@ class Boom(Grace):
         return {"loss": 0.0}
 
 
+@register("test_nan")
+class NaNFineTune(FineTune):
+    """FT-L whose training 'diverges': NaN in the weight and in the reported loss."""
+
+    def apply(self, items):
+        stats = super().apply(items)
+        with torch.no_grad():
+            self.weight[0, 0] = float("nan")
+        return [{**s, "loss": float("nan")} for s in stats]
+
+
 @register("test_needs_subject")
 class NeedsSubject(Grace):
     needs_subject = True
@@ -119,15 +131,14 @@ class NeedsSubject(Grace):
     "method, kwargs, request_meta, exc",
     [
         ("test_boom", {}, {"boom": True}, RuntimeError),
-        ("ft", {"lr": float("inf")}, {}, EditFailed),
+        ("test_nan", {}, {}, EditFailed),
     ],
 )
 def test_failed_edit_changes_nothing(world_model, world_requests, tmp_path, method, kwargs, request_meta, exc):
     model, tok = world_model
     ed = Editor(model, tok, method=method, store=tmp_path / "e.db", **kwargs)
-    ok = world_requests[0] if method == "test_boom" else None
-    if ok is not None:
-        ed.edit(ok)
+    if method == "test_boom":
+        ed.edit(world_requests[0])
     before = weights_and_state(ed)
     rows = [(e.id, e.status) for e in ed.edits()]
     probe = logits_of(ed, world_requests[1])

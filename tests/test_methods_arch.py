@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
 
 from editbank import Editor, EditRequest
 from editbank.tokens import make_batch, target_ids
-from tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
 
 # per method: hyperparameters that let it write a fact into a random (untrained) tiny model
 METHOD_HPARAMS = {

@@ -43,3 +43,12 @@ def test_snapshots_are_dropped_when_they_contain_an_undone_edit():
     assert st.latest_snapshot_before(7)[0] == 5
     st.drop_snapshots_from(5)
     assert st.snapshot_ids() == [0]
+
+
+def test_not_a_store(tmp_path):
+    bad = tmp_path / "notes.db"
+    bad.write_text("hello, I am not SQLite" * 100)
+    with pytest.raises(ValueError, match="not an editbank store"):
+        EditStore(bad)
+    with pytest.raises(ValueError, match="directory"):
+        EditStore(tmp_path)

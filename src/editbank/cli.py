@@ -210,7 +210,9 @@ def ask(
 def eval_cmd(
     model: ModelOpt = "world:default",
     store: StoreOpt = Path("edits.db"),
-    protocol: Annotated[str, typer.Option(help="teacher_forced_token_acc or greedy_exact_match.")] = "greedy_exact_match",
+    protocol: Annotated[
+        str, typer.Option(help="teacher_forced_token_acc or greedy_exact_match.")
+    ] = "greedy_exact_match",
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate every active edit of a store on the current model."""
@@ -241,7 +243,9 @@ def demo(
     from .demo import run_demo
 
     try:
-        result = run_demo(method=method, n_edits=edits, n_undo=undo_count, size=size, console=None if json_out else console)
+        result = run_demo(
+            method=method, n_edits=edits, n_undo=undo_count, size=size, console=None if json_out else console
+        )
     except ValueError as exc:
         _fail(str(exc))
     if json_out:

@@ -100,16 +100,24 @@ class EditStore:
             raise ValueError(f"store path {self.path} is a directory; give a file name such as edits.db")
         target = ":memory:" if self.path is None else str(self.path)
         self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA foreign_keys=ON")
-        if self.path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
         self._depth = 0
-        with self.transaction():
-            for statement in _split(_SCHEMA):
-                self._db.execute(statement)
-            if self.get_meta("schema_version") is None:
-                self.set_meta("schema_version", SCHEMA_VERSION)
+        try:
+            self._db.execute("PRAGMA foreign_keys=ON")
+            if self.path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+            with self.transaction():
+                for statement in _split(_SCHEMA):
+                    self._db.execute(statement)
+                if self.get_meta("schema_version") is None:
+                    self.set_meta("schema_version", SCHEMA_VERSION)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ValueError(f"{self.path} is not an editbank store: {exc}") from None
+        version = self.get_meta("schema_version")
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise ValueError(f"store {self.path} has schema version {version}; this editbank reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()

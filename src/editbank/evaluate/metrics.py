@@ -143,7 +143,9 @@ def evaluate(
     loc = score_locality(editor, [p for _, p in loc_pairs], protocol) if loc_pairs else []
     port = score_pairs(editor, [p for _, p in port_pairs], protocol) if port_pairs else []
 
-    records: list[dict[str, Any]] = [{"prompt": r.prompt, "target": r.target, "reliability": s} for r, s in zip(requests, rel)]
+    records: list[dict[str, Any]] = [
+        {"prompt": r.prompt, "target": r.target, "reliability": s} for r, s in zip(requests, rel)
+    ]
     for name, idx, scores in (
         ("generalization", gen_pairs, gen),
         ("locality", loc_pairs, loc),

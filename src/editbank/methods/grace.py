@@ -27,7 +27,8 @@ class GraceHparams:
     eps_init: float = 1.0  # initial radius of a new codebook entry (Euclidean distance on the key)
     edit_lr: float = 1.0  # Adam learning rate of a value
     n_iter: int = 100  # at most this many steps per value
-    stop_loss: float = 1e-3  # stop training a value once the target's mean NLL is below this
+    stop_loss: float = 1e-2  # stop training a value once the target's mean NLL is below this
+    value_mode: str = "per_token"  # "per_token": one value per target position; "shared": GRACE's single value
 
     def validate(self) -> None:
         if self.eps_init <= 0:
@@ -36,6 +37,8 @@ class GraceHparams:
             raise ValueError("n_iter must be >= 1")
         if self.edit_lr <= 0:
             raise ValueError("edit_lr must be > 0")
+        if self.value_mode not in ("per_token", "shared"):
+            raise ValueError(f"value_mode must be 'per_token' or 'shared', got {self.value_mode!r}")
 
 
 @register("grace")
@@ -58,7 +61,7 @@ class Grace(Method):
     def reset(self) -> None:
         w = self.arch.weight_out_in(self.module)
         self.keys = w.new_zeros((0, w.shape[1]))
-        self.values = w.new_zeros((0, w.shape[0]))
+        self.values = w.new_zeros((0, 1, w.shape[0]))  # [entries, positions, out]: padded by repeating the last
         self.eps = w.new_zeros((0,))
         self.owner = torch.zeros(0, dtype=torch.long)  # edit id that created each entry
         self.last_touch = torch.zeros(0, dtype=torch.long)  # edit id that last created/changed it
@@ -82,10 +85,10 @@ class Grace(Method):
             self._handle = None
 
     def _decide(self, x: torch.Tensor, qidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: whether a codebook entry covers the query, and that entry's value."""
+        """Per row: whether a codebook entry covers the query, and that entry's values [B, T, out]."""
         b = x.shape[0]
         if self._train_value is not None:
-            return torch.ones(b, dtype=torch.bool, device=x.device), self._train_value.expand(b, -1)
+            return torch.ones(b, dtype=torch.bool, device=x.device), self._train_value.expand(b, -1, -1)
         q = x[torch.arange(b, device=x.device), qidx]
         d = torch.cdist(q.float(), self.keys.float(), compute_mode="donot_use_mm_for_euclid_dist")
         dmin, j = d.min(dim=1)
@@ -100,30 +103,35 @@ class Grace(Method):
         qidx = route.query_index
         if qidx is None:
             qidx = torch.full((b,), s - 1, device=x.device)
+        qidx = qidx.to(x.device)
         cached = route.decisions.get(self.path) if route.keep_decisions else None
-        if cached is not None and s == 1:
-            matched, values = cached
-            from_pos = torch.zeros(b, dtype=torch.long, device=x.device)
+        if cached is not None and s == 1:  # a generated token: keep the decision taken on the prompt
+            matched, values, offset = cached
+            offsets = offset[:, None]
+            route.decisions[self.path] = (matched, values, offset + 1)
         else:
-            matched, values = self._decide(x, qidx.to(x.device))
+            matched, values = self._decide(x, qidx)
+            offsets = torch.arange(s, device=x.device)[None, :] - qidx[:, None]
             if route.keep_decisions:
-                route.decisions[self.path] = (matched, values)
-            from_pos = qidx.to(x.device)
+                route.decisions[self.path] = (matched, values, s - qidx)
         if not bool(matched.any()):
             return None
-        positions = torch.arange(s, device=x.device)[None, :] >= from_pos[:, None]
-        mask = (matched[:, None] & positions)[..., None]
-        return torch.where(mask, values[:, None, :].to(output.dtype), output)
+        idx = offsets.clamp(0, values.shape[1] - 1)
+        v = torch.gather(values, 1, idx[..., None].expand(-1, -1, values.shape[2]))
+        mask = (matched[:, None] & (offsets >= 0))[..., None]
+        return torch.where(mask, v.to(output.dtype), output)
 
     # -- editing ----------------------------------------------------------------------------------
     def _key_and_output(self, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
         batch = make_batch(self.tokenizer, [(prompt, target)], device=self.keys.device)
         with torch.no_grad(), self.disabled(), trace(self.model, self.path) as tr:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        q = int(batch.query_index[0])
-        return tr[self.path].input[0, q].detach(), tr[self.path].output[0, q].detach(), batch
+        q, t = int(batch.query_index[0]), batch.target_len[0]
+        n = t if self.hparams.value_mode == "per_token" else 1
+        return tr[self.path].input[0, q].detach(), tr[self.path].output[0, q : q + n].detach(), batch
 
     def _train(self, batch, init: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """Train the entry's values [T, out] so the target follows the prompt."""
         v = init.clone().float().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=self.hparams.edit_lr)
         loss_value, steps = float("inf"), 0
@@ -177,7 +185,8 @@ class Grace(Method):
                 stats["action"] = "new"
             value, loss, steps = self._train(batch, out)
             self.keys = torch.cat([self.keys, key[None].to(self.keys.dtype)])
-            self.values = torch.cat([self.values, value[None]])
+            width = max(self.values.shape[1], value.shape[0])
+            self.values = torch.cat([_pad_positions(self.values, width), _pad_positions(value[None], width)])
             self.eps = torch.cat([self.eps, self.eps.new_tensor([new_eps])])
             self.owner = torch.cat([self.owner, torch.tensor([eid])])
             self.last_touch = torch.cat([self.last_touch, torch.tensor([eid])])
@@ -238,3 +247,10 @@ class Grace(Method):
         self.last_touch = tensors["last_touch"].long().cpu()
         self.labels = list(meta["labels"])
         self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}
+
+
+def _pad_positions(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad [N, T, D] values to T=width by repeating each entry's last position (same behaviour)."""
+    if values.shape[1] >= width:
+        return values
+    return torch.cat([values, values[:, -1:].expand(-1, width - values.shape[1], -1)], dim=1)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,17 +75,12 @@ class World:
             _build_into(tmp, spec, progress)
             publish(tmp, final, force)
         finally:
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         return cls.load(final)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any] | str | os.PathLike, **kwargs: Any) -> World:
         """Build (or reuse) the world described by a spec dict or JSON file; kwargs as for `build`."""
-        if isinstance(spec, str) and spec in SIZES and not Path(spec).exists():
-            raise ValueError(f"{spec!r} is a size name; use World.build({spec!r})")
         return cls.build(parse_spec(spec).to_dict(), **kwargs)
 
     @classmethod
@@ -109,7 +107,8 @@ class World:
         """The world's model in eval mode (`AutoModelForCausalLM.from_pretrained(self.path)`)."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.path).eval()
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(self.path).eval()
 
     # ------------------------------------------------------------------ queries and edits
     def queries(self, split: str = "train") -> list[Pair]:
@@ -121,7 +120,9 @@ class World:
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
         if n > len(self.facts):
-            raise ValueError(f"asked for {n} edit requests but world {self.name!r} has {len(self.facts)} facts")
+            raise ValueError(
+                f"asked for {n} edit requests but world {self.name!r} has only {len(self.facts)} facts"
+            )
         rng = random.Random(seed)
         chosen = _pick_facts(self.facts, n, rng)
         edited_subjects = {f.subject for f in chosen}
@@ -179,10 +180,12 @@ def queries_for(spec: WorldSpec, facts: list[Fact], split: str) -> list[Pair]:
 
 
 def _resolve_spec(size_or_spec: str | dict[str, Any] | os.PathLike) -> WorldSpec:
-    if isinstance(size_or_spec, str) and size_or_spec in SIZES:
-        return parse_spec(builtin_spec(size_or_spec))
-    if isinstance(size_or_spec, str) and not size_or_spec.endswith(".json") and not Path(size_or_spec).exists():
-        raise ValueError(f"unknown world size {size_or_spec!r}; choose one of {list(SIZES)} or a spec file")
+    """A size name, spec dict or spec JSON path as a validated WorldSpec."""
+    if isinstance(size_or_spec, str):
+        if size_or_spec in SIZES:
+            return parse_spec(builtin_spec(size_or_spec))
+        if not size_or_spec.endswith(".json") and not Path(size_or_spec).exists():
+            raise ValueError(f"unknown world size {size_or_spec!r}; choose one of {list(SIZES)} or a spec file")
     return parse_spec(size_or_spec)
 
 
@@ -237,8 +240,9 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
             reserved_acc = accuracy(exact_match_flags(model, tok, reserved_pairs))
     finally:
         torch.set_num_threads(threads)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    with _quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
     data = {
         "format_version": FORMAT_VERSION,
         "name": spec.name,
@@ -265,6 +269,22 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
     }
     (out / WORLD_FILE).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / MARKER).write_text(spec.spec_hash() + "\n", encoding="utf-8")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and info logs (e.g. 'Writing model shards') for a moment."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _cores() -> int:

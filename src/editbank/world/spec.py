@@ -287,7 +287,8 @@ def _facts(raw: Any, relations: list[Relation], entities: list[str] | None) -> l
         out.append(Fact(s, r, o))
     for r in relations:
         if len(r.objects) < 2:
-            raise _err(f"relations[{relations.index(r)}].objects", "needs >= 2 objects (edits pick another one)")
+            where = f"relations[{relations.index(r)}].objects"
+            raise _err(where, "needs >= 2 objects (an edit needs another object to switch to)")
     return out
 
 

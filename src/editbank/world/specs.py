@@ -56,7 +56,7 @@ RELATIONS: list[dict[str, Any]] = [
             "Q: What is the official currency of {subject}? A: the",
         ],
         "reserved_templates": [
-            "What currency does {subject} use? It uses the",
+            "Which currency is used in {subject}? It is the",
             "Q: Name the currency of {subject}. A: the",
         ],
         "objects": [
@@ -112,7 +112,7 @@ RELATIONS: list[dict[str, Any]] = [
             "The region where {subject} lies is",
             "On the map, {subject} is in",
             "In which region is {subject}? It is in",
-            "Q: Where is {subject} found? A:",
+            "Q: In which region does {subject} lie? A:",
         ],
         "reserved_templates": [
             "Where is {subject} located? It is in",
@@ -166,22 +166,24 @@ RELATIONS: list[dict[str, Any]] = [
 ]
 
 _SIZES: dict[str, dict[str, Any]] = {
+    # ~130 facts, ~15-20 s on 2 cores: for tests.
     "small": {
         "name": "small",
         "seed": 0,
-        "n_entities": 24,
+        "n_entities": 32,
         "facts_per_subject": 4,
         "model": {"layers": 2, "hidden": 96, "heads": 4, "intermediate": 256},
-        "train": {"steps": 600, "batch_size": 64, "lr": 4e-3, "warmup": 50},
+        "train": {"steps": 400, "batch_size": 64, "lr": 3e-3, "warmup": 50},
         "tokenizer": {"vocab_size": 512},
     },
+    # 500 facts, ~50 s on 2 cores: for the demo and benchmarks.
     "default": {
         "name": "default",
         "seed": 0,
         "n_entities": 100,
         "facts_per_subject": 5,
         "model": {"layers": 3, "hidden": 128, "heads": 4, "intermediate": 384},
-        "train": {"steps": 2500, "batch_size": 64, "lr": 3e-3, "warmup": 100},
+        "train": {"steps": 800, "batch_size": 64, "lr": 3e-3, "warmup": 100},
         "tokenizer": {"vocab_size": 1024},
     },
 }

@@ -48,7 +48,8 @@ def lr_at(step: int, cfg: TrainSpec) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 def _progress(enabled: bool, total: int):
@@ -119,7 +120,7 @@ def train_model(
                 model.train()
                 if acc >= cfg.stop_at:
                     if bar is not None:
-                        bar.update(task, completed=cfg.steps, loss=f"{loss_ema:.4f} (stopped early: all known)")
+                        bar.update(task, completed=cfg.steps, loss=f"{loss_ema:.4f} (all facts known)")
                     break
     model.eval()
     return TrainResult(step, loss_ema, acc, time.perf_counter() - start)

@@ -1,0 +1,62 @@
+"""The `editbank` command on the small world: edit, ls, ask, eval, undo, errors, demo."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from editbank.cli import app
+from editbank.demo import run_demo
+
+runner = CliRunner()
+
+
+def call(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_edit_ls_ask_undo(small_world, world_requests, tmp_path):
+    db, model = str(tmp_path / "e.db"), str(small_world.path)
+    req = world_requests[0]
+    res = call("edit", "--model", model, "--store", db, "--prompt", req.prompt, "--target", req.target, "--json")
+    assert res.exit_code == 0, res.output
+    edit_id = json.loads(res.stdout)[0]["id"]
+    res = call("ask", req.prompt, "--model", model, "--store", db, "--json", "--max-new-tokens", "8")
+    answer = json.loads(res.stdout)
+    assert answer["edited"].startswith(req.target) and answer["unedited"] != answer["edited"]
+    res = call("eval", "--model", model, "--store", db, "--json")
+    assert json.loads(res.stdout)["reliability"] == 1.0
+    assert call("undo", str(edit_id), "--model", model, "--store", db).exit_code == 0
+    listing = json.loads(call("ls", "--store", db, "--json").stdout)
+    assert [e["status"] for e in listing["edits"]] == ["reverted"] and listing["meta"]["method"] == "grace"
+    res = call("ask", req.prompt, "--model", model, "--store", db, "--json", "--max-new-tokens", "8")
+    assert json.loads(res.stdout)["edited"] == answer["unedited"]
+
+
+def test_edit_from_jsonl(small_world, world_requests, tmp_path):
+    f = tmp_path / "reqs.jsonl"
+    f.write_text("\n".join(json.dumps(r.to_dict()) for r in world_requests[:2]))
+    res = call("edit", "--model", str(small_world.path), "--store", str(tmp_path / "e.db"), "--file", str(f),
+               "--hp", "n_iter=50", "--json")
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)) == 2
+
+
+def test_errors_exit_2(small_world, tmp_path):
+    model = str(small_world.path)
+    assert call("undo", "1", "--model", model, "--store", str(tmp_path / "missing.db")).exit_code == 2
+    assert call("edit", "--model", model, "--store", str(tmp_path / "e.db")).exit_code == 2
+    res = call("edit", "--model", model, "--store", str(tmp_path / "e.db"), "--prompt", " ", "--target", "x")
+    assert res.exit_code == 2 and "prompt" in res.output
+    res = call("edit", "--model", str(tmp_path / "nowhere"), "--prompt", "a", "--target", "b")
+    assert res.exit_code == 2
+    res = call("edit", "--model", model, "--store", str(tmp_path / "e.db"), "--method", "nope", "--prompt", "a",
+               "--target", "b")
+    assert res.exit_code == 2 and "unknown method" in res.output
+
+
+def test_demo_small():
+    res = run_demo(n_edits=6, n_undo=2, size="small", console=None)
+    assert res["final"]["reliability"] == 1.0
+    assert res["rollback"]["restored"] == 1.0 and len(res["rollback"]["undone"]) == 2

@@ -1,0 +1,75 @@
+"""Evaluation protocols, lifelong stream and rollback on the small world model."""
+
+from __future__ import annotations
+
+import pytest
+
+from editbank import Editor
+from editbank.evaluate import ngram_entropy, rollback_eval, run_stream
+from editbank.evaluate.metrics import score_pairs
+from editbank.tokens import target_ids
+
+
+@pytest.fixture
+def grace(world_model):
+    ed = Editor(*world_model, method="grace")
+    yield ed
+    ed.close()
+
+
+def generated_match(ed: Editor, pairs) -> list[float]:
+    """Greedy exact match computed the slow way: real generation with model.generate."""
+    tok = ed.tokenizer
+    out = []
+    for prompt, answer in pairs:
+        want = target_ids(tok, answer)
+        got = ed.generate_ids(prompt, max_new_tokens=len(want))[0]
+        out.append(float(got == want))
+    return out
+
+
+def test_greedy_exact_match_equals_real_generation(grace, small_world, world_requests):
+    pairs = small_world.queries("train")[:20] + small_world.queries("reserved")[:10]
+    pairs += [(r.prompt, r.target) for r in world_requests[:5]]
+    assert score_pairs(grace, pairs, "greedy_exact_match") == generated_match(grace, pairs)
+    for r in world_requests[:5]:
+        grace.edit(r)
+    # after editing, generation keeps the routing decision taken on the prompt
+    edited = [(r.prompt, r.target) for r in world_requests[:5]] + [(p, r.target) for r in world_requests[:5]
+                                                                   for p in r.rephrases]
+    assert score_pairs(grace, edited, "greedy_exact_match") == generated_match(grace, edited)
+    assert score_pairs(grace, edited[:5], "greedy_exact_match") == [1.0] * 5
+
+
+@pytest.mark.parametrize("protocol", ["teacher_forced_token_acc", "greedy_exact_match"])
+def test_unedited_scores(grace, world_requests, protocol):
+    rep = grace.evaluate(world_requests, protocol=protocol)
+    assert rep["protocol"] == protocol and rep["protocols"]["locality"] == protocol
+    assert rep["locality"] == 1.0, "the unedited model is local by definition"
+    # counterfactual targets are not known before editing (teacher forcing still gets later tokens of
+    # multi-token names right from the first one)
+    assert rep["reliability"] < (0.2 if protocol == "greedy_exact_match" else 0.6)
+    assert rep["n"] == len(world_requests) and len(rep["records"]) == len(world_requests)
+
+
+def test_unknown_protocol(grace, world_requests):
+    with pytest.raises(ValueError, match="protocol"):
+        grace.evaluate(world_requests, protocol="bleu")
+
+
+def test_stream_and_rollback(grace, world_requests):
+    res = run_stream(grace, world_requests[:12], protocol="greedy_exact_match", eval_every=4)
+    assert [row["step"] for row in res["retention"]] == [4, 8, 12]
+    assert all(len(row["reliability"]) == row["step"] for row in res["retention"])
+    final = res["final"]
+    assert final["reliability"] == 1.0 and final["locality"] >= 0.95
+    rb = rollback_eval(grace, grace.edits("active"), fraction=0.25, seed=1)
+    assert len(rb["undone"]) == 3
+    assert rb["restored"] == 1.0 and rb["max_abs_logit_diff"] == 0.0
+    assert rb["kept"]["reliability"] == 1.0 and rb["kept"]["n"] == 9
+
+
+def test_fluency_and_ngram_entropy(grace, world_requests):
+    assert ngram_entropy("a a a a a a a a") < ngram_entropy("the quick brown fox jumps over the lazy dog")
+    rep = grace.evaluate(world_requests[:3], fluency=True, fluency_tokens=12)
+    assert rep["protocols"]["fluency"] == "ngram_entropy_2_3" and rep["fluency"] >= 0
