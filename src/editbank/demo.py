@@ -39,9 +39,9 @@ def run_demo(
     reqs = world.edit_requests(n=n_edits, seed=seed)
     ed = Editor.open(world.path, method=method, seed=seed)
     shown = reqs[:5]
-    before = ed.generate([r.prompt for r in shown], max_new_tokens=4)
+    before = ed.generate([r.prompt for r in shown], max_new_tokens=8)
     stream = run_stream(ed, reqs, protocol="greedy_exact_match", progress=console is not None)
-    after = ed.generate([r.prompt for r in shown], max_new_tokens=4)
+    after = ed.generate([r.prompt for r in shown], max_new_tokens=8)
     tf = ed.evaluate(reqs, protocol="teacher_forced_token_acc")
 
     table = Table("prompt", "target", "before", "after", title="before / after editing")
@@ -68,8 +68,8 @@ def run_demo(
         rb = rollback_eval(ed, edits, fraction=n_undo / len(edits), seed=seed, protocol="greedy_exact_match")
         undone = [e for e in edits if e.id in set(rb["undone"])][:5]
         with ed.unedited():
-            base = ed.generate([e.request.prompt for e in undone], max_new_tokens=4)
-        now = ed.generate([e.request.prompt for e in undone], max_new_tokens=4)
+            base = ed.generate([e.request.prompt for e in undone], max_new_tokens=8)
+        now = ed.generate([e.request.prompt for e in undone], max_new_tokens=8)
         t = Table("prompt", "edited to", "unedited model", "after undo", title=f"undid {len(rb['undone'])} edits")
         for e, b, n in zip(undone, base, now):
             t.add_row(e.request.prompt, e.request.target, b, n)

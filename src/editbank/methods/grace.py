@@ -1,8 +1,12 @@
 """GRACE (Hartvigsen et al., 2023): a discrete key-value codebook adaptor at one layer.
 
 Key = input of the layer's MLP output projection at the last prompt token. A query within radius
-eps of its nearest key has the projection's output replaced by that entry's trained value, from the
-last prompt token on (and for every generated token). New keys get radius `eps_init`; a key that
+eps of its nearest key has the projection's output replaced by that entry's trained values. By
+default (`value_mode="per_token"`, an editbank change) an entry holds one value per target token and
+replaces the outputs at the last prompt token and the following target positions (the first generated
+tokens), then lets the model continue; GRACE's original single value replacing every position from the
+last prompt token on is `value_mode="shared"`. On our small models a single shared vector cannot spell
+multi-token targets (reliability 0.45-0.8 vs 1.0 on the small world). New keys get radius `eps_init`; a key that
 falls inside an entry with the same target expands that entry's radius, one with a conflicting target
 splits the two radii at half the distance. Undo deletes the entry (restoring any radius it changed)
 exactly; if a later edit has touched the same entries, the editor replays instead.
@@ -28,7 +32,9 @@ class GraceHparams:
     edit_lr: float = 1.0  # Adam learning rate of a value
     n_iter: int = 100  # at most this many steps per value
     stop_loss: float = 1e-2  # stop training a value once the target's mean NLL is below this
-    value_mode: str = "per_token"  # "per_token": one value per target position; "shared": GRACE's single value
+    # "per_token": one value per target position, replacing only the target's positions (editbank default);
+    # "shared": GRACE's single value, replacing every position from the last prompt token on
+    value_mode: str = "per_token"
 
     def validate(self) -> None:
         if self.eps_init <= 0:
@@ -63,6 +69,7 @@ class Grace(Method):
         self.keys = w.new_zeros((0, w.shape[1]))
         self.values = w.new_zeros((0, 1, w.shape[0]))  # [entries, positions, out]: padded by repeating the last
         self.eps = w.new_zeros((0,))
+        self.span = torch.zeros(0, dtype=torch.long, device=w.device)  # positions an entry replaces
         self.owner = torch.zeros(0, dtype=torch.long)  # edit id that created each entry
         self.last_touch = torch.zeros(0, dtype=torch.long)  # edit id that last created/changed it
         self.labels: list[str] = []
@@ -84,15 +91,19 @@ class Grace(Method):
             self._handle.remove()
             self._handle = None
 
-    def _decide(self, x: torch.Tensor, qidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: whether a codebook entry covers the query, and that entry's values [B, T, out]."""
+    def _span_of(self, n_values: int) -> int:
+        return n_values if self.hparams.value_mode == "per_token" else _ALL_POSITIONS
+
+    def _decide(self, x: torch.Tensor, qidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: whether an entry covers the query, its values [B, T, out] and span [B]."""
         b = x.shape[0]
         if self._train_value is not None:
-            return torch.ones(b, dtype=torch.bool, device=x.device), self._train_value.expand(b, -1, -1)
+            span = torch.full((b,), self._span_of(self._train_value.shape[0]), device=x.device)
+            return torch.ones(b, dtype=torch.bool, device=x.device), self._train_value.expand(b, -1, -1), span
         q = x[torch.arange(b, device=x.device), qidx]
         d = torch.cdist(q.float(), self.keys.float(), compute_mode="donot_use_mm_for_euclid_dist")
         dmin, j = d.min(dim=1)
-        return dmin <= self.eps[j], self.values[j]
+        return dmin <= self.eps[j], self.values[j], self.span[j]
 
     def _hook(self, module, inputs, output):
         if not self.enabled or (len(self.keys) == 0 and self._train_value is None):
@@ -106,19 +117,19 @@ class Grace(Method):
         qidx = qidx.to(x.device)
         cached = route.decisions.get(self.path) if route.keep_decisions else None
         if cached is not None and s == 1:  # a generated token: keep the decision taken on the prompt
-            matched, values, offset = cached
+            matched, values, span, offset = cached
             offsets = offset[:, None]
-            route.decisions[self.path] = (matched, values, offset + 1)
+            route.decisions[self.path] = (matched, values, span, offset + 1)
         else:
-            matched, values = self._decide(x, qidx)
+            matched, values, span = self._decide(x, qidx)
             offsets = torch.arange(s, device=x.device)[None, :] - qidx[:, None]
             if route.keep_decisions:
-                route.decisions[self.path] = (matched, values, s - qidx)
+                route.decisions[self.path] = (matched, values, span, s - qidx)
         if not bool(matched.any()):
             return None
         idx = offsets.clamp(0, values.shape[1] - 1)
         v = torch.gather(values, 1, idx[..., None].expand(-1, -1, values.shape[2]))
-        mask = (matched[:, None] & (offsets >= 0))[..., None]
+        mask = (matched[:, None] & (offsets >= 0) & (offsets < span[:, None]))[..., None]
         return torch.where(mask, v.to(output.dtype), output)
 
     # -- editing ----------------------------------------------------------------------------------
@@ -188,6 +199,7 @@ class Grace(Method):
             width = max(self.values.shape[1], value.shape[0])
             self.values = torch.cat([_pad_positions(self.values, width), _pad_positions(value[None], width)])
             self.eps = torch.cat([self.eps, self.eps.new_tensor([new_eps])])
+            self.span = torch.cat([self.span, self.span.new_tensor([self._span_of(value.shape[0])])])
             self.owner = torch.cat([self.owner, torch.tensor([eid])])
             self.last_touch = torch.cat([self.last_touch, torch.tensor([eid])])
             self.labels.append(req.target)
@@ -200,7 +212,7 @@ class Grace(Method):
         if not self.undo_log.get(edit_id, {}).get("created"):
             return {}
         r = self._row(edit_id)
-        return {"key": self.keys[r], "value": self.values[r], "eps": self.eps[r : r + 1]}
+        return {"key": self.keys[r], "value": self.values[r], "eps": self.eps[r : r + 1], "span": self.span[r : r + 1]}
 
     def remove(self, edit_id: int) -> bool:
         log = self.undo_log.get(edit_id)
@@ -218,7 +230,9 @@ class Grace(Method):
             keep = self.owner != edit_id
             r = self._row(edit_id)
             self.labels.pop(r)
-            self.keys, self.values, self.eps = self.keys[keep], self.values[keep], self.eps[keep]
+            on_dev = keep.to(self.keys.device)
+            self.keys, self.values, self.eps = self.keys[on_dev], self.values[on_dev], self.eps[on_dev]
+            self.span = self.span[on_dev]
             self.owner, self.last_touch = self.owner[keep], self.last_touch[keep]
         del self.undo_log[edit_id]
         return True
@@ -229,6 +243,7 @@ class Grace(Method):
             "keys": self.keys,
             "values": self.values,
             "eps": self.eps,
+            "span": self.span,
             "owner": self.owner,
             "last_touch": self.last_touch,
         }
@@ -243,10 +258,14 @@ class Grace(Method):
         self.keys = tensors["keys"].to(dev, self.keys.dtype)
         self.values = tensors["values"].to(dev, self.values.dtype)
         self.eps = tensors["eps"].to(dev, self.eps.dtype)
+        self.span = tensors["span"].to(dev)
         self.owner = tensors["owner"].long().cpu()
         self.last_touch = tensors["last_touch"].long().cpu()
         self.labels = list(meta["labels"])
         self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}
+
+
+_ALL_POSITIONS = 2**31 - 1  # GRACE's shared value replaces every position from the query on
 
 
 def _pad_positions(values: torch.Tensor, width: int) -> torch.Tensor:
