@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     info = world.info
     print(f"world {world.name!r} at {world.path}")
     print(f"  {len(world.entities)} entities, {len(world.relations)} relations, {len(world.facts)} facts")
-    print(f"  build time {info.get('seconds', float('nan')):.1f} s (training {info.get('train_seconds', 0):.1f} s, "
-          f"{info.get('steps')} steps, {info.get('threads')} threads); this call took {took:.1f} s")
+    print(
+        f"  build time {info.get('seconds', float('nan')):.1f} s (training {info.get('train_seconds', 0):.1f} s, "
+        f"{info.get('steps')} steps; steps per thread count {info.get('steps_at_threads')})"
+    )
+    print(f"  this call took {took:.1f} s" + (" (cached)" if took < info.get("seconds", 0) / 2 else ""))
 
     model, tok = world.load_model(), world.load_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())

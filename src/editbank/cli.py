@@ -253,6 +253,9 @@ def demo(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough on the command line
     try:
         app()
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 #: Written last into a build directory; its presence means the world is complete.
@@ -29,6 +30,19 @@ def world_dir(name: str, spec_hash: str, cache_dir: str | os.PathLike | None = N
 def is_complete(path: Path) -> bool:
     """Whether `path` holds a finished build (the marker is written last)."""
     return (path / MARKER).is_file()
+
+
+def sweep_stale_builds(parent: Path, max_age_s: float = 6 * 3600) -> None:
+    """Remove temporary build directories that crashed builds left behind long ago."""
+    if not parent.is_dir():
+        return
+    now = time.time()
+    for p in parent.glob(".*.tmp-*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def publish(tmp: Path, final: Path, force: bool) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from editbank.requests import EditRequest, normalize_target
 
-from .cache import MARKER, is_complete, publish, world_dir
+from .cache import MARKER, is_complete, publish, sweep_stale_builds, world_dir
 from .generate import entities_of, generate_facts
 from .spec import FORMAT_VERSION, Fact, Relation, WorldSpec, parse_spec
 from .specs import SIZES, builtin_spec
@@ -39,10 +39,12 @@ class World:
 
     @property
     def name(self) -> str:
+        """The spec's name ("small", "default", ...)."""
         return self.spec.name
 
     @property
     def relations(self) -> list[Relation]:
+        """The world's relations with their templates and object pools."""
         return self.spec.relations
 
     def relation(self, name: str) -> Relation:
@@ -70,7 +72,9 @@ class World:
         if is_complete(final) and not force:
             return cls.load(final)
         final.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_builds(final.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a cache may be shared
         try:
             _build_into(tmp, spec, progress)
             publish(tmp, final, force)
@@ -125,9 +129,9 @@ class World:
             )
         rng = random.Random(seed)
         chosen = _pick_facts(self.facts, n, rng)
-        edited_subjects = {f.subject for f in chosen}
+        edited_subjects, edited = {f.subject for f in chosen}, set(chosen)
         others = [f for f in self.facts if f.subject not in edited_subjects] or [
-            f for f in self.facts if f not in set(chosen)
+            f for f in self.facts if f not in edited
         ]
         out = []
         for fact in chosen:
@@ -213,7 +217,7 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
 
     from .accuracy import accuracy, exact_match_flags
     from .model import new_model
-    from .tokenizer import train_tokenizer
+    from .tokenizer import save_tokenizer, train_tokenizer
     from .train import train_model
 
     start = time.perf_counter()
@@ -230,7 +234,6 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
             f"shorter than the longest query ({longest} tokens)"
         )
     threads = torch.get_num_threads()
-    torch.set_num_threads(_cores())
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
@@ -242,7 +245,7 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
         torch.set_num_threads(threads)
     with _quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+        save_tokenizer(tok, out)
     data = {
         "format_version": FORMAT_VERSION,
         "name": spec.name,
@@ -262,7 +265,7 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
             "final_loss": round(result.loss, 5),
             "train_accuracy": train_acc,
             "reserved_accuracy": reserved_acc,
-            "threads": _cores(),
+            "steps_at_threads": {str(k): v for k, v in result.steps_at_threads.items()},
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
@@ -285,10 +288,3 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)

@@ -166,17 +166,17 @@ RELATIONS: list[dict[str, Any]] = [
 ]
 
 _SIZES: dict[str, dict[str, Any]] = {
-    # ~130 facts, ~15-20 s on 2 cores: for tests.
+    # 144 facts, ~20-25 s on 2 cores: for tests.
     "small": {
         "name": "small",
         "seed": 0,
-        "n_entities": 32,
+        "n_entities": 36,
         "facts_per_subject": 4,
         "model": {"layers": 2, "hidden": 96, "heads": 4, "intermediate": 256},
-        "train": {"steps": 400, "batch_size": 64, "lr": 3e-3, "warmup": 50},
+        "train": {"steps": 500, "batch_size": 64, "lr": 3e-3, "warmup": 50},
         "tokenizer": {"vocab_size": 512},
     },
-    # 500 facts, ~50 s on 2 cores: for the demo and benchmarks.
+    # 500 facts, ~50-60 s on 2 cores: for the demo and benchmarks.
     "default": {
         "name": "default",
         "seed": 0,

@@ -14,6 +14,7 @@ from editbank.tokens import prompt_ids, target_ids
 
 from .accuracy import accuracy, exact_match_flags
 from .spec import TrainSpec
+from .threads import ThreadPicker
 
 
 @dataclass
@@ -24,6 +25,7 @@ class TrainResult:
     loss: float
     train_accuracy: float | None
     seconds: float
+    steps_at_threads: dict[int, int]
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,7 +54,8 @@ def lr_at(step: int, cfg: TrainSpec) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool):
+    """A rich progress bar for training (steps, loss), or nothing."""
     if not enabled:
         return nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -86,11 +89,13 @@ def train_model(
     order = torch.randperm(n, generator=gen)
     pos, step, loss_ema, acc = 0, 0, float("nan"), None
     bs = min(cfg.batch_size, n)
-    with _progress(progress, cfg.steps) as bar:
+    threads = ThreadPicker()
+    with _progress(progress) as bar:
         task = bar.add_task("train", total=cfg.steps, loss="-") if bar is not None else None
         while step < cfg.steps:
             if pos + bs > n:
                 order, pos = torch.randperm(n, generator=gen), 0
+            threads.begin(step)
             idx = order[pos : pos + bs]
             pos += bs
             width = int(lengths[idx].max())
@@ -110,6 +115,7 @@ def train_model(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            threads.end(step)
             step += 1
             lv = float(loss.detach())
             loss_ema = lv if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * lv
@@ -123,4 +129,4 @@ def train_model(
                         bar.update(task, completed=cfg.steps, loss=f"{loss_ema:.4f} (all facts known)")
                     break
     model.eval()
-    return TrainResult(step, loss_ema, acc, time.perf_counter() - start)
+    return TrainResult(step, loss_ema, acc, time.perf_counter() - start, dict(sorted(threads.steps_at.items())))
