@@ -25,15 +25,6 @@ from editbank.models import (
 PROMPTS = ["The capital of Arvelia is", "Kestrel was born in the north"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~100x slower with 2 spinning OpenMP threads on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @cache
 def _model(model_type: str, seed: int = 0) -> nn.Module:
     """Shared read-only tiny model; tests that change weights build their own."""

@@ -239,8 +239,7 @@ class Editor:
         tensors, meta = self._state_tensors()
         self.store.put_state(tensors, meta)
         if snapshot:
-            last = self.store.edits("active")[-1].id
-            self.store.put_snapshot(last, tensors, meta)
+            self.store.put_snapshot(self.store.last_id("active"), tensors, meta)
 
     def _checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = self._state_tensors()

@@ -229,6 +229,10 @@ class EditStore:
             return self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
         return self._db.execute("SELECT COUNT(*) FROM edits WHERE status=?", (status,)).fetchone()[0]
 
+    def last_id(self, status: str = "active") -> int | None:
+        row = self._db.execute("SELECT MAX(id) FROM edits WHERE status=?", (status,)).fetchone()
+        return row[0]
+
     # -- artifacts ----------------------------------------------------------------------------
     def put_artifacts(self, edit_id: int, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
