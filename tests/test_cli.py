@@ -60,3 +60,14 @@ def test_demo_small():
     res = run_demo(n_edits=6, n_undo=2, size="small", console=None)
     assert res["final"]["reliability"] == 1.0
     assert res["rollback"]["restored"] == 1.0 and len(res["rollback"]["undone"]) == 2
+
+
+def test_export_import(small_world, world_requests, tmp_path):
+    db, model = str(tmp_path / "e.db"), str(small_world.path)
+    req = world_requests[1]
+    assert call("edit", "--model", model, "--store", db, "--prompt", req.prompt, "--target", req.target).exit_code == 0
+    assert call("export", str(tmp_path / "out"), "--store", db).exit_code == 0
+    assert call("import", str(tmp_path / "out"), "--store", str(tmp_path / "copy.db")).exit_code == 0
+    listing = json.loads(call("ls", "--store", str(tmp_path / "copy.db"), "--json").stdout)
+    assert [e["request"]["target"] for e in listing["edits"]] == [req.target]
+    assert call("import", str(tmp_path / "nothing"), "--store", str(tmp_path / "x.db")).exit_code == 2

@@ -231,3 +231,23 @@ def test_grace_overlapping_edits_fall_back_to_replay(world_model, world_requests
 def test_grace_hparams_defaults_are_documented():
     hp = GraceHparams()
     assert hp.eps_init > 0 and hp.n_iter >= 1
+
+
+def test_export_import_round_trip(world_model, world_requests, tmp_path):
+    model, tok = world_model
+    ed = Editor(model, tok, method="ft", store=tmp_path / "a.db", snapshot_every=2)
+    for r in world_requests[:3]:
+        ed.edit(r)
+    want = logits_of(ed, world_requests[0])
+    ed.store.export(tmp_path / "shared")
+    ed.close()
+    with pytest.raises(ValueError, match="not empty"):
+        EditStore(tmp_path / "a.db").export(tmp_path / "shared")
+    EditStore.import_folder(tmp_path / "shared", tmp_path / "b.db").close()
+    with pytest.raises(ValueError, match="already holds edits"):
+        EditStore.import_folder(tmp_path / "shared", tmp_path / "b.db")
+    ed2 = Editor(model, tok, store=tmp_path / "b.db")
+    assert torch.equal(logits_of(ed2, world_requests[0]), want)
+    assert ed2.store.snapshot_ids() == [2]
+    ed2.undo(1)  # replay from the imported snapshot history
+    assert [e.status for e in ed2.edits()] == ["reverted", "active", "active"]

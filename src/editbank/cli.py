@@ -180,6 +180,41 @@ def ls(
     console.print(_edit_table(edits))
 
 
+@app.command("export")
+def export_cmd(
+    folder: Annotated[Path, typer.Argument(help="Empty or new folder to write.")],
+    store: StoreOpt = Path("edits.db"),
+) -> None:
+    """Export a store as a folder (manifest.json + safetensors) for sharing."""
+    from .store import EditStore
+
+    if not store.exists():
+        _fail(f"no store at {store}")
+    st = EditStore(store)
+    try:
+        st.export(folder)
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        st.close()
+    console.print(f"exported {store} to {folder}")
+
+
+@app.command("import")
+def import_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder written by `editbank export`.")],
+    store: StoreOpt = Path("edits.db"),
+) -> None:
+    """Create a store from an exported folder."""
+    from .store import EditStore
+
+    try:
+        EditStore.import_folder(folder, store).close()
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"imported {folder} into {store}")
+
+
 @app.command()
 def ask(
     prompt: Annotated[str, typer.Argument(help="Prompt to complete.")],

@@ -113,6 +113,8 @@ class Editor:
 
     # -- context manager ----------------------------------------------------------------------
     def close(self) -> None:
+        """Give the model back as it came (base weights, no hooks) and close the store."""
+        self._set_weights(self._base_weights)
         self.method.detach()
         self.store.close()
 

@@ -276,6 +276,71 @@ class EditStore:
     def snapshot_ids(self) -> list[int]:
         return [r[0] for r in self._db.execute("SELECT after_edit FROM snapshots ORDER BY after_edit")]
 
+    # -- sharing ------------------------------------------------------------------------------
+    def export(self, folder: str | Path) -> Path:
+        """Write the store as a folder: manifest.json (meta, edits) + safetensors files (no pickle)."""
+        out = Path(folder)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"export folder {out} is not empty")
+        out.mkdir(parents=True, exist_ok=True)
+        edits = self.edits()
+        arts: dict[str, torch.Tensor] = {}
+        for e in edits:
+            for name, t in self.artifacts(e.id).items():
+                arts[f"{e.id}/{name}"] = t
+        (out / "artifacts.safetensors").write_bytes(tensors_to_bytes(arts))
+        state = self.get_state()
+        if state is not None:
+            (out / "state.safetensors").write_bytes(tensors_to_bytes(state[0]))
+        snaps = []
+        for after, data, meta in self._db.execute("SELECT after_edit, data, meta FROM snapshots ORDER BY after_edit"):
+            (out / f"snapshot-{after}.safetensors").write_bytes(data)
+            snaps.append({"after_edit": after, "meta": json.loads(meta)})
+        manifest = {
+            "format": "editbank-store",
+            "schema_version": SCHEMA_VERSION,
+            "meta": self.meta(),
+            "edits": [e.to_dict() for e in edits],
+            "state_meta": None if state is None else state[1],
+            "snapshots": snaps,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        return out
+
+    @classmethod
+    def import_folder(cls, folder: str | Path, path: str | Path | None) -> EditStore:
+        """Create a store at `path` from a folder written by `export`."""
+        src = Path(folder)
+        try:
+            manifest = json.loads((src / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{src} is not an exported editbank store: {exc}") from None
+        if manifest.get("format") != "editbank-store" or manifest.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{src} is not an editbank store export of schema {SCHEMA_VERSION}")
+        store = cls(path)
+        if store.count() or store.get_meta("fingerprint") is not None:
+            store.close()
+            raise ValueError(f"store {path} already holds edits; import into a new file")
+        arts = bytes_to_tensors((src / "artifacts.safetensors").read_bytes())
+        with store.transaction():
+            for k, v in manifest["meta"].items():
+                store.set_meta(k, v)
+            for e in manifest["edits"]:
+                store._db.execute(
+                    "INSERT INTO edits(id, batch, request, method, status, created, updated, stats) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (e["id"], e["batch"], json.dumps(EditRequest.from_dict(e["request"]).to_dict()), e["method"],
+                     e["status"], e["created"], e["updated"], json.dumps(e["stats"])),
+                )
+                prefix = f"{e['id']}/"
+                store.put_artifacts(e["id"], {k[len(prefix):]: v for k, v in arts.items() if k.startswith(prefix)})
+            if manifest["state_meta"] is not None:
+                store.put_state(bytes_to_tensors((src / "state.safetensors").read_bytes()), manifest["state_meta"])
+            for snap in manifest["snapshots"]:
+                data = bytes_to_tensors((src / f"snapshot-{snap['after_edit']}.safetensors").read_bytes())
+                store.put_snapshot(snap["after_edit"], data, snap["meta"])
+        return store
+
 
 def _split(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
