@@ -251,3 +251,19 @@ def test_export_import_round_trip(world_model, world_requests, tmp_path):
     assert ed2.store.snapshot_ids() == [2]
     ed2.undo(1)  # replay from the imported snapshot history
     assert [e.status for e in ed2.edits()] == ["reverted", "active", "active"]
+
+
+@pytest.mark.parametrize("method", ["grace", "ft"])
+def test_batch_edit_and_undo_one_member(world_model, world_requests, method):
+    model, tok = world_model
+    ed = Editor(model, tok, method=method, **({"lr": 0.02, "norm_constraint": 0.05} if method == "ft" else {}))
+    with ed.unedited():
+        base = logits_of(ed, world_requests[1])
+    edits = ed.edit(world_requests[:3])
+    assert [e.batch for e in edits] == [edits[0].id] * 3
+    assert ed.evaluate(world_requests[:3], protocol="greedy_exact_match")["reliability"] == 1.0
+    ed.undo(edits[1].id)
+    if method == "grace":
+        assert torch.equal(logits_of(ed, world_requests[1]), base)
+    rep = ed.evaluate([world_requests[0], world_requests[2]], protocol="greedy_exact_match")
+    assert rep["reliability"] == 1.0
