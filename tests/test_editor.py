@@ -256,7 +256,7 @@ def test_export_import_round_trip(world_model, world_requests, tmp_path):
 @pytest.mark.parametrize("method", ["grace", "ft"])
 def test_batch_edit_and_undo_one_member(world_model, world_requests, method):
     model, tok = world_model
-    ed = Editor(model, tok, method=method, **({"lr": 0.02, "norm_constraint": 0.05} if method == "ft" else {}))
+    ed = Editor(model, tok, method=method)
     with ed.unedited():
         base = logits_of(ed, world_requests[1])
     edits = ed.edit(world_requests[:3])

@@ -52,7 +52,7 @@ def _open(model: str, store: Path | None, method: str | None, hp: list[str] | No
 
     try:
         return Editor.open(_resolve_model(model, progress=not json_out), method=method, store=store,
-                           **_parse_hparams(hp or []))
+                           progress=not json_out, **_parse_hparams(hp or []))
     except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         _fail(str(exc))
 

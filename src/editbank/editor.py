@@ -54,6 +54,7 @@ class Editor:
         *,
         seed: int = 0,
         snapshot_every: int = 10,
+        progress: bool = False,
         **hparams: Any,
     ) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -62,6 +63,7 @@ class Editor:
             raise ValueError("snapshot_every must be a positive int")
         self.model, self.tokenizer = model, tokenizer
         self.seed, self.snapshot_every = seed, snapshot_every
+        self.progress = progress  # show a progress bar on long replays (undo of weight-editing methods)
         for p in model.parameters():
             p.requires_grad_(False)
         self.arch = arch_of(model)
@@ -101,6 +103,7 @@ class Editor:
         device_map=None,
         seed: int = 0,
         snapshot_every: int = 10,
+        progress: bool = False,
         **hparams: Any,
     ) -> Editor:
         """Open an editor on a local model directory, a built World, or a model object (+ tokenizer)."""
@@ -109,7 +112,9 @@ class Editor:
         if hasattr(model, "path") and not isinstance(model, (str, Path)) and not hasattr(model, "config"):
             model = model.path  # a World
         model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
-        return cls(model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, **hparams)
+        return cls(
+            model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, progress=progress, **hparams
+        )
 
     # -- context manager ----------------------------------------------------------------------
     def close(self) -> None:
@@ -209,7 +214,12 @@ class Editor:
         groups: dict[int, list[Edit]] = {}
         for e in todo:
             groups.setdefault(e.batch, []).append(e)
-        for batch_id, group in groups.items():
+        from rich.progress import track
+
+        for batch_id, group in track(
+            groups.items(), description="replaying edits", total=len(groups),
+            disable=not (self.progress and len(groups) > 1), transient=True,
+        ):
             with _seeded(self.seed + batch_id), torch.enable_grad():
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
             self._check_finite(stats, group)

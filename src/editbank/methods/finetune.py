@@ -20,10 +20,14 @@ from .base import EditFailed, EditItem, Method, register
 
 @dataclass
 class FTHparams:
+    """Defaults are tuned on the built-in world (lr 5e-3 / bound 5e-3 wrote nothing there: reliability 0 on
+    20 edits; these give 0.85 with locality 0.83). For billion-parameter models ROME's FT-L setting
+    (lr 5e-4, norm_constraint 5e-4) is the usual starting point."""
+
     layer: int | None = None  # decoder layer whose MLP output projection is trained (None: upper-middle)
-    lr: float = 5e-3  # Adam learning rate
+    lr: float = 2e-2  # Adam learning rate
     n_iter: int = 30  # at most this many steps per edit (or batch)
-    norm_constraint: float = 5e-3  # L-infinity bound on the change of any weight entry per edit
+    norm_constraint: float = 5e-2  # L-infinity bound on the change of any weight entry per edit
     stop_loss: float = 1e-2  # stop early once the mean target NLL is below this
 
     def validate(self) -> None:
