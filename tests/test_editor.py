@@ -211,7 +211,7 @@ def test_undo_errors(grace, world_requests):
     with pytest.raises(KeyError):
         grace.undo(99)
     grace.undo(e.id)
-    with pytest.raises(ValueError, match="not active"):
+    with pytest.raises(ValueError, match="nothing to undo"):
         grace.undo(e.id)
 
 
@@ -267,3 +267,23 @@ def test_batch_edit_and_undo_one_member(world_model, world_requests, method):
         assert torch.equal(logits_of(ed, world_requests[1]), base)
     rep = ed.evaluate([world_requests[0], world_requests[2]], protocol="greedy_exact_match")
     assert rep["reliability"] == 1.0
+
+
+def test_grace_reediting_a_prompt_supersedes_and_undo_brings_it_back(grace, world_requests, small_world):
+    first = world_requests[0]
+    other = small_world.relation(first.meta["relation"]).objects
+    second = dataclasses.replace(first, target=next(o for o in other if f" {o}" not in (first.target,
+                                                                                      " " + first.meta["true_object"])))
+    n = len(grace.tokenizer(second.target, add_special_tokens=False)["input_ids"])
+    e1 = grace.edit(first)
+    e2 = grace.edit(second)
+    assert e2.stats["action"] == "supersede"
+    assert [e.status for e in grace.edits()] == ["superseded", "active"]
+    # generation (prompt-only forward) must follow the newer edit, not just teacher-forced scoring
+    assert grace.generate(first.prompt, max_new_tokens=n).startswith(second.target)
+    grace.undo(e2.id)
+    assert [e.status for e in grace.edits()] == ["active", "reverted"]
+    assert grace.generate(first.prompt, max_new_tokens=n).startswith(first.target[: 4])
+    assert grace.evaluate([first], protocol="greedy_exact_match")["reliability"] == 1.0
+    grace.undo(e1.id)
+    assert [e.status for e in grace.edits()] == ["reverted", "reverted"]

@@ -18,8 +18,8 @@ from .methods import base as mbase
 from .models.loading import load_model, model_fingerprint
 from .models.registry import arch_of
 from .requests import EditRequest
-from .store import Edit, EditStore
-from .tokens import pad_id, prompt_ids, target_ids
+from .store import Edit, EditStore, StoreMismatchError
+from .tokens import pad_id, pair_ids, prompt_ids
 
 
 def _max_positions(config) -> int | None:
@@ -64,11 +64,12 @@ class Editor:
         self.model, self.tokenizer = model, tokenizer
         self.seed, self.snapshot_every = seed, snapshot_every
         self.progress = progress  # show a progress bar on long replays (undo of weight-editing methods)
-        for p in model.parameters():
-            p.requires_grad_(False)
         self.arch = arch_of(model)
         self.store = store if isinstance(store, EditStore) else EditStore(store)
-        name = method if method is not None else (self.store.get_meta("method") or "grace")
+        known = self.store.get_meta("method")
+        if method is not None and known is not None and method != known:
+            raise StoreMismatchError(f"store {self.store.path} holds edits of method {known!r}, not {method!r}")
+        name = method if method is not None else (known or "grace")
         cls = mbase.get_method(name)
         stored = self.store.get_meta("hparams")
         if stored is not None and hparams:
@@ -80,6 +81,10 @@ class Editor:
                     f"{sorted(changed)} on reopen (use a new store)"
                 )
         hp = mbase.build_hparams(cls.Hparams, stored if stored is not None else hparams)
+        model.eval()  # dropout off: edits, evaluation and replay must be deterministic
+        self._grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
         self.fingerprint = model_fingerprint(model)
         self.method: mbase.Method = cls(model, tokenizer, self.arch, hp)
         self.store.bind(self.fingerprint, name, dataclasses.asdict(hp), __version__)
@@ -121,6 +126,8 @@ class Editor:
         """Give the model back as it came (base weights, no hooks) and close the store."""
         self._set_weights(self._base_weights)
         self.method.detach()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
         self.store.close()
 
     def __enter__(self) -> Editor:
@@ -140,10 +147,11 @@ class Editor:
             request = EditRequest.from_dict(request)
         if not isinstance(request, EditRequest):
             raise TypeError(f"edit expects EditRequest objects, got {type(request).__name__}")
-        if not target_ids(self.tokenizer, request.target):
+        p, t = pair_ids(self.tokenizer, request.prompt, request.target)
+        if not t:
             raise ValueError(f"EditRequest.target {request.target!r} tokenizes to nothing")
         limit = _max_positions(self.model.config)
-        n = len(prompt_ids(self.tokenizer, request.prompt)) + len(target_ids(self.tokenizer, request.target))
+        n = len(p) + len(t)
         if limit is not None and n > limit:
             raise ValueError(
                 f"EditRequest.prompt is too long: prompt+target is {n} tokens, the model's context is {limit}"
@@ -173,6 +181,8 @@ class Editor:
                     e.stats = {**s, "seconds": elapsed / len(edits)}
                     self.store.update_edit(e.id, stats=e.stats)
                     self.store.put_artifacts(e.id, self.method.artifacts(e.id))
+                    for older in s.get("supersedes", []):
+                        self.store.update_edit(older, status="superseded")
                 self._save_state(snapshot=self.store.count("active") % self.snapshot_every == 0)
         except BaseException:
             self._restore(ckpt)
@@ -182,12 +192,16 @@ class Editor:
     def undo(self, edit_id: int) -> Edit:
         """Revert one edit: the model behaves as if it had never received it."""
         edit = self.store.get_edit(edit_id)
-        if edit.status != "active":
-            raise ValueError(f"edit {edit_id} is {edit.status}, not active; nothing to undo")
+        if edit.status not in ("active", "superseded"):
+            raise ValueError(f"edit {edit_id} is {edit.status}; nothing to undo")
         ckpt = self._checkpoint()
         try:
             with self.store.transaction():
-                if not self.method.remove(edit.id):
+                # edits this one superseded come back (before a replay, so that the replay includes them)
+                for older in edit.stats.get("supersedes", []):
+                    if self.store.get_edit(older).status == "superseded":
+                        self.store.update_edit(older, status="active")
+                if edit.status == "superseded" or not self.method.remove(edit.id):
                     self._replay(exclude=edit.id)
                 self.store.update_edit(edit.id, status="reverted")
                 self.store.drop_snapshots_from(edit.id)

@@ -20,6 +20,21 @@ def target_ids(tokenizer, target: str) -> list[int]:
     return list(tokenizer(target, add_special_tokens=False)["input_ids"])
 
 
+def pair_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Prompt ids and the target's ids as they occur after that prompt.
+
+    Tokenizing the whole sentence and splitting at the prompt avoids artefacts of tokenizing the target
+    alone (SentencePiece tokenizers turn " Dunmore" into ['▁', '▁Dunmore'] on its own but
+    ['▁Dunmore'] inside the sentence). Falls back to separate tokenization when the prompt's tokens
+    are not a prefix of the sentence's.
+    """
+    p = prompt_ids(tokenizer, prompt)
+    full = list(tokenizer(prompt + target)["input_ids"])
+    if len(full) > len(p) and full[: len(p)] == p:
+        return p, full[len(p) :]
+    return p, target_ids(tokenizer, target)
+
+
 @dataclass
 class Batch:
     """Right-padded prompt+target sequences.
@@ -56,7 +71,7 @@ def pad_id(tokenizer) -> int:
 
 def make_batch(tokenizer, pairs: list[tuple[str, str]], device=None) -> Batch:
     """Tokenize (prompt, target) pairs into one right-padded teacher-forcing batch."""
-    rows = [(prompt_ids(tokenizer, p), target_ids(tokenizer, t)) for p, t in pairs]
+    rows = [pair_ids(tokenizer, p, t) for p, t in pairs]
     return batch_from_ids(rows, pad_id(tokenizer), device)
 
 

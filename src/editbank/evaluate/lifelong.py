@@ -10,7 +10,7 @@ import torch
 
 from ..requests import EditRequest
 from ..store import Edit
-from ..tokens import batch_from_ids, pad_id, prompt_ids, target_ids
+from ..tokens import batch_from_ids, pad_id, pair_ids
 from .metrics import _mean, argmax_tokens, check_protocol, evaluate, score_locality, score_pairs
 
 
@@ -67,7 +67,7 @@ def run_stream(
 @torch.no_grad()
 def _prompt_logits(editor, requests: list[EditRequest]) -> list[torch.Tensor]:
     tok = editor.tokenizer
-    rows = [(prompt_ids(tok, r.prompt), target_ids(tok, r.target)) for r in requests]
+    rows = [pair_ids(tok, r.prompt, r.target) for r in requests]
     b = batch_from_ids(rows, pad_id(tok), editor.device)
     logits = editor.logits(b.input_ids, b.attention_mask, b.query_index)
     return [logits[i, : len(p) + len(t)].float().cpu() for i, (p, t) in enumerate(rows)]
@@ -96,7 +96,7 @@ def rollback_eval(
     chosen = random.Random(seed).sample(active, k)
     reqs = [e.request for e in chosen]
     tok = editor.tokenizer
-    rows = [(prompt_ids(tok, r.prompt), target_ids(tok, r.target)) for r in reqs]
+    rows = [pair_ids(tok, r.prompt, r.target) for r in reqs]
     with editor.unedited():
         before = argmax_tokens(editor, rows)
         base_logits = _prompt_logits(editor, reqs)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..requests import EditRequest
-from ..tokens import batch_from_ids, pad_id, prompt_ids, target_ids
+from ..tokens import batch_from_ids, pad_id, pair_ids, prompt_ids
 
 PROTOCOLS = ("teacher_forced_token_acc", "greedy_exact_match")
 FLUENCY_PROTOCOL = "ngram_entropy_2_3"
@@ -79,9 +79,9 @@ def base_locality_refs(editor, probes: list[tuple[str, str]], protocol: str) -> 
         with editor.unedited():
             if protocol == "greedy_exact_match":
                 prompts = [prompt_ids(tok, p) for p, _ in missing]
-                refs = greedy_tokens(editor, prompts, [len(target_ids(tok, a)) for _, a in missing])
+                refs = greedy_tokens(editor, prompts, [len(pair_ids(tok, p, a)[1]) for p, a in missing])
             else:
-                rows = [(prompt_ids(tok, p), target_ids(tok, a)) for p, a in missing]
+                rows = [pair_ids(tok, p, a) for p, a in missing]
                 refs = argmax_tokens(editor, rows)
         for p, r in zip(missing, refs):
             cache[(protocol, *p)] = r
@@ -91,7 +91,7 @@ def base_locality_refs(editor, probes: list[tuple[str, str]], protocol: str) -> 
 def score_pairs(editor, pairs: list[tuple[str, str]], protocol: str) -> list[float]:
     """Score (prompt, answer) pairs: does the current model produce the answer?"""
     tok = editor.tokenizer
-    rows = [(prompt_ids(tok, p), target_ids(tok, a)) for p, a in pairs]
+    rows = [pair_ids(tok, p, a) for p, a in pairs]
     return [_score(pred, t, protocol) for pred, (_, t) in zip(argmax_tokens(editor, rows), rows)]
 
 
@@ -102,7 +102,7 @@ def score_locality(editor, probes: list[tuple[str, str]], protocol: str) -> list
     if protocol == "greedy_exact_match":
         rows = [(prompt_ids(tok, p), ref) for (p, _), ref in zip(probes, refs)]
     else:
-        rows = [(prompt_ids(tok, p), target_ids(tok, a)) for p, a in probes]
+        rows = [pair_ids(tok, p, a) for p, a in probes]
     return [_score(pred, ref, protocol) for pred, ref in zip(argmax_tokens(editor, rows), refs)]
 
 

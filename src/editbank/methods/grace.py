@@ -66,9 +66,10 @@ class Grace(Method):
     # -- codebook ---------------------------------------------------------------------------------
     def reset(self) -> None:
         w = self.arch.weight_out_in(self.module)
-        self.keys = w.new_zeros((0, w.shape[1]))
+        # keys and radii stay float32 whatever the model's dtype: bf16 would round radii below distances
+        self.keys = torch.zeros((0, w.shape[1]), dtype=torch.float32, device=w.device)
         self.values = w.new_zeros((0, 1, w.shape[0]))  # [entries, positions, out]: padded by repeating the last
-        self.eps = w.new_zeros((0,))
+        self.eps = torch.zeros(0, dtype=torch.float32, device=w.device)
         self.span = torch.zeros(0, dtype=torch.long, device=w.device)  # positions an entry replaces
         self.owner = torch.zeros(0, dtype=torch.long)  # edit id that created each entry
         self.last_touch = torch.zeros(0, dtype=torch.long)  # edit id that last created/changed it
@@ -101,7 +102,8 @@ class Grace(Method):
             span = torch.full((b,), self._span_of(self._train_value.shape[0]), device=x.device)
             return torch.ones(b, dtype=torch.bool, device=x.device), self._train_value.expand(b, -1, -1), span
         q = x[torch.arange(b, device=x.device), qidx]
-        d = torch.cdist(q.float(), self.keys.float(), compute_mode="donot_use_mm_for_euclid_dist")
+        d = torch.cdist(q.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
+        d = d.masked_fill(self.eps[None, :] < 0, float("inf"))  # superseded entries do not route
         dmin, j = d.min(dim=1)
         return dmin <= self.eps[j], self.values[j], self.span[j]
 
@@ -134,12 +136,15 @@ class Grace(Method):
 
     # -- editing ----------------------------------------------------------------------------------
     def _key_and_output(self, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The key (from the prompt alone, as generation sees it) and the current outputs to start values from."""
         batch = make_batch(self.tokenizer, [(prompt, target)], device=self.keys.device)
-        with torch.no_grad(), self.disabled(), trace(self.model, self.path) as tr:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         q, t = int(batch.query_index[0]), batch.target_len[0]
+        with torch.no_grad(), self.disabled(), trace(self.model, self.path) as tr:
+            self.model(input_ids=batch.input_ids[:, : q + 1])
+            key = tr[self.path].input[0, q].detach().float()
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         n = t if self.hparams.value_mode == "per_token" else 1
-        return tr[self.path].input[0, q].detach(), tr[self.path].output[0, q : q + n].detach(), batch
+        return key, tr[self.path].output[0, q : q + n].detach(), batch
 
     def _train(self, batch, init: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         """Train the entry's values [T, out] so the target follows the prompt."""
@@ -173,12 +178,20 @@ class Grace(Method):
         log: dict[str, Any] = {"created": False, "modified": []}
         stats: dict[str, Any] = {}
         if len(self.keys):
-            d = torch.linalg.vector_norm(self.keys.float() - key.float(), dim=1)
+            d = torch.linalg.vector_norm(self.keys - key, dim=1).masked_fill(self.eps < 0, float("inf"))
             dist, j = float(d.min()), int(d.argmin())
             stats["nearest_distance"] = dist
         else:
             dist, j = float("inf"), -1
         eps0 = self.hparams.eps_init
+        same_key = j >= 0 and dist <= 1e-4 * max(float(key.norm()), 1e-6)  # the same prompt edited again
+        if same_key and self.labels[j] != req.target:
+            # newer supersedes older: the old entry stops routing (radius -1) until this edit is undone
+            log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
+            stats.update(action="supersede", supersedes=[int(self.owner[j])])
+            self.eps[j] = -1.0
+            self.last_touch[j] = eid
+            return self._add_entry(item, key, out, batch, eps0, log, stats)
         if j >= 0 and dist <= float(self.eps[j]) + eps0 and self.labels[j] == req.target:
             log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
             self.eps[j] = max(float(self.eps[j]), dist)
@@ -194,19 +207,24 @@ class Grace(Method):
                 stats["action"] = "split"
             else:
                 stats["action"] = "new"
-            value, loss, steps = self._train(batch, out)
-            self.keys = torch.cat([self.keys, key[None].to(self.keys.dtype)])
-            width = max(self.values.shape[1], value.shape[0])
-            self.values = torch.cat([_pad_positions(self.values, width), _pad_positions(value[None], width)])
-            self.eps = torch.cat([self.eps, self.eps.new_tensor([new_eps])])
-            self.span = torch.cat([self.span, self.span.new_tensor([self._span_of(value.shape[0])])])
-            self.owner = torch.cat([self.owner, torch.tensor([eid])])
-            self.last_touch = torch.cat([self.last_touch, torch.tensor([eid])])
-            self.labels.append(req.target)
-            log["created"] = True
-            stats.update(loss=loss, steps=steps)
+            return self._add_entry(item, key, out, batch, new_eps, log, stats)
         self.undo_log[eid] = log
         return stats
+
+    def _add_entry(self, item: EditItem, key, out, batch, eps: float, log: dict, stats: dict) -> dict[str, Any]:
+        """Train the new entry's values and append it to the codebook."""
+        value, loss, steps = self._train(batch, out)
+        self.keys = torch.cat([self.keys, key[None]])
+        width = max(self.values.shape[1], value.shape[0])
+        self.values = torch.cat([_pad_positions(self.values, width), _pad_positions(value[None], width)])
+        self.eps = torch.cat([self.eps, self.eps.new_tensor([eps])])
+        self.span = torch.cat([self.span, self.span.new_tensor([self._span_of(value.shape[0])])])
+        self.owner = torch.cat([self.owner, torch.tensor([item.id])])
+        self.last_touch = torch.cat([self.last_touch, torch.tensor([item.id])])
+        self.labels.append(item.request.target)
+        log["created"] = True
+        self.undo_log[item.id] = log
+        return {**stats, "loss": loss, "steps": steps}
 
     def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
         if not self.undo_log.get(edit_id, {}).get("created"):
@@ -255,9 +273,9 @@ class Grace(Method):
         if not tensors:
             return
         dev = self.keys.device
-        self.keys = tensors["keys"].to(dev, self.keys.dtype)
+        self.keys = tensors["keys"].to(dev, torch.float32)
         self.values = tensors["values"].to(dev, self.values.dtype)
-        self.eps = tensors["eps"].to(dev, self.eps.dtype)
+        self.eps = tensors["eps"].to(dev, torch.float32)
         self.span = tensors["span"].to(dev)
         self.owner = tensors["owner"].long().cpu()
         self.last_touch = tensors["last_touch"].long().cpu()
