@@ -71,3 +71,16 @@ def test_export_import(small_world, world_requests, tmp_path):
     listing = json.loads(call("ls", "--store", str(tmp_path / "copy.db"), "--json").stdout)
     assert [e["request"]["target"] for e in listing["edits"]] == [req.target]
     assert call("import", str(tmp_path / "nothing"), "--store", str(tmp_path / "x.db")).exit_code == 2
+
+
+def test_hparam_values_and_bad_stores(small_world, tmp_path):
+    from editbank.cli import _value
+
+    assert _value("5e-4") == 5e-4 and _value("3") == 3 and _value("[1, 2]") == [1, 2] and _value("shared") == "shared"
+    junk = tmp_path / "junk.db"
+    junk.write_text("not sqlite " * 100)
+    res = call("ls", "--store", str(junk))
+    assert res.exit_code == 2 and "not an editbank store" in res.output
+    res = call("edit", "--model", str(small_world.path), "--store", str(tmp_path / "no" / "dir.db"),
+               "--prompt", "a", "--target", "b")
+    assert res.exit_code == 2 and "cannot open store" in res.output

@@ -53,3 +53,18 @@ def test_edit_and_undo(method, model_type):
     assert torch.equal(next_token_logits(ed, PROMPT), before), "undo must restore the exact logits"
     assert torch.equal(next_token_logits(ed, OTHER), other_before)
     ed.close()
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_HPARAMS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_edit_and_undo(method, dtype):
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", len(tok)).to(dtype)
+    ed = Editor(model, tok, method=method, **METHOD_HPARAMS[method])
+    before = next_token_logits(ed, PROMPT)
+    target = max(single_token_words(tok), key=lambda w: before[target_ids(tok, w)[0]].item()
+                 if target_ids(tok, w)[0] != before.argmax().item() else float("-inf"))
+    e = ed.edit(EditRequest(prompt=PROMPT, target=target))
+    assert next_token_logits(ed, PROMPT).argmax().item() == target_ids(tok, target)[0]
+    ed.undo(e.id)
+    assert torch.equal(next_token_logits(ed, PROMPT), before)

@@ -12,6 +12,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from .methods.base import EditFailed
+
 app = typer.Typer(help="Lifelong, reversible knowledge editing of language models.", no_args_is_help=True)
 world_app = typer.Typer(help="Build the built-in fact world and its model.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
@@ -37,13 +39,23 @@ def _resolve_model(model: str, progress: bool = True) -> str:
     return model
 
 
+def _value(text: str) -> Any:
+    """int, then float (YAML 1.1 reads 5e-4 as a string), then YAML (lists, bools, null, strings)."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def _parse_hparams(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in pairs:
         if "=" not in item:
             _fail(f"--hp expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = _value(v.strip())
     return out
 
 
@@ -53,7 +65,7 @@ def _open(model: str, store: Path | None, method: str | None, hp: list[str] | No
     try:
         return Editor.open(_resolve_model(model, progress=not json_out), method=method, store=store,
                            progress=not json_out, **_parse_hparams(hp or []))
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, OSError, KeyError) as exc:
         _fail(str(exc))
 
 
@@ -125,8 +137,8 @@ def edit(
     try:
         for r in reqs:
             done.append(ed.edit(r))
-    except (ValueError, TypeError) as exc:
-        _fail(str(exc))
+    except (ValueError, TypeError, EditFailed) as exc:
+        _fail(f"{exc} ({len(done)} of {len(reqs)} edits applied)")
     finally:
         ed.close()
     if json_out:
@@ -148,7 +160,7 @@ def undo(
     ed = _open(model, store, None, json_out=json_out)
     try:
         done = [ed.undo(i) for i in ids]
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, EditFailed) as exc:
         _fail(str(exc))
     finally:
         ed.close()
@@ -169,7 +181,10 @@ def ls(
 
     if not store.exists():
         _fail(f"no store at {store}")
-    st = EditStore(store)
+    try:
+        st = EditStore(store)
+    except ValueError as exc:
+        _fail(str(exc))
     edits = st.edits(status)
     meta = st.meta()
     st.close()
@@ -190,10 +205,13 @@ def export_cmd(
 
     if not store.exists():
         _fail(f"no store at {store}")
-    st = EditStore(store)
+    try:
+        st = EditStore(store)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         st.export(folder)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
     finally:
         st.close()
@@ -210,7 +228,7 @@ def import_cmd(
 
     try:
         EditStore.import_folder(folder, store).close()
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
     console.print(f"imported {folder} into {store}")
 

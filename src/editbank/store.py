@@ -99,7 +99,10 @@ class EditStore:
         if self.path is not None and self.path.is_dir():
             raise ValueError(f"store path {self.path} is a directory; give a file name such as edits.db")
         target = ":memory:" if self.path is None else str(self.path)
-        self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ValueError(f"cannot open store {self.path}: {exc}") from None
         self._depth = 0
         try:
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -137,11 +140,11 @@ class EditStore:
         self._depth = 1
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
         finally:
             self._depth = 0
 

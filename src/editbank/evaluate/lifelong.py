@@ -84,9 +84,12 @@ def rollback_eval(
 ) -> dict[str, Any]:
     """Undo a random `fraction` of `edits`; undone requests must predict what the unedited model did.
 
-    Reports the share of undone requests whose predictions on prompt+target equal the pre-edit ones,
-    the largest absolute logit difference from the unedited model on those sequences, and the usual
-    scores of the edits that stay.
+    Reports `restored`, the share of undone requests whose argmax at every position of prompt+target
+    equals the unedited model's, `max_abs_logit_diff` from the unedited model on those sequences, and
+    the `protocol` scores of the edits that stay (`kept`). The reference is the unedited model, which is
+    the model-without-this-edit for methods whose edits are independent (GRACE, SoLA); for methods that
+    write shared weights (FT-L) the other edits stay in the weights, so these two figures are informative
+    only there.
     """
     check_protocol(protocol)
     if not 0 < fraction <= 1:

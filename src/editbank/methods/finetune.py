@@ -57,10 +57,13 @@ class FineTune(Method):
         batch = make_batch(
             self.tokenizer, [(it.request.prompt, it.request.target) for it in items], device=self.weight.device
         )
-        w0 = self.weight.detach().clone()
-        self.weight.requires_grad_(True)
-        opt = torch.optim.Adam([self.weight], lr=hp.lr)
+        # a float32 master copy takes the optimizer steps, so fp16/bf16 models neither underflow Adam's
+        # state nor round the L-infinity bound away; the model weight gets its cast after every step
+        w0 = self.weight.detach().float().clone()
+        master = w0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([master], lr=hp.lr)
         loss_value, steps = float("inf"), 0
+        self.weight.requires_grad_(True)
         try:
             for steps in range(1, hp.n_iter + 1):
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -72,13 +75,15 @@ class FineTune(Method):
                     raise EditFailed(f"FT-L diverged: loss is {loss_value} at step {steps}")
                 if loss_value < hp.stop_loss:
                     break
-                opt.zero_grad()
+                self.weight.grad = None
                 loss.backward()
+                master.grad = self.weight.grad.float()
                 opt.step()
                 with torch.no_grad():
-                    self.weight.copy_(torch.clamp(self.weight, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+                    master.copy_(torch.clamp(master, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+                    self.weight.copy_(master.to(self.weight.dtype))
         finally:
             self.weight.requires_grad_(False)
             self.weight.grad = None
-        delta = float((self.weight - w0).abs().max())
+        delta = float((self.weight.float() - w0).abs().max())
         return [{"loss": loss_value, "steps": steps, "max_abs_change": delta} for _ in items]
