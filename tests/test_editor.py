@@ -80,6 +80,9 @@ def test_reopen_restores_state_and_refuses_other_model(world_model, world_reques
     ed.close()
     with pytest.raises(StoreMismatchError, match="another model"):
         Editor(perturbed(model), tok, store=path)
+    with pytest.raises(StoreMismatchError, match="method 'grace', not 'ft'"):
+        Editor(model, tok, method="ft", store=path)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_ft_undo_by_replay_equals_never_edited(world_model, world_requests, small_world):
@@ -202,6 +205,7 @@ def test_bad_method_or_hparams(world_model, world_requests, tmp_path, kwargs, ex
     ed.close()
     with pytest.raises(exc, match=match):
         Editor.open(model, tokenizer=tok, store=tmp_path / "other.db", **kwargs)
+    assert not any(m._forward_hooks for m in model.modules()), "a failed open must leave no hooks"
     st = EditStore(path)
     assert [e.id for e in st.edits()] == [1]
 

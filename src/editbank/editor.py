@@ -33,7 +33,8 @@ def _max_positions(config) -> int | None:
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Deterministic randomness for one edit without disturbing the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 
@@ -65,7 +66,17 @@ class Editor:
         self.seed, self.snapshot_every = seed, snapshot_every
         self.progress = progress  # show a progress bar on long replays (undo of weight-editing methods)
         self.arch = arch_of(model)
-        self.store = store if isinstance(store, EditStore) else EditStore(store)
+        own_store = not isinstance(store, EditStore)
+        self.store = EditStore(store) if own_store else store
+        try:
+            self._setup(model, tokenizer, method, hparams)
+        except BaseException:
+            self._release()
+            if own_store:
+                self.store.close()
+            raise
+
+    def _setup(self, model, tokenizer, method: str | None, hparams: dict[str, Any]) -> None:
         known = self.store.get_meta("method")
         if method is not None and known is not None and method != known:
             raise StoreMismatchError(f"store {self.store.path} holds edits of method {known!r}, not {method!r}")
@@ -82,7 +93,7 @@ class Editor:
                 )
         hp = mbase.build_hparams(cls.Hparams, stored if stored is not None else hparams)
         model.eval()  # dropout off: edits, evaluation and replay must be deterministic
-        self._grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._grad_flags = {pname: p.requires_grad for pname, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         self.fingerprint = model_fingerprint(model)
@@ -124,11 +135,17 @@ class Editor:
     # -- context manager ----------------------------------------------------------------------
     def close(self) -> None:
         """Give the model back as it came (base weights, no hooks) and close the store."""
-        self._set_weights(self._base_weights)
-        self.method.detach()
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
+        self._release()
         self.store.close()
+
+    def _release(self) -> None:
+        """Undo what the editor did to the model object: weights, hooks, requires_grad flags."""
+        if hasattr(self, "_base_weights"):
+            self._set_weights(self._base_weights)
+        if hasattr(self, "method"):
+            self.method.detach()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(getattr(self, "_grad_flags", {}).get(name, p.requires_grad))
 
     def __enter__(self) -> Editor:
         return self
@@ -237,6 +254,8 @@ class Editor:
             with _seeded(self.seed + batch_id), torch.enable_grad():
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
             self._check_finite(stats, group)
+            for e in group:  # keep the stored artifacts true to the rebuilt state
+                self.store.put_artifacts(e.id, self.method.artifacts(e.id))
 
     # -- state handling -----------------------------------------------------------------------
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -326,6 +345,10 @@ class Editor:
     def generate_ids(self, prompts: str | list[str], max_new_tokens: int = 16, **kwargs: Any) -> list[list[int]]:
         """Token ids of the greedy continuations (eos and what follows removed)."""
         plist = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not plist:
+            return []
+        if kwargs.get("num_beams", 1) != 1:
+            raise ValueError("beam search is not supported: routing decisions are kept per prompt row")
         rows = [prompt_ids(self.tokenizer, p) for p in plist]
         width = max(len(r) for r in rows)
         pid = pad_id(self.tokenizer)

@@ -95,6 +95,8 @@ def rollback_eval(
     if not 0 < fraction <= 1:
         raise ValueError("fraction must be in (0, 1]")
     active = [e for e in edits if e.status == "active"]
+    if not active:
+        raise ValueError("rollback_eval needs at least one active edit")
     k = max(1, round(fraction * len(active)))
     chosen = random.Random(seed).sample(active, k)
     reqs = [e.request for e in chosen]

@@ -57,7 +57,8 @@ def greedy_tokens(editor, prompts: list[list[int]], n: list[int], batch_size: in
         for _ in range(max(need, default=0)):
             b = batch_from_ids(rows, pad, editor.device)
             logits = editor.logits(b.input_ids, b.attention_mask, b.query_index)
-            nxt = logits[torch.arange(len(rows)), b.attention_mask.sum(1) - 1].argmax(-1).tolist()
+            last = b.attention_mask.sum(1) - 1
+            nxt = logits[torch.arange(len(rows), device=last.device), last].argmax(-1).tolist()
             rows = [(p, t + [tok]) if len(t) < k else (p, t) for (p, t), tok, k in zip(rows, nxt, need)]
         out.extend(t for _, t in rows)
     return out
