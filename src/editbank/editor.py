@@ -200,7 +200,8 @@ class Editor:
                     self.store.put_artifacts(e.id, self.method.artifacts(e.id))
                     for older in s.get("supersedes", []):
                         self.store.update_edit(older, status="superseded")
-                self._save_state(snapshot=self.store.count("active") % self.snapshot_every == 0)
+                due = self.store.count("active") % self.snapshot_every == 0
+                self._save_state(snapshot=self.method.snapshots and due)
         except BaseException:
             self._restore(ckpt)
             raise

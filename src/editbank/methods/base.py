@@ -116,6 +116,9 @@ class Method:
     name: ClassVar[str] = ""
     Hparams: ClassVar[type]
     needs_subject: ClassVar[bool] = False
+    # store periodic snapshots for snapshot-and-replay undo; methods whose undo is (almost) always exact
+    # turn this off and fall back to replaying from the base model
+    snapshots: ClassVar[bool] = True
 
     def __init__(self, model, tokenizer, arch, hparams) -> None:
         self.model = model

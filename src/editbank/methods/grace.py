@@ -50,6 +50,7 @@ class GraceHparams:
 @register("grace")
 class Grace(Method):
     Hparams = GraceHparams
+    snapshots = False  # undo is exact unless later edits touched the same entries (then replay from base)
 
     def __init__(self, model, tokenizer, arch, hparams: GraceHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)
