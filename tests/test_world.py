@@ -254,8 +254,13 @@ def test_edit_requests_are_counterfactual_and_complete(world):
     assert [r.prompt for r in world.edit_requests(n=20, seed=1)] != [r.prompt for r in reqs]
 
 
-def test_edit_requests_cover_all_facts_and_refuse_more(world):
-    reqs = world.edit_requests(n=len(world.facts), seed=2)
-    assert len({(r.subject, r.meta["relation"]) for r in reqs}) == len(world.facts)
-    with pytest.raises(ValueError, match="facts"):
-        world.edit_requests(n=len(world.facts) + 1)
+def test_edit_requests_cover_all_editable_facts_keep_locality_and_refuse_more(world):
+    n = len(world.editable_facts)
+    assert 0 < n < len(world.facts) and len(world.control_subjects) >= 2
+    reqs = world.edit_requests(n=n, seed=2)
+    assert len({(r.subject, r.meta["relation"]) for r in reqs}) == n
+    assert all(r.locality for r in reqs), "control subjects keep locality probes available"
+    control = set(world.control_subjects)
+    assert all(any(s in p for s in control) for r in reqs for p, _ in r.locality)
+    with pytest.raises(ValueError, match="editable facts"):
+        world.edit_requests(n=n + 1)

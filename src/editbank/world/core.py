@@ -51,6 +51,20 @@ class World:
         """The relation called `name`."""
         return self.spec.relation(name)
 
+    @property
+    def control_subjects(self) -> list[str]:
+        """Subjects (about 10%, at least 2) never offered for editing: locality probes stay available
+        even when every editable fact is edited."""
+        subjects = sorted({f.subject for f in self.facts})
+        k = min(len(subjects) - 1, max(2, len(subjects) // 10))
+        return sorted(random.Random(f"control-{self.spec.seed}").sample(subjects, max(k, 0)))
+
+    @property
+    def editable_facts(self) -> list[Fact]:
+        """The facts `edit_requests` draws from: those of every subject but the control subjects."""
+        control = set(self.control_subjects)
+        return [f for f in self.facts if f.subject not in control]
+
     # ------------------------------------------------------------------ building and loading
     @classmethod
     def build(
@@ -123,12 +137,14 @@ class World:
         """`n` counterfactual edits of distinct facts (distinct subjects first), chosen by `seed`."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
-        if n > len(self.facts):
+        editable = self.editable_facts
+        if n > len(editable):
             raise ValueError(
-                f"asked for {n} edit requests but world {self.name!r} has only {len(self.facts)} facts"
+                f"asked for {n} edit requests but world {self.name!r} has only {len(editable)} editable facts "
+                f"(the facts of {len(self.control_subjects)} control subjects are kept for locality probes)"
             )
         rng = random.Random(seed)
-        chosen = _pick_facts(self.facts, n, rng)
+        chosen = _pick_facts(editable, n, rng)
         edited_subjects, edited = {f.subject for f in chosen}, set(chosen)
         others = [f for f in self.facts if f.subject not in edited_subjects] or [
             f for f in self.facts if f not in edited
