@@ -73,3 +73,13 @@ def test_fluency_and_ngram_entropy(grace, world_requests):
     assert ngram_entropy("a a a a a a a a") < ngram_entropy("the quick brown fox jumps over the lazy dog")
     rep = grace.evaluate(world_requests[:3], fluency=True, fluency_tokens=12)
     assert rep["protocols"]["fluency"] == "ngram_entropy_2_3" and rep["fluency"] >= 0
+
+
+def test_perplexity_drops_after_editing(grace, world_requests):
+    reqs = world_requests[:3]
+    before = grace.evaluate(reqs, perplexity=True)
+    for r in reqs:
+        grace.edit(r)
+    after = grace.evaluate(reqs, perplexity=True)
+    assert after["protocols"]["perplexity"] == "target_token_perplexity"
+    assert after["perplexity"] < 1.5 < before["perplexity"]

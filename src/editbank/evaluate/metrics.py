@@ -24,6 +24,7 @@ from ..tokens import batch_from_ids, pad_id, pair_ids, prompt_ids
 
 PROTOCOLS = ("teacher_forced_token_acc", "greedy_exact_match")
 FLUENCY_PROTOCOL = "ngram_entropy_2_3"
+PERPLEXITY_PROTOCOL = "target_token_perplexity"  # exp(mean over requests of the mean target-token NLL)
 
 
 def check_protocol(protocol: str) -> str:
@@ -43,6 +44,19 @@ def argmax_tokens(editor, rows: list[tuple[list[int], list[int]]], batch_size: i
         pred = logits.argmax(-1).tolist()
         for r, (p, t) in enumerate(chunk):
             out.append(pred[r][len(p) - 1 : len(p) - 1 + len(t)])
+    return out
+
+
+@torch.no_grad()
+def target_nll(editor, pairs: list[tuple[str, str]], batch_size: int = 64) -> list[float]:
+    """Mean negative log-likelihood (nats) of each answer's tokens given its prompt."""
+    tok, out = editor.tokenizer, []
+    for i in range(0, len(pairs), batch_size):
+        b = batch_from_ids([pair_ids(tok, p, a) for p, a in pairs[i : i + batch_size]], pad_id(tok), editor.device)
+        logp = editor.logits(b.input_ids, b.attention_mask, b.query_index).float().log_softmax(-1)
+        labels = b.labels[:, 1:]
+        nll = -logp[:, :-1].gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels >= 0)
+        out.extend((nll.sum(1) / (labels >= 0).sum(1)).tolist())
     return out
 
 
@@ -130,6 +144,7 @@ def evaluate(
     *,
     fluency: bool = False,
     fluency_tokens: int = 32,
+    perplexity: bool = False,
 ) -> dict[str, Any]:
     """Score requests on the editor's current model; every number is tagged with its protocol."""
     check_protocol(protocol)
@@ -168,6 +183,12 @@ def evaluate(
         "protocols": protocols,
         "records": records,
     }
+    if perplexity and requests:
+        nll = target_nll(editor, [(r.prompt, r.target) for r in requests])
+        for rec, x in zip(records, nll):
+            rec["perplexity"] = math.exp(x)
+        report["perplexity"] = math.exp(sum(nll) / len(nll))
+        protocols["perplexity"] = PERPLEXITY_PROTOCOL
     if fluency and requests:
         texts = editor.generate([r.prompt for r in requests], max_new_tokens=fluency_tokens)
         for rec, text in zip(records, texts):
