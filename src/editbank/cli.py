@@ -69,6 +69,18 @@ def _open(model: str, store: Path | None, method: str | None, hp: list[str] | No
         _fail(str(exc))
 
 
+def _existing_store(store: Path):
+    """Open a store that must already exist (exit 2 with a message otherwise)."""
+    from .store import EditStore
+
+    if not store.exists():
+        _fail(f"no store at {store}")
+    try:
+        return EditStore(store)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _edit_table(edits) -> Table:
     t = Table("id", "status", "prompt", "target", "method", "loss")
     for e in edits:
@@ -177,14 +189,7 @@ def ls(
     json_out: JsonOpt = False,
 ) -> None:
     """List the edits in a store (no model needed)."""
-    from .store import EditStore
-
-    if not store.exists():
-        _fail(f"no store at {store}")
-    try:
-        st = EditStore(store)
-    except ValueError as exc:
-        _fail(str(exc))
+    st = _existing_store(store)
     edits = st.edits(status)
     meta = st.meta()
     st.close()
@@ -201,14 +206,7 @@ def export_cmd(
     store: StoreOpt = Path("edits.db"),
 ) -> None:
     """Export a store as a folder (manifest.json + safetensors) for sharing."""
-    from .store import EditStore
-
-    if not store.exists():
-        _fail(f"no store at {store}")
-    try:
-        st = EditStore(store)
-    except ValueError as exc:
-        _fail(str(exc))
+    st = _existing_store(store)
     try:
         st.export(folder)
     except (ValueError, OSError) as exc:
