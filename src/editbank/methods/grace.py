@@ -7,9 +7,10 @@ replaces the outputs at the last prompt token and the following target positions
 tokens), then lets the model continue; GRACE's original single value replacing every position from the
 last prompt token on is `value_mode="shared"`. On our small models a single shared vector cannot spell
 multi-token targets (reliability 0.45-0.8 vs 1.0 on the small world). New keys get radius `eps_init`; a key that
-falls inside an entry with the same target expands that entry's radius, one with a conflicting target
-splits the two radii at half the distance. Undo deletes the entry (restoring any radius it changed)
-exactly; if a later edit has touched the same entries, the editor replays instead.
+falls inside an entry with the same target expands that entry's radius (if that entry's values spell the
+target after the new prompt too), otherwise the two radii split at half the distance. Undo deletes the
+entry (restoring any radius it changed) exactly; if a later edit has touched the same entries, the
+editor replays instead.
 """
 
 from __future__ import annotations
@@ -193,14 +194,15 @@ class Grace(Method):
             self.eps[j] = -1.0
             self.last_touch[j] = eid
             return self._add_entry(item, key, out, batch, eps0, log, stats)
-        if j >= 0 and dist <= float(self.eps[j]) + eps0 and self.labels[j] == req.target:
+        near = j >= 0 and dist <= float(self.eps[j]) + eps0
+        if near and self.labels[j] == req.target and self._realises(j, dist, batch):
             log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
             self.eps[j] = max(float(self.eps[j]), dist)
             self.last_touch[j] = eid
             stats.update(action="expand", loss=0.0, steps=0)
         else:
             new_eps = eps0
-            if j >= 0 and dist <= float(self.eps[j]) + eps0:
+            if near:  # a conflicting label, or the same label that the entry's values cannot spell here
                 log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
                 new_eps = dist / 2
                 self.eps[j] = min(float(self.eps[j]), dist / 2)
@@ -211,6 +213,23 @@ class Grace(Method):
             return self._add_entry(item, key, out, batch, new_eps, log, stats)
         self.undo_log[eid] = log
         return stats
+
+    @torch.no_grad()
+    def _realises(self, j: int, dist: float, batch) -> bool:
+        """Would entry j, widened to reach this key, already make the model produce the target?
+
+        GRACE widens a same-label entry without retraining; with per-prompt values that only works when
+        the entry's values spell the target after this prompt too, so that is checked first.
+        """
+        old = float(self.eps[j])
+        self.eps[j] = max(old, dist)
+        try:
+            with self.routing(Route(query_index=batch.query_index)):
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        finally:
+            self.eps[j] = old
+        q, t = int(batch.query_index[0]), batch.target_len[0]
+        return bool((logits[0, q : q + t].argmax(-1) == batch.input_ids[0, q + 1 : q + 1 + t]).all())
 
     def _add_entry(self, item: EditItem, key, out, batch, eps: float, log: dict, stats: dict) -> dict[str, Any]:
         """Train the new entry's values and append it to the codebook."""
