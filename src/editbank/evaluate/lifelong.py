@@ -84,8 +84,8 @@ def rollback_eval(
 ) -> dict[str, Any]:
     """Undo a random `fraction` of `edits`; undone requests must predict what the unedited model did.
 
-    Reports `restored`, the share of undone requests whose argmax at every position of prompt+target
-    equals the unedited model's, `max_abs_logit_diff` from the unedited model on those sequences, and
+    Reports `restored`, the share of undone requests whose teacher-forced argmax at every target
+    position equals the unedited model's, `max_abs_logit_diff` from the unedited model on those sequences, and
     the `protocol` scores of the edits that stay (`kept`). The reference is the unedited model, which is
     the model-without-this-edit for methods whose edits are independent (GRACE, SoLA); for methods that
     write shared weights (FT-L) the other edits stay in the weights, so these two figures are informative
