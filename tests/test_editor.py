@@ -11,7 +11,7 @@ import torch
 from editbank import Editor, EditRequest, register
 from editbank.methods.base import EditFailed
 from editbank.methods.finetune import FineTune
-from editbank.methods.grace import Grace, GraceHparams
+from editbank.methods.grace import Grace
 from editbank.store import EditStore, StoreMismatchError
 from editbank.tokens import make_batch
 
@@ -125,21 +125,53 @@ class NaNFineTune(FineTune):
         return [{**s, "loss": float("nan")} for s in stats]
 
 
+@register("test_nan_weight")
+class NaNWeightFineTune(FineTune):
+    """FT-L reporting a finite loss but leaving a NaN in its weight."""
+
+    def apply(self, items):
+        stats = super().apply(items)
+        with torch.no_grad():
+            self.weight[0, 0] = float("nan")
+        return stats
+
+
+@register("test_nan_state")
+class NaNStateGrace(Grace):
+    """GRACE reporting a finite loss but storing a NaN value in its codebook."""
+
+    def _apply_one(self, item):
+        stats = super()._apply_one(item)
+        self.values[-1, 0, 0] = float("nan")
+        return stats
+
+
+@register("test_bad_undo")
+class BadUndoGrace(Grace):
+    """GRACE whose undo corrupts the codebook and then fails."""
+
+    def remove(self, edit_id):
+        self.eps.fill_(-1.0)
+        raise RuntimeError("undo failed halfway")
+
+
 @register("test_needs_subject")
 class NeedsSubject(Grace):
     needs_subject = True
 
 
 @pytest.mark.parametrize(
-    "method, kwargs, request_meta, exc",
+    "method, request_meta, exc",
     [
-        ("test_boom", {}, {"boom": True}, RuntimeError),
-        ("test_nan", {}, {}, EditFailed),
+        ("test_boom", {"boom": True}, RuntimeError),
+        ("test_nan", {}, EditFailed),
+        ("test_nan_weight", {}, EditFailed),
+        ("test_nan_state", {}, EditFailed),
     ],
 )
-def test_failed_edit_changes_nothing(world_model, world_requests, tmp_path, method, kwargs, request_meta, exc):
+def test_failed_edit_changes_nothing(world_model, world_requests, tmp_path, method, request_meta, exc):
     model, tok = world_model
-    ed = Editor(model, tok, method=method, store=tmp_path / "e.db", **kwargs)
+    ed = Editor(model, tok, method=method, store=tmp_path / "e.db")
     if method == "test_boom":
         ed.edit(world_requests[0])
     before = weights_and_state(ed)
@@ -153,6 +185,19 @@ def test_failed_edit_changes_nothing(world_model, world_requests, tmp_path, meth
     assert torch.equal(logits_of(ed, world_requests[1]), probe)
     ed.close()
     assert [(e.id, e.status) for e in EditStore(tmp_path / "e.db").edits()] == rows
+
+
+def test_failed_undo_changes_nothing(world_model, world_requests, tmp_path):
+    model, tok = world_model
+    ed = Editor(model, tok, method="test_bad_undo", store=tmp_path / "e.db")
+    e = ed.edit(world_requests[0])
+    before, probe = weights_and_state(ed), logits_of(ed, world_requests[0])
+    with pytest.raises(RuntimeError, match="halfway"):
+        ed.undo(e.id)
+    assert same_state(before, weights_and_state(ed))
+    assert torch.equal(logits_of(ed, world_requests[0]), probe)
+    ed.close()
+    assert [x.status for x in EditStore(tmp_path / "e.db").edits()] == ["active"]
 
 
 def _too_long(req: EditRequest) -> EditRequest:
@@ -203,11 +248,13 @@ def test_bad_method_or_hparams(world_model, world_requests, tmp_path, kwargs, ex
     ed = Editor(model, tok, method="grace", store=path)
     ed.edit(world_requests[0])
     ed.close()
+    flags = [p.requires_grad for p in model.parameters()]
     with pytest.raises(exc, match=match):
         Editor.open(model, tokenizer=tok, store=tmp_path / "other.db", **kwargs)
-    assert not any(m._forward_hooks for m in model.modules()), "a failed open must leave no hooks"
-    st = EditStore(path)
-    assert [e.id for e in st.edits()] == [1]
+    assert [p.requires_grad for p in model.parameters()] == flags, "a failed open must give the model back"
+    other = EditStore(tmp_path / "other.db")
+    assert other.get_meta("fingerprint") is None and other.count() == 0
+    assert [e.id for e in EditStore(path).edits()] == [1]
 
 
 def test_undo_errors(grace, world_requests):
@@ -227,14 +274,14 @@ def test_grace_overlapping_edits_fall_back_to_replay(world_model, world_requests
     e0 = ed.edit(r0)
     e1 = ed.edit(r1)
     assert e1.stats["action"] == "split"
+    half = e1.stats["nearest_distance"] / 2
+    assert ed.method.eps.tolist() == [pytest.approx(half), pytest.approx(half)]
+    assert ed.evaluate([r0, r1], protocol="greedy_exact_match")["reliability"] == 1.0
+    art = ed.store.artifacts(e1.id)
+    assert set(art) == {"key", "value", "eps", "span"} and float(art["eps"][0]) == pytest.approx(half)
     ed.undo(e0.id)  # e1 touched e0's entry later: not exactly removable, the editor replays
     assert ed.method.owner.tolist() == [e1.id]
     assert ed.method.eps.tolist() == [pytest.approx(1e6)]
-
-
-def test_grace_hparams_defaults_are_documented():
-    hp = GraceHparams()
-    assert hp.eps_init > 0 and hp.n_iter >= 1
 
 
 def test_export_import_round_trip(world_model, world_requests, tmp_path):
@@ -255,6 +302,12 @@ def test_export_import_round_trip(world_model, world_requests, tmp_path):
     assert ed2.store.snapshot_ids() == [2]
     ed2.undo(1)  # replay from the imported snapshot history
     assert [e.status for e in ed2.edits()] == ["reverted", "active", "active"]
+    got = {k: p.clone() for k, p in ed2.method.touched_parameters().items()}
+    ed2.close()
+    ref = Editor(model, tok, method="ft")
+    for r in world_requests[1:3]:
+        ref.edit(r)
+    assert all(torch.equal(got[k], p) for k, p in ref.method.touched_parameters().items())
 
 
 @pytest.mark.parametrize("method", ["grace", "ft"])
@@ -266,9 +319,15 @@ def test_batch_edit_and_undo_one_member(world_model, world_requests, method):
     edits = ed.edit(world_requests[:3])
     assert [e.batch for e in edits] == [edits[0].id] * 3
     assert ed.evaluate(world_requests[:3], protocol="greedy_exact_match")["reliability"] == 1.0
+    edited = logits_of(ed, world_requests[1])
+    with ed.unedited():
+        assert torch.equal(logits_of(ed, world_requests[1]), base)
+    assert torch.equal(logits_of(ed, world_requests[1]), edited), "unedited() must put the edits back"
     ed.undo(edits[1].id)
     if method == "grace":
         assert torch.equal(logits_of(ed, world_requests[1]), base)
+    else:  # the undone request is not written any more
+        assert ed.evaluate([world_requests[1]], protocol="greedy_exact_match")["reliability"] == 0.0
     rep = ed.evaluate([world_requests[0], world_requests[2]], protocol="greedy_exact_match")
     assert rep["reliability"] == 1.0
 
