@@ -350,3 +350,34 @@ def test_grace_reediting_a_prompt_supersedes_and_undo_brings_it_back(grace, worl
     assert grace.evaluate([first], protocol="greedy_exact_match")["reliability"] == 1.0
     grace.undo(e1.id)
     assert [e.status for e in grace.edits()] == ["reverted", "reverted"]
+
+
+def test_grace_expand_widens_a_same_label_entry_and_undo_narrows_it(world_model, world_requests):
+    """A paraphrase with the same target inside reach of an entry whose values already spell the target
+    widens that entry (GRACE's expand); undoing it restores the radius and the exact logits."""
+    model, tok = world_model
+    probe_ed = Editor(model, tok, method="grace")
+    found = 0
+    for req in world_requests[:10]:
+        for p in req.rephrases:
+            k_req = probe_ed.method._key_and_output(req.prompt, req.target)[0]
+            k_p = probe_ed.method._key_and_output(p, req.target)[0]
+            d = float((k_req - k_p).norm())
+            ed = Editor(model, tok, method="grace", eps_init=0.6 * d)
+            ed.edit(req)
+            para = dataclasses.replace(req, prompt=p, rephrases=[], subject=None)
+            before = logits_of(ed, para)
+            e = ed.edit(para)
+            if e.stats["action"] != "expand":
+                assert e.stats["action"] == "split"
+                ed.close()
+                continue
+            found += 1
+            assert ed.method.eps.tolist() == [pytest.approx(d, rel=1e-4)] and len(ed.method.keys) == 1
+            assert ed.evaluate([para], protocol="greedy_exact_match")["reliability"] == 1.0
+            ed.undo(e.id)
+            assert ed.method.eps.tolist() == [pytest.approx(0.6 * d)]
+            assert torch.equal(logits_of(ed, para), before)
+            ed.close()
+    probe_ed.close()
+    assert found, "no paraphrase in the first 10 requests was spelled by its entry's values"
