@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import track
 
 from . import __version__
 from .methods import base as mbase
@@ -246,8 +247,6 @@ class Editor:
         groups: dict[int, list[Edit]] = {}
         for e in todo:
             groups.setdefault(e.batch, []).append(e)
-        from rich.progress import track
-
         for batch_id, group in track(
             groups.items(), description="replaying edits", total=len(groups),
             disable=not (self.progress and len(groups) > 1), transient=True,
