@@ -13,12 +13,13 @@ from tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
 from editbank import Editor, EditRequest
 from editbank.tokens import make_batch, target_ids
 
-# per method: hyperparameters that let it write a fact into a random (untrained) tiny model
+# per case: the method and hyperparameters that let it write a fact into a random (untrained) tiny model
 METHOD_HPARAMS = {
-    "grace": {"eps_init": 1e-3, "n_iter": 50},
-    "ft": {"lr": 0.05, "norm_constraint": 1.0, "n_iter": 50},
+    "grace": ("grace", {"eps_init": 1e-3, "n_iter": 50}),
+    "grace_shared": ("grace", {"eps_init": 1e-3, "n_iter": 50, "value_mode": "shared"}),
+    "ft": ("ft", {"lr": 0.05, "norm_constraint": 1.0, "n_iter": 50}),
 }
-ROUTED = {"grace"}  # methods that leave unrouted prompts bit-identical
+ROUTED = {"grace", "grace_shared"}  # cases that leave unrouted prompts bit-identical
 
 PROMPT, OTHER = "The capital of Arvelia is", "Norland was born in"
 CASES = [(m, t) for m in METHOD_HPARAMS for t in TINY_TYPES]
@@ -38,7 +39,8 @@ def single_token_words(tok) -> list[str]:
 def test_edit_and_undo(method, model_type):
     tok = tiny_tokenizer()
     model = tiny_model(model_type, len(tok))
-    ed = Editor(model, tok, method=method, **METHOD_HPARAMS[method])
+    name, hparams = METHOD_HPARAMS[method]
+    ed = Editor(model, tok, method=name, **hparams)
     before, other_before = next_token_logits(ed, PROMPT), next_token_logits(ed, OTHER)
     # the most likely single-token word that is not already the answer: random tiny models have
     # near-flat logits, so a nearby target keeps the case about the method, not about the init
@@ -60,7 +62,8 @@ def test_edit_and_undo(method, model_type):
 def test_half_precision_edit_and_undo(method, dtype):
     tok = tiny_tokenizer()
     model = tiny_model("llama", len(tok)).to(dtype)
-    ed = Editor(model, tok, method=method, **METHOD_HPARAMS[method])
+    name, hparams = METHOD_HPARAMS[method]
+    ed = Editor(model, tok, method=name, **hparams)
     before = next_token_logits(ed, PROMPT)
     target = max(single_token_words(tok), key=lambda w: before[target_ids(tok, w)[0]].item()
                  if target_ids(tok, w)[0] != before.argmax().item() else float("-inf"))
