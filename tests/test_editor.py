@@ -114,17 +114,6 @@ class Boom(Grace):
         return {"loss": 0.0}
 
 
-@register("test_nan")
-class NaNFineTune(FineTune):
-    """FT-L whose training 'diverges': NaN in the weight and in the reported loss."""
-
-    def apply(self, items):
-        stats = super().apply(items)
-        with torch.no_grad():
-            self.weight[0, 0] = float("nan")
-        return [{**s, "loss": float("nan")} for s in stats]
-
-
 @register("test_nan_weight")
 class NaNWeightFineTune(FineTune):
     """FT-L reporting a finite loss but leaving a NaN in its weight."""
@@ -134,6 +123,14 @@ class NaNWeightFineTune(FineTune):
         with torch.no_grad():
             self.weight[0, 0] = float("nan")
         return stats
+
+
+@register("test_nan")
+class NaNFineTune(NaNWeightFineTune):
+    """FT-L whose training 'diverges': NaN in the weight and in the reported loss."""
+
+    def apply(self, items):
+        return [{**s, "loss": float("nan")} for s in super().apply(items)]
 
 
 @register("test_nan_state")

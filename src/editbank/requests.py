@@ -94,8 +94,3 @@ class EditRequest:
         if unknown:
             raise ValueError(f"unknown EditRequest field(s): {sorted(unknown)}")
         return cls(**d)
-
-    @property
-    def fact_key(self) -> str:
-        """Identity of the fact being edited: the user key, else the prompt."""
-        return self.key or self.prompt
