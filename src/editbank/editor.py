@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,8 @@ from .models.registry import arch_of
 from .requests import EditRequest
 from .store import Edit, EditStore, StoreMismatchError
 from .tokens import pad_id, pair_ids, prompt_ids
+
+HELD = ("active", "superseded")  # edits whose effect the method holds (superseded ones switched off)
 
 
 def _max_positions(config) -> int | None:
@@ -57,8 +58,11 @@ class Editor:
         seed: int = 0,
         snapshot_every: int = 10,
         progress: bool = False,
+        corpus: list[str] | None = None,
         **hparams: Any,
     ) -> None:
+        if corpus is not None and not (isinstance(corpus, list) and all(isinstance(c, str) for c in corpus)):
+            raise TypeError("corpus must be a list of prompt strings")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError("seed must be an int")
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
@@ -71,6 +75,7 @@ class Editor:
         self.store = EditStore(store) if own_store else store
         try:
             self._setup(model, tokenizer, method, hparams)
+            self.method.corpus = corpus
         except BaseException:
             self._release()
             if own_store:
@@ -121,16 +126,27 @@ class Editor:
         seed: int = 0,
         snapshot_every: int = 10,
         progress: bool = False,
+        corpus: list[str] | None = None,
         **hparams: Any,
     ) -> Editor:
-        """Open an editor on a local model directory, a built World, or a model object (+ tokenizer)."""
+        """Open an editor on a local model directory, a built World, or a model object (+ tokenizer).
+
+        `corpus`: prompts about distinct facts, typical of the model's domain, for methods that calibrate on
+        them; a World (or a world's directory) supplies its own one-prompt-per-fact corpus.
+        """
         if method is not None:
             mbase.get_method(method)  # fail on an unknown method before loading anything
         if hasattr(model, "path") and not isinstance(model, (str, Path)) and not hasattr(model, "config"):
             model = model.path  # a World
+        if corpus is None and isinstance(model, (str, Path)):
+            from .world.core import WORLD_FILE, World
+
+            if (Path(model) / WORLD_FILE).is_file():
+                corpus = World.load(model).fact_prompts()
         model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
         return cls(
-            model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, progress=progress, **hparams
+            model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, progress=progress,
+            corpus=corpus, **hparams,
         )
 
     # -- context manager ----------------------------------------------------------------------
@@ -202,7 +218,7 @@ class Editor:
                     for older in s.get("supersedes", []):
                         self.store.update_edit(older, status="superseded")
                 due = self.store.count("active") % self.snapshot_every == 0
-                self._save_state(snapshot=self.method.snapshots and due)
+                self._save_state(snapshot=self.method.snapshots and not self.method.state_in_artifacts and due)
         except BaseException:
             self._restore(ckpt)
             raise
@@ -216,11 +232,8 @@ class Editor:
         ckpt = self._checkpoint()
         try:
             with self.store.transaction():
-                # edits this one superseded come back (before a replay, so that the replay includes them)
-                for older in edit.stats.get("supersedes", []):
-                    if self.store.get_edit(older).status == "superseded":
-                        self.store.update_edit(older, status="active")
-                if edit.status == "superseded" or not self.method.remove(edit.id):
+                self._unlink_supersedes(edit)
+                if not self.method.remove(edit.id):
                     self._replay(exclude=edit.id)
                 self.store.update_edit(edit.id, status="reverted")
                 self.store.drop_snapshots_from(edit.id)
@@ -229,6 +242,23 @@ class Editor:
             self._restore(ckpt)
             raise
         return self.store.get_edit(edit.id)
+
+    def _unlink_supersedes(self, edit: Edit) -> None:
+        """Take `edit` out of its supersede chain before it is undone.
+
+        An active edit's superseded predecessors come back (before any replay, so that it includes them);
+        a superseded edit hands its predecessors to the edit that superseded it, which keeps covering them.
+        """
+        older = [o for o in edit.stats.get("supersedes", []) if self.store.get_edit(o).status == "superseded"]
+        if edit.status == "active":
+            for o in older:
+                self.store.update_edit(o, status="active")
+            return
+        for newer in self.store.edits():
+            if edit.id in newer.stats.get("supersedes", []) and newer.status in ("active", "superseded"):
+                chain = [o for o in newer.stats["supersedes"] if o != edit.id] + older
+                self.store.update_edit(newer.id, stats={**newer.stats, "supersedes": chain})
+                return
 
     def edits(self, status: str | None = None) -> list[Edit]:
         return self.store.edits(status)
@@ -243,7 +273,9 @@ class Editor:
         else:
             start, tensors, meta = snap
             self._load_tensors(tensors, meta)
-        todo = [e for e in self.store.edits("active") if e.id > start and e.id != exclude]
+        # superseded edits are replayed too (their successors supersede them again), so that undoing a
+        # successor later finds them in the method's state
+        todo = [e for e in self.store.edits() if e.status in HELD and e.id > start and e.id != exclude]
         groups: dict[int, list[Edit]] = {}
         for e in todo:
             groups.setdefault(e.batch, []).append(e)
@@ -269,6 +301,9 @@ class Editor:
         wt = {k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")}
         self.method.reset()
         self.method.load_state_dict(mt, meta)
+        if self.method.state_in_artifacts:
+            held = (e for e in self.store.edits() if e.status in HELD)
+            self.method.load_artifacts((e.id, self.store.artifacts(e.id)) for e in held)
         self._set_weights(wt)
 
     def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -286,12 +321,14 @@ class Editor:
         if snapshot:
             self.store.put_snapshot(self.store.last_id("active"), tensors, meta)
 
-    def _checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, meta = self._state_tensors()
-        return {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+    def _checkpoint(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        weights = {k: p.detach().clone() for k, p in self.method.touched_parameters().items()}
+        return self.method.checkpoint(), weights
 
     def _restore(self, ckpt) -> None:
-        self._load_tensors(*ckpt)
+        state, weights = ckpt
+        self.method.restore(state)
+        self._set_weights(weights)
 
     def _check_finite(self, stats: list[dict[str, Any]], edits: list[Edit]) -> None:
         if len(stats) != len(edits):

@@ -10,8 +10,9 @@ restores those weights itself.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -119,6 +120,10 @@ class Method:
     # store periodic snapshots for snapshot-and-replay undo; methods whose undo is (almost) always exact
     # turn this off and fall back to replaying from the base model
     snapshots: ClassVar[bool] = True
+    # True: the state is the held edits' artifacts (written once, with each edit) plus the small index that
+    # `state_dict` returns, rather than the whole state rewritten after every edit; the editor then hands the
+    # held edits' artifacts to `load_artifacts` after `load_state_dict` (and never snapshots)
+    state_in_artifacts: ClassVar[bool] = False
 
     def __init__(self, model, tokenizer, arch, hparams) -> None:
         self.model = model
@@ -127,6 +132,9 @@ class Method:
         self.hparams = hparams
         self.route: Route | None = None
         self.enabled = True
+        # prompts typical of the model's domain, about distinct facts, for methods that calibrate on them
+        # (set by the editor; not persisted: what a method derives from them goes into its state)
+        self.corpus: list[str] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -161,6 +169,19 @@ class Method:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if tensors or meta:
             raise ValueError(f"method {self.name!r} has no state to load")
+
+    def load_artifacts(self, held: Iterable[tuple[int, dict[str, torch.Tensor]]]) -> None:
+        """Rebuild the edits' part of the state from (edit id, artifacts) in id order (`state_in_artifacts`)."""
+        raise NotImplementedError(f"method {self.name!r} keeps its state in state_dict")
+
+    def checkpoint(self) -> Any:
+        """A copy of the state to `restore` if the edit or undo in progress fails."""
+        tensors, meta = self.state_dict()
+        return {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+
+    def restore(self, checkpoint: Any) -> None:
+        self.reset()
+        self.load_state_dict(*checkpoint)
 
     # -- routing and switching ------------------------------------------------------------------
     @contextmanager

@@ -133,6 +133,16 @@ class World:
         """(prompt, answer) pairs: 'train' = every fact x training template, 'reserved' = x reserved ones."""
         return queries_for(self.spec, self.facts, split)
 
+    def fact_prompts(self, seed: int = 0) -> list[str]:
+        """One prompt per fact (a training template chosen by `seed`): prompts about distinct facts, the
+        calibration corpus of methods that need the model's typical prompts (e.g. SoLA's alpha)."""
+        rng = random.Random(seed)
+        out = []
+        for fact in self.facts:
+            rel = self.relation(fact.relation)
+            out.append(rel.fill(rng.choice(rel.templates), fact.subject))
+        return out
+
     def edit_requests(self, n: int = 20, seed: int = 0) -> list[EditRequest]:
         """`n` counterfactual edits of distinct facts (distinct subjects first), chosen by `seed`."""
         if not isinstance(n, int) or n < 0:

@@ -1,0 +1,400 @@
+"""SoLA (arXiv 2603.11239): one frozen LoRA per edit, switched on by semantic routing; undo deletes the key.
+
+Edited modules: the MLP output projections of `n_layers` consecutive upper-middle layers (or `layers`); the
+first is the master decision layer. Each edit trains its own LoRA on those modules against the frozen base
+model (every other LoRA off) and freezes it. Its key is the input of the master module at the last prompt
+token, computed with every LoRA off, stored once and never changed. Since no LoRA sits before the master
+module, a query's key is the same whether LoRAs are on or off, so routing never depends on other edits.
+
+Routing, per row of a batch: the query is the master module's input at the row's last prompt token; its
+nearest key j* (exact search over the key matrix by one matrix product) switches LoRA j* on in every
+edited module, at every position of that row, if distance(q, e_j*) < alpha; otherwise the base model
+answers. In generation the decision taken on the prompt is kept for every generated token.
+
+Distance: cosine distance 1 - cos(q', e') between *standardized* keys x' = (x - mean) / std (per
+dimension; `distance="l2"` for Euclidean, `standardize=False` for raw keys). Standardizing removes the large
+component every hidden state shares, which otherwise packs all cosines near 1. The paper fixes alpha = 0.01
+and never names the distance; editbank calibrates alpha per model (`alpha=None`, the default) once, before
+the first edit, from a corpus of prompts about distinct facts (`Editor(corpus=...)`; a World supplies one
+prompt per fact; with no corpus, contexts of texts sampled from the model itself):
+  1. the standardization statistics are the mean and std of the corpus prompts' keys;
+  2. alpha = the `alpha_quantile` quantile of the distances between the keys of two different corpus
+     prompts, i.e. an unrelated prompt falls inside one edit's radius with probability alpha_quantile, and
+     with T edits is misrouted with probability at most about T x alpha_quantile.
+The default alpha_quantile (3e-4) is the knee of the generalization/locality curve measured by
+`benchmarks/sola_alpha_sweep.py` (docs/methods/sola.md); `alpha=0.01, standardize=False` is the paper's rule
+(`preset="paper"` also takes its training schedule). The calibrated values persist with the store.
+
+Undo deletes the key and frees the LoRA's slot: the outputs of every input no other key routes are
+bit-identical to the model without the edit. Re-editing a fact an active edit covers with a different
+target supersedes that edit (its key stops routing until the newer edit is undone). "Covers": the new
+prompt routes to it, and it is the same fact: the same key, or the same `subject` given in both requests
+(nearest-key routing alone would also merge different facts that happen to lie within alpha).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..models.hooks import trace
+from ..tokens import make_batch, pad_id, target_ids
+from .base import EditFailed, EditItem, Method, Route, register
+from .lora_bank import DISTANCES, LoraBank
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's schedule and fixed threshold
+    "paper": {"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "n_iter": 40, "stop_loss": 0.0, "alpha": 0.01,
+              "standardize": False},
+}
+
+
+@dataclass
+class SolaHparams:
+    layers: list[int] | None = None  # decoder layers whose MLP output projection gets LoRAs; first = master
+    n_layers: int = 3  # with layers=None: this many consecutive upper-middle layers
+    rank: int = 4
+    lora_scale: float = 1.0  # the LoRA's output is scaled by this
+    optimizer: str = "adam"  # "adam" or "sgd" (the paper's)
+    lr: float = 1e-2
+    schedule: str = "cosine"  # learning-rate schedule over n_iter steps: "cosine" or "constant"
+    n_iter: int = 60  # at most this many steps per edit
+    stop_loss: float = 1e-2  # stop once the target's mean NLL is below this (0: always run n_iter steps)
+    distance: str = "cosine"  # "cosine" (1 - cos) or "l2"
+    alpha: float | None = None  # fixed routing threshold (the paper: 0.01); None: calibrated per model
+    alpha_quantile: float = 3e-4  # calibrated alpha: P(distance < alpha) for two unrelated prompts
+    standardize: bool = True  # measure distances on keys standardized per dimension (calibration statistics)
+    calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
+    calibration_seed: int = 0
+    preset: str | None = None  # "paper": SGD, lr 0.05, cosine, 40 steps, alpha 0.01 (fills fields left at default)
+
+    def validate(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+            defaults = SolaHparams()
+            for k, v in PRESETS[self.preset].items():
+                if getattr(self, k) == getattr(defaults, k):
+                    setattr(self, k, v)
+        if self.rank < 1 or self.n_layers < 1 or self.n_iter < 1:
+            raise ValueError("rank, n_layers and n_iter must be >= 1")
+        if self.lr <= 0 or self.lora_scale <= 0:
+            raise ValueError("lr and lora_scale must be > 0")
+        if not 0 < self.alpha_quantile < 1:
+            raise ValueError("alpha_quantile must be in (0, 1)")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError("alpha must be > 0 (or None to calibrate it)")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.calibration_samples < 8:
+            raise ValueError("calibration_samples must be >= 8")
+
+
+@register("sola")
+class Sola(Method):
+    Hparams = SolaHparams
+    snapshots = False  # undo is always exact
+    state_in_artifacts = True  # each edit's key and LoRA are stored once, as its artifacts
+
+    def __init__(self, model, tokenizer, arch, hparams: SolaHparams) -> None:
+        super().__init__(model, tokenizer, arch, hparams)
+        n = arch.num_layers
+        self.layers = list(hparams.layers) if hparams.layers is not None else arch.default_layers(hparams.n_layers)
+        if not self.layers or any(not 0 <= i < n for i in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers} must be distinct decoder layers of the model's {n}")
+        self.paths = [arch.layer_path(i, "mlp_out") for i in self.layers]
+        self.modules = [arch.module(p) for p in self.paths]
+        shapes = [tuple(arch.weight_out_in(m).shape) for m in self.modules]
+        w = arch.weight_out_in(self.modules[0])
+        self.bank = LoraBank(shapes[0][1], shapes, hparams.rank, w.dtype, w.device, hparams.distance)
+        self.alpha: float | None = None
+        self.reference_distance: float | None = None
+        self._handles: list[Any] = []
+        self._train_lora: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._now: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's (rows, slots)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every edit; the calibrated alpha (a property of the base model) is kept."""
+        self.bank.clear()
+        self.superseded_by: dict[int, int] = {}
+        self.targets: dict[int, list[int]] = {}  # target token ids and subject of each held edit: they
+        self.subjects: dict[int, str | None] = {}  # decide whether a new edit re-edits the same fact
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _make_hook(self, i: int):
+        scale = self.hparams.lora_scale
+
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if self._train_lora is not None:  # training one edit: its LoRA on every row and position
+                A, B = self._train_lora
+                return output + ((x.float() @ A[i].T) @ B[i].T * scale).to(output.dtype)
+            if i == 0:
+                self._now = self._decide(x) if self.enabled else None
+            if self._now is None:
+                return None
+            rows, slots = self._now
+            delta = self.bank.delta(i, x.index_select(0, rows), slots, scale)
+            return output.index_add(0, rows, delta.to(output.dtype))
+
+        return hook
+
+    def _decide(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows whose query routes to an edit, and the slot of each (None: no row routes)."""
+        route = self.route if self.route is not None else Route()
+        b, s = x.shape[:2]
+        if route.keep_decisions and s == 1 and "sola" in route.decisions:
+            return route.decisions["sola"]  # a generated token: keep the decision taken on the prompt
+        decision = None
+        if len(self.bank) and self.alpha is not None:
+            qidx = route.query_index
+            qidx = torch.full((b,), s - 1, device=x.device) if qidx is None else qidx.to(x.device)
+            q = x[torch.arange(b, device=x.device), qidx].float()
+            dist, slot = self.bank.nearest(q)
+            rows = (dist < self.alpha).nonzero().squeeze(1)
+            if rows.numel():
+                decision = (rows, slot.index_select(0, rows))
+        if route.keep_decisions:
+            route.decisions["sola"] = decision
+        return decision
+
+    # -- calibration ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self) -> float:
+        """Set the key standardization and alpha from the unedited model (the module docstring has the rule)."""
+        hp = self.hparams
+        if hp.alpha is not None and not hp.standardize:
+            self.alpha = hp.alpha
+            return self.alpha
+        keys, group = self._corpus_keys() if self.corpus else self._sampled_keys()
+        if hp.standardize:
+            std = keys.std(dim=0)
+            self.bank.standardize(keys.mean(dim=0), std + 1e-3 * std.mean())
+        z = self.bank.index_form(keys)
+        d = 1.0 - z @ z.T if hp.distance == "cosine" else torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist")
+        pairs = torch.triu(group[:, None] != group[None, :], diagonal=1)  # distinct prompts or texts
+        unrelated = d[pairs].sort().values
+        self.calibration_distances = unrelated  # kept for diagnostics (alpha sweeps); not persisted
+        if unrelated.numel() < 10:
+            raise EditFailed("cannot calibrate alpha: fewer than 10 pairs of unrelated calibration prompts")
+        self.reference_distance = _quantile(unrelated, hp.alpha_quantile)
+        self.alpha = hp.alpha if hp.alpha is not None else self.reference_distance
+        return self.alpha
+
+    def _keys_at(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Master keys [B, T, D] of a right-padded batch, every LoRA off."""
+        with self.disabled(), trace(self.model, self.paths[0], outputs=False) as tr:
+            self.model(input_ids=ids, attention_mask=mask)
+        return tr[self.paths[0]].input.float()
+
+    def _corpus_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of (at most calibration_samples, chosen by calibration_seed) corpus prompts, grouped by text."""
+        prompts = sorted(set(self.corpus))
+        if len(prompts) > self.hparams.calibration_samples:
+            g = torch.Generator().manual_seed(self.hparams.calibration_seed)
+            pick = torch.randperm(len(prompts), generator=g)[: self.hparams.calibration_samples]
+            prompts = [prompts[i] for i in sorted(pick.tolist())]
+        keys = []
+        for i in range(0, len(prompts), 64):
+            batch = make_batch(self.tokenizer, [(p, " x") for p in prompts[i : i + 64]], device=self.bank.device)
+            k = self._keys_at(batch.input_ids, batch.attention_mask)
+            keys.append(k[torch.arange(k.shape[0], device=k.device), batch.query_index])
+        return torch.cat(keys), torch.arange(len(prompts), device=self.bank.device)
+
+    def _sampled_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """No corpus: keys at every position of texts sampled from the unedited model, grouped by text."""
+        hp, tok, dev = self.hparams, self.tokenizer, self.bank.device
+        start = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+        n = max(2, hp.calibration_samples // 8)
+        ids = torch.full((n, 1), start, dtype=torch.long, device=dev)
+        devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.disabled():
+            torch.manual_seed(hp.calibration_seed)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                top_p=1.0, max_new_tokens=8, pad_token_id=pad_id(tok),
+            )
+        valid = _before_eos(out, tok.eos_token_id)
+        keys = self._keys_at(out, valid.long())
+        valid[:, 0] = False  # the start token alone is no context
+        rows, pos = valid.nonzero(as_tuple=True)
+        return keys[rows, pos], rows
+
+    # -- editing ----------------------------------------------------------------------------------
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        if self.alpha is None:
+            self.calibrate()
+        return [self._apply_one(it) for it in items]
+
+    @torch.no_grad()
+    def key_of(self, prompt: str) -> torch.Tensor:
+        """The routing key of a prompt: master module input at its last token, every LoRA off."""
+        batch = make_batch(self.tokenizer, [(prompt, " x")], device=self.bank.device)
+        q = int(batch.query_index[0])
+        with self.disabled(), trace(self.model, self.paths[0], outputs=False) as tr:
+            self.model(input_ids=batch.input_ids[:, : q + 1])
+        return tr[self.paths[0]].input[0, q].float()
+
+    def _apply_one(self, item: EditItem) -> dict[str, Any]:
+        req = item.request
+        key = self.key_of(req.prompt)
+        target = target_ids(self.tokenizer, req.target)
+        stats: dict[str, Any] = {"alpha": self.alpha}
+        covered: list[int] = []
+        if len(self.bank):
+            d = self.bank.distances(key[None])[0]
+            stats["nearest_distance"] = float(d.min())
+            owners = self.bank.owners()
+            for s in (d < self.alpha).nonzero().squeeze(1).tolist():
+                eid = owners[s]
+                same_fact = float(d[s]) <= 1e-6 or (req.subject is not None and self.subjects[eid] == req.subject)
+                if same_fact and self.targets[eid] != target:
+                    covered.append(eid)
+        A, B, loss, steps = self._train(req.prompt, req.target)
+        for eid in covered:  # the newer edit supersedes what covered this fact before
+            self.bank.set_active(eid, False)
+            self.superseded_by[eid] = item.id
+        self.bank.add(item.id, key, A, B, active=True)
+        self.targets[item.id], self.subjects[item.id] = target, req.subject
+        stats.update(loss=loss, steps=steps, action="supersede" if covered else "new")
+        if covered:
+            stats["supersedes"] = covered
+        return stats
+
+    def _train(self, prompt: str, target: str) -> tuple[list[torch.Tensor], list[torch.Tensor], float, int]:
+        """Train this edit's LoRA alone against the frozen base model (every other LoRA off)."""
+        hp, dev = self.hparams, self.bank.device
+        batch = make_batch(self.tokenizer, [(prompt, target)], device=dev)
+        A = [torch.randn((hp.rank, i), device=dev) / math.sqrt(i) for _, i in self.bank.shapes]
+        B = [torch.zeros((o, hp.rank), device=dev) for o, _ in self.bank.shapes]
+        params = [t.requires_grad_(True) for t in A + B]
+        opt = torch.optim.SGD(params, lr=hp.lr) if hp.optimizer == "sgd" else torch.optim.Adam(params, lr=hp.lr)
+        loss_value, steps = float("inf"), 0
+        self._train_lora = (A, B)
+        try:
+            for steps in range(1, hp.n_iter + 1):
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss = F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise EditFailed(f"SoLA LoRA training diverged (loss {loss_value})")
+                if loss_value < hp.stop_loss:
+                    break
+                if hp.schedule == "cosine":
+                    for g in opt.param_groups:
+                        g["lr"] = hp.lr * 0.5 * (1 + math.cos(math.pi * (steps - 1) / hp.n_iter))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            self._train_lora = None
+        A = [a.detach() for a in A]
+        B = [b.detach() for b in B]
+        if not all(torch.isfinite(t).all() for t in A + B):
+            raise EditFailed("SoLA LoRA training produced non-finite weights")
+        return A, B, loss_value, steps
+
+    def remove(self, edit_id: int) -> bool:
+        if edit_id not in self.bank.slot_of:
+            return False
+        newer = self.superseded_by.pop(edit_id, None)
+        for old, new in list(self.superseded_by.items()):
+            if new != edit_id:
+                continue
+            if newer is None:  # the undone edit was active: what it superseded routes again
+                del self.superseded_by[old]
+                self.bank.set_active(old, True)
+            else:  # it was superseded itself: its successor now supersedes what it superseded
+                self.superseded_by[old] = newer
+        self.bank.remove(edit_id)
+        del self.targets[edit_id], self.subjects[edit_id]
+        return True
+
+    # -- persistence ------------------------------------------------------------------------------
+    def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
+        if edit_id not in self.bank.slot_of:
+            return {}
+        key, A, B = self.bank.lora(edit_id)
+        out = {"key": key, "target": torch.tensor(self.targets[edit_id], dtype=torch.long)}
+        if self.subjects[edit_id] is not None:
+            out["subject"] = torch.tensor(list(self.subjects[edit_id].encode()), dtype=torch.uint8)
+        out.update({f"A.{i}": a for i, a in enumerate(A)})
+        out.update({f"B.{i}": b for i, b in enumerate(B)})
+        return out
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"center": self.bank.center, "scale": self.bank.scale}
+        meta = {
+            "alpha": self.alpha,
+            "reference_distance": self.reference_distance,
+            "superseded_by": {str(k): v for k, v in self.superseded_by.items()},
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.reset()
+        if tensors:
+            self.bank.standardize(tensors["center"], tensors["scale"])
+        if meta:
+            self.alpha, self.reference_distance = meta["alpha"], meta["reference_distance"]
+            self.superseded_by = {int(k): int(v) for k, v in meta["superseded_by"].items()}
+
+    def load_artifacts(self, held) -> None:
+        n = len(self.bank.shapes)
+        for eid, arts in held:
+            missing = [k for k in ["key", "target"] + [f"{p}.{i}" for p in "AB" for i in range(n)] if k not in arts]
+            if missing:
+                raise ValueError(f"stored SoLA edit {eid} lacks artifacts {missing}")
+            A = [arts[f"A.{i}"] for i in range(n)]
+            B = [arts[f"B.{i}"] for i in range(n)]
+            self.bank.add(eid, arts["key"], A, B, active=eid not in self.superseded_by)
+            self.targets[eid] = arts["target"].tolist()
+            self.subjects[eid] = bytes(arts["subject"].tolist()).decode() if "subject" in arts else None
+
+    def checkpoint(self) -> Any:
+        """Cheap: the bank's slot table and the small dicts (slot contents are never overwritten in place)."""
+        return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.targets), dict(self.subjects),
+                self.alpha, self.reference_distance)
+
+    def restore(self, checkpoint: Any) -> None:
+        bank, sup, targets, subjects, self.alpha, self.reference_distance = checkpoint
+        self.bank.restore(bank)
+        self.superseded_by, self.targets, self.subjects = dict(sup), dict(targets), dict(subjects)
+
+
+def _quantile(x: torch.Tensor, q: float) -> float:
+    """Linear-interpolated quantile of a 1-d tensor of any size (torch.quantile caps the input size)."""
+    x = x.flatten().sort().values
+    pos = q * (x.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, x.numel() - 1)
+    return float(x[lo] + (x[hi] - x[lo]) * (pos - lo))
+
+
+def _before_eos(ids: torch.Tensor, eos: int | None) -> torch.Tensor:
+    """[B, T] mask of the positions before each row's first generated eos (the start token included)."""
+    if eos is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    is_eos = ids == eos
+    is_eos[:, 0] = False
+    return is_eos.long().cumsum(1) == 0
+
+
