@@ -18,8 +18,9 @@ METHOD_HPARAMS = {
     "grace": ("grace", {"eps_init": 1e-3, "n_iter": 50}),
     "grace_shared": ("grace", {"eps_init": 1e-3, "n_iter": 50, "value_mode": "shared"}),
     "ft": ("ft", {"lr": 0.05, "norm_constraint": 1.0, "n_iter": 50}),
+    "sola": ("sola", {}),
 }
-ROUTED = {"grace", "grace_shared"}  # cases that leave unrouted prompts bit-identical
+ROUTED = {"grace", "grace_shared", "sola"}  # cases that leave unrouted prompts bit-identical
 
 PROMPT, OTHER = "The capital of Arvelia is", "Norland was born in"
 CASES = [(m, t) for m in METHOD_HPARAMS for t in TINY_TYPES]
@@ -71,3 +72,36 @@ def test_half_precision_edit_and_undo(method, dtype):
     assert next_token_logits(ed, PROMPT).argmax().item() == target_ids(tok, target)[0]
     ed.undo(e.id)
     assert torch.equal(next_token_logits(ed, PROMPT), before)
+
+
+ROUTED_CASES = [(m, t) for m in sorted(ROUTED) for t in TINY_TYPES]
+
+
+@pytest.mark.parametrize("method, model_type", ROUTED_CASES, ids=[f"{m}-{t}" for m, t in ROUTED_CASES])
+def test_mixed_batch_equals_rows_alone(method, model_type):
+    """Rows routed to different edits and rows routed to none, in one padded batch, match each row alone."""
+    tok = tiny_tokenizer()
+    model = tiny_model(model_type, len(tok))
+    name, hparams = METHOD_HPARAMS[method]
+    ed = Editor(model, tok, method=name, **hparams)
+    prompts = [PROMPT, OTHER, "The river that flows through Kestrel is called"]
+    for p in prompts[:2]:
+        before = next_token_logits(ed, p)
+        target = max(single_token_words(tok), key=lambda w: before[target_ids(tok, w)[0]].item()
+                     if target_ids(tok, w)[0] != before.argmax().item() else float("-inf"))
+        ed.edit(EditRequest(prompt=p, target=target))
+    rows = [(prompts[2], " x"), (PROMPT, " a"), (OTHER, " b c")]
+    b = make_batch(tok, rows)
+    together = ed.logits(b.input_ids, b.attention_mask, b.query_index)
+    for i, row in enumerate(rows):
+        one = make_batch(tok, [row])
+        alone = ed.logits(one.input_ids, one.attention_mask, one.query_index)[0]
+        torch.testing.assert_close(together[i, : alone.shape[0]], alone, rtol=1e-4, atol=1e-4)
+        assert torch.equal(together[i, b.prompt_len[i] - 1].argmax(), alone[b.prompt_len[i] - 1].argmax())
+    with ed.unedited():
+        base = ed.logits(b.input_ids, b.attention_mask, b.query_index)
+    assert torch.equal(together[0], base[0]), "the unrouted row is the base model's"
+    for i in (1, 2):  # the routed rows answer their own edits
+        q = b.prompt_len[i] - 1
+        assert together[i, q].argmax() != base[i, q].argmax()
+    ed.close()

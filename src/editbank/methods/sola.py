@@ -220,23 +220,31 @@ class Sola(Method):
         return torch.cat(keys), torch.arange(len(prompts), device=self.bank.device)
 
     def _sampled_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """No corpus: keys at every position of texts sampled from the unedited model, grouped by text."""
+        """No corpus: keys of the distinct contexts in texts the unedited model writes after random tokens."""
         hp, tok, dev = self.hparams, self.tokenizer, self.bank.device
-        start = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
-        n = max(2, hp.calibration_samples // 8)
-        ids = torch.full((n, 1), start, dtype=torch.long, device=dev)
+        n = max(8, hp.calibration_samples // 4)
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.disabled():
             torch.manual_seed(hp.calibration_seed)
+            ids = torch.randint(0, len(tok), (n, 1), device=dev)
+            if tok.bos_token_id is not None:
+                ids = torch.cat([torch.full_like(ids, tok.bos_token_id), ids], dim=1)
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                top_p=1.0, max_new_tokens=8, pad_token_id=pad_id(tok),
+                top_p=1.0, max_new_tokens=4, pad_token_id=pad_id(tok),
             )
-        valid = _before_eos(out, tok.eos_token_id)
+        valid = _before_eos(out, tok.eos_token_id, ids.shape[1])
         keys = self._keys_at(out, valid.long())
-        valid[:, 0] = False  # the start token alone is no context
-        rows, pos = valid.nonzero(as_tuple=True)
-        return keys[rows, pos], rows
+        valid[:, : ids.shape[1] - 1] = False  # a bos alone is no context
+        seen: dict[tuple[int, ...], int] = {}
+        rows, picks = [], []
+        for r, p in valid.nonzero().tolist():
+            context = tuple(out[r, : p + 1].tolist())
+            if context not in seen:  # identical contexts have identical keys: count each once
+                seen[context] = len(seen)
+                rows.append(r)
+                picks.append(keys[r, p])
+        return torch.stack(picks), torch.tensor(rows, device=dev)  # grouped by text
 
     # -- editing ----------------------------------------------------------------------------------
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
@@ -389,12 +397,12 @@ def _quantile(x: torch.Tensor, q: float) -> float:
     return float(x[lo] + (x[hi] - x[lo]) * (pos - lo))
 
 
-def _before_eos(ids: torch.Tensor, eos: int | None) -> torch.Tensor:
-    """[B, T] mask of the positions before each row's first generated eos (the start token included)."""
+def _before_eos(ids: torch.Tensor, eos: int | None, start: int) -> torch.Tensor:
+    """[B, T] mask of the positions before each row's first eos after the `start` given tokens."""
     if eos is None:
         return torch.ones_like(ids, dtype=torch.bool)
     is_eos = ids == eos
-    is_eos[:, 0] = False
+    is_eos[:, :start] = False
     return is_eos.long().cumsum(1) == 0
 
 

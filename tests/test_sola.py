@@ -1,0 +1,203 @@
+"""SoLA on the small world: routing, exact undo, supersede chains, persistence, calibration, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from editbank import Editor, EditRequest
+from editbank.methods.base import EditFailed
+from editbank.methods.sola import Sola, SolaHparams
+from editbank.store import EditStore
+from editbank.tokens import make_batch
+
+
+def logits_of(ed: Editor, req: EditRequest | tuple[str, str]) -> torch.Tensor:
+    prompt, target = (req.prompt, req.target) if isinstance(req, EditRequest) else req
+    b = make_batch(ed.tokenizer, [(prompt, target)])
+    return ed.logits(b.input_ids, b.attention_mask, b.query_index)[0]
+
+
+def routed(ed: Editor, prompt: str) -> bool:
+    m = ed.method
+    d, _ = m.bank.nearest(m.key_of(prompt)[None])
+    return bool(d[0] < m.alpha)
+
+
+@pytest.fixture
+def sola(world_model, small_world, tmp_path):
+    model, tok = world_model
+    ed = Editor(model, tok, method="sola", store=tmp_path / "edits.db", corpus=small_world.fact_prompts())
+    yield ed
+    ed.close()
+
+
+def other_target(small_world, req: EditRequest, *avoid: str) -> EditRequest:
+    objects = small_world.relation(req.meta["relation"]).objects
+    taken = {req.target, " " + req.meta["true_object"], *avoid}
+    return dataclasses.replace(req, target=next(f" {o}" for o in objects if f" {o}" not in taken))
+
+
+def test_edits_hold_undo_is_exact_and_unrouted_probes_are_untouched(sola, world_requests):
+    reqs = world_requests[:20]
+    probes = [p for r in reqs for p in r.locality]
+    with sola.unedited():
+        base = [logits_of(sola, r) for r in reqs]
+        base_probes = [logits_of(sola, p) for p in probes]
+    edits = [sola.edit(r) for r in reqs]
+    assert sola.evaluate(reqs, protocol="greedy_exact_match")["reliability"] == 1.0
+    undone = random.Random(0).sample(range(len(reqs)), 4)
+    for i in undone:
+        sola.undo(edits[i].id)
+    for i in undone:
+        assert torch.equal(logits_of(sola, reqs[i]), base[i]), "undo must restore the exact pre-edit logits"
+    kept = [r for i, r in enumerate(reqs) if i not in undone]
+    assert sola.evaluate(kept, protocol="greedy_exact_match")["reliability"] == 1.0
+    unrouted = [i for i, (p, _) in enumerate(probes) if not routed(sola, p)]
+    assert len(unrouted) > len(probes) // 2
+    for i in unrouted:
+        assert torch.equal(logits_of(sola, probes[i]), base_probes[i])
+
+
+def test_generation_keeps_the_prompt_decision(sola, world_requests):
+    multi = [r for r in world_requests if len(sola.tokenizer(r.target, add_special_tokens=False)["input_ids"]) > 1]
+    req = multi[0]
+    n = len(sola.tokenizer(req.target, add_special_tokens=False)["input_ids"])
+    sola.edit(req)
+    assert sola.generate(req.prompt, max_new_tokens=n).strip() == req.target.strip()
+
+
+def test_mixed_batch_equals_rows_alone(sola, world_requests):
+    reqs = world_requests[:3]
+    for r in reqs[:2]:
+        sola.edit(r)
+    rows = [(reqs[0].prompt, reqs[0].target), (reqs[2].prompt, reqs[2].target), (reqs[1].prompt, reqs[1].target),
+            reqs[0].locality[0]]
+    assert [routed(sola, p) for p, _ in rows] == [True, False, True, False]
+    b = make_batch(sola.tokenizer, rows)
+    together = sola.logits(b.input_ids, b.attention_mask, b.query_index)
+    for i, row in enumerate(rows):
+        alone = logits_of(sola, row)
+        n = alone.shape[0]
+        torch.testing.assert_close(together[i, :n], alone, rtol=1e-5, atol=1e-5)
+        assert torch.equal(together[i, :n].argmax(-1), alone.argmax(-1))
+
+
+def test_reopen_gives_identical_outputs(world_model, small_world, world_requests, tmp_path):
+    model, tok = world_model
+    path = tmp_path / "e.db"
+    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts())
+    for r in world_requests[:4]:
+        ed.edit(r)
+    ed.undo(2)
+    want = [logits_of(ed, r) for r in world_requests[:5]]
+    alpha = ed.method.alpha
+    ed.close()
+    ed = Editor(model, tok, store=path)  # no corpus needed: the calibration is in the store
+    assert ed.method.name == "sola" and ed.method.alpha == alpha and len(ed.method.bank) == 3
+    for r, w in zip(world_requests[:5], want):
+        assert torch.equal(logits_of(ed, r), w)
+    ed.close()
+
+
+def test_store_state_does_not_grow_with_edits(sola, world_requests):
+    """The LoRAs are stored once, as artifacts; the per-edit state row stays the same size."""
+    sizes = []
+    for r in world_requests[:6]:
+        sola.edit(r)
+        sizes.append(len(sola.store._db.execute("SELECT data FROM state").fetchone()[0]))
+    assert len(set(sizes)) == 1
+    arts = sola.store.artifacts(1)
+    assert {"key", "target", "A.0", "B.0"} <= set(arts) and arts["A.0"].shape[0] == sola.method.hparams.rank
+
+
+def test_reediting_supersedes_and_chains_unwind(sola, small_world, world_requests):
+    first = world_requests[0]
+    second = other_target(small_world, first)
+    third = other_target(small_world, first, second.target)
+    e1, e2 = sola.edit(first), sola.edit(second)
+    assert e2.stats["supersedes"] == [e1.id]
+    assert [e.status for e in sola.edits()] == ["superseded", "active"]
+    assert sola.evaluate([second], protocol="greedy_exact_match")["reliability"] == 1.0
+    e3 = sola.edit(third)
+    assert [e.status for e in sola.edits()] == ["superseded", "superseded", "active"]
+    sola.undo(e2.id)  # the middle of the chain: the newest keeps covering the first
+    assert [e.status for e in sola.edits()] == ["superseded", "reverted", "active"]
+    assert sola.store.get_edit(e3.id).stats["supersedes"] == [e1.id]
+    assert sola.evaluate([third], protocol="greedy_exact_match")["reliability"] == 1.0
+    sola.undo(e3.id)  # the first comes back
+    assert [e.status for e in sola.edits()] == ["active", "reverted", "reverted"]
+    assert sola.evaluate([first], protocol="greedy_exact_match")["reliability"] == 1.0
+    assert sola.method.superseded_by == {}
+
+
+def test_same_target_or_other_subject_does_not_supersede(sola, world_requests):
+    first = world_requests[0]
+    sola.edit(first)
+    again = sola.edit(dataclasses.replace(first))
+    assert again.stats["action"] == "new" and [e.status for e in sola.edits()] == ["active", "active"]
+
+
+def test_failed_edit_changes_nothing(sola, world_requests, monkeypatch):
+    sola.edit(world_requests[0])
+    probe = logits_of(sola, world_requests[0])
+    calls = {"n": 0}
+    train = Sola._train
+
+    def flaky(self, prompt, target):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise EditFailed("diverged")
+        return train(self, prompt, target)
+
+    monkeypatch.setattr(Sola, "_train", flaky)
+    with pytest.raises(EditFailed):
+        sola.edit(world_requests[1:3])
+    assert len(sola.method.bank) == 1 and [e.id for e in sola.edits()] == [1]
+    assert torch.equal(logits_of(sola, world_requests[0]), probe)
+    with sola.unedited():
+        base = logits_of(sola, world_requests[1])
+    assert torch.equal(logits_of(sola, world_requests[1]), base)
+    monkeypatch.setattr(Sola, "_train", train)
+    sola.edit(world_requests[1])  # the freed slot state is consistent: the next edit works
+    assert sola.evaluate(world_requests[:2], protocol="greedy_exact_match")["reliability"] == 1.0
+
+
+def test_calibration_fixed_alpha_and_presets(world_model, small_world, world_requests):
+    model, tok = world_model
+    ed = Editor(model, tok, method="sola", alpha=0.05, corpus=small_world.fact_prompts())
+    ed.edit(world_requests[0])
+    assert ed.method.alpha == 0.05 and ed.method.reference_distance is not None
+    ed.close()
+    hp = SolaHparams(preset="paper")
+    hp.validate()
+    assert (hp.optimizer, hp.lr, hp.n_iter, hp.alpha, hp.standardize) == ("sgd", 0.05, 40, 0.01, False)
+    hp = SolaHparams(preset="paper", lr=0.2)
+    hp.validate()
+    assert hp.lr == 0.2, "a preset fills only the fields left at their defaults"
+    for bad in ({"preset": "nope"}, {"layers": [99]}, {"distance": "manhattan"}, {"alpha_quantile": 2.0}):
+        with pytest.raises(ValueError):
+            Editor(model, tok, method="sola", **bad)
+
+
+def test_calibration_without_corpus_samples_the_model(world_model, world_requests):
+    model, tok = world_model
+    ed = Editor(model, tok, method="sola")
+    ed.edit(world_requests[0])
+    assert 0 < ed.method.alpha < 1
+    assert ed.evaluate(world_requests[:1], protocol="greedy_exact_match")["reliability"] == 1.0
+    ed.close()
+
+
+def test_bank_slots_are_reused_and_grow(sola, world_requests):
+    for r in world_requests[:3]:
+        sola.edit(r)
+    slot = sola.method.bank.slot_of[2]
+    sola.undo(2)
+    e = sola.edit(world_requests[3])
+    assert sola.method.bank.slot_of[e.id] == slot
+    assert sola.evaluate([world_requests[i] for i in (0, 2, 3)], protocol="greedy_exact_match")["reliability"] == 1.0
+    assert EditStore(sola.store.path).count("active") == 3
