@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 DISTANCES = ("cosine", "l2")
 
@@ -21,20 +22,21 @@ class LoraBank:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         self.key_dim, self.shapes, self.rank = key_dim, shapes, rank
         self.dtype, self.device, self.distance = dtype, torch.device(device), distance
+        self.center = torch.zeros(key_dim, dtype=torch.float32, device=self.device)
+        self.projection: torch.Tensor | None = None  # [key_dim, index_dim]; None: compare keys as they are
+        self._bias = self.center
         self.clear()
 
     def clear(self) -> None:
-        """Drop every slot (the key standardization, a property of the base model, is kept)."""
+        """Drop every slot (the key transform, a property of the base model, is kept)."""
         f32 = dict(dtype=torch.float32, device=self.device)
-        if not hasattr(self, "center"):
-            self.center = torch.zeros(self.key_dim, **f32)
-            self.scale = torch.ones(self.key_dim, **f32)
         self.keys = torch.zeros((0, self.key_dim), **f32)  # as given (artifacts)
-        self.index_keys = torch.zeros((0, self.key_dim), **f32)  # standardized (and unit-norm for cosine)
+        self.index_keys = torch.zeros((0, self.index_dim), **f32)  # transformed (and unit-norm for cosine)
         self.sq_norms = torch.zeros(0, **f32)
-        self.A = [torch.zeros((0, self.rank, i), dtype=self.dtype, device=self.device) for _, i in self.shapes]
-        self.B = [torch.zeros((0, o, self.rank), dtype=self.dtype, device=self.device) for o, _ in self.shapes]
-        self.routable = torch.zeros(0, dtype=torch.bool, device=self.device)
+        # LoRAs stored transposed for the forward: x [R, S, in] @ At [R, in, r] @ Bt [R, r, out]
+        self.At = [torch.zeros((0, i, self.rank), dtype=self.dtype, device=self.device) for _, i in self.shapes]
+        self.Bt = [torch.zeros((0, self.rank, o), dtype=self.dtype, device=self.device) for o, _ in self.shapes]
+        self.offset = torch.zeros(0, **f32)  # 0 where a slot routes, inf where it does not (added to distances)
         self.slot_of: dict[int, int] = {}  # edit id -> slot
         self.free: list[int] = []
         self.high = 0  # slots [0, high) have been used; the rest of the capacity is empty
@@ -50,17 +52,17 @@ class LoraBank:
     def _grow(self) -> None:
         new = max(16, 2 * self.capacity)
 
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros((new, *t.shape[1:]))
+        def grown(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            out = t.new_full((new, *t.shape[1:]), fill)
             out[: t.shape[0]] = t
             return out
 
         self.keys, self.index_keys, self.sq_norms = grown(self.keys), grown(self.index_keys), grown(self.sq_norms)
-        self.A, self.B = [grown(a) for a in self.A], [grown(b) for b in self.B]
-        self.routable = grown(self.routable)
+        self.At, self.Bt = [grown(a) for a in self.At], [grown(b) for b in self.Bt]
+        self.offset = grown(self.offset, float("inf"))
 
     def add(self, edit_id: int, key: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], active: bool) -> int:
-        """Put one edit's key and LoRAs into a free slot; `active` decides whether it routes."""
+        """Put one edit's key and LoRAs (A [r, in], B [out, r] per module) into a free slot."""
         if edit_id in self.slot_of:
             raise ValueError(f"edit {edit_id} already has a slot")
         if len(A) != len(self.shapes) or len(B) != len(self.shapes):
@@ -75,29 +77,30 @@ class LoraBank:
         self.keys[slot] = key
         self.index_keys[slot] = self.index_form(key[None])[0]
         self.sq_norms[slot] = self.index_keys[slot].pow(2).sum()
-        for bank, t in zip(self.A, A):
-            bank[slot] = t.detach().to(self.device, self.dtype)
-        for bank, t in zip(self.B, B):
-            bank[slot] = t.detach().to(self.device, self.dtype)
-        self.routable[slot] = active
+        for bank, t in zip(self.At, A):
+            bank[slot] = t.detach().to(self.device, self.dtype).T
+        for bank, t in zip(self.Bt, B):
+            bank[slot] = t.detach().to(self.device, self.dtype).T
+        self.offset[slot] = 0.0 if active else float("inf")
         self.slot_of[edit_id] = slot
         return slot
 
     def remove(self, edit_id: int) -> None:
         """Delete the edit's key (it never routes again) and free its slot for reuse."""
         slot = self.slot_of.pop(edit_id)
-        self.routable[slot] = False
+        self.offset[slot] = float("inf")
         self.free.append(slot)
 
     def set_active(self, edit_id: int, active: bool) -> None:
-        self.routable[self.slot_of[edit_id]] = active
+        self.offset[self.slot_of[edit_id]] = 0.0 if active else float("inf")
 
     def is_active(self, edit_id: int) -> bool:
-        return bool(self.routable[self.slot_of[edit_id]])
+        return bool(self.offset[self.slot_of[edit_id]] == 0)
 
     def lora(self, edit_id: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The edit's key, A [r, in] and B [out, r] of each module."""
         s = self.slot_of[edit_id]
-        return self.keys[s], [a[s] for a in self.A], [b[s] for b in self.B]
+        return self.keys[s], [a[s].T.contiguous() for a in self.At], [b[s].T.contiguous() for b in self.Bt]
 
     def owners(self) -> dict[int, int]:
         """slot -> edit id of every used slot."""
@@ -109,36 +112,44 @@ class LoraBank:
             "slot_of": dict(self.slot_of),
             "free": list(self.free),
             "high": self.high,
-            "routable": self.routable[: self.high].clone(),
+            "offset": self.offset[: self.high].clone(),
         }
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.slot_of, self.free, self.high = dict(ckpt["slot_of"]), list(ckpt["free"]), ckpt["high"]
-        self.routable.zero_()
-        self.routable[: self.high] = ckpt["routable"]
+        self.offset.fill_(float("inf"))
+        self.offset[: self.high] = ckpt["offset"]
 
     # -- search -------------------------------------------------------------------------------------
-    def standardize(self, center: torch.Tensor, scale: torch.Tensor) -> None:
-        """Set the per-dimension standardization (key - center) / scale applied before measuring distance."""
+    @property
+    def index_dim(self) -> int:
+        return self.key_dim if self.projection is None else self.projection.shape[1]
+
+    def set_transform(self, center: torch.Tensor, projection: torch.Tensor | None) -> None:
+        """Compare keys as (key - center) @ projection (e.g. a whitening); only while the bank is empty."""
         if len(self):
-            raise RuntimeError("the key standardization can only change while the bank is empty")
+            raise RuntimeError("the key transform can only change while the bank is empty")
         self.center = center.to(self.device, torch.float32).reshape(self.key_dim).clone()
-        self.scale = scale.to(self.device, torch.float32).reshape(self.key_dim).clone()
+        self.projection = None if projection is None else projection.to(self.device, torch.float32).clone()
+        self._bias = self.center if self.projection is None else self.center @ self.projection
+        self.clear()
 
     def index_form(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys [N, key_dim] as the index compares them: standardized, and unit-norm for cosine."""
-        z = (keys.float() - self.center) / self.scale
-        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12) if self.distance == "cosine" else z
+        """Keys [N, key_dim] as the index compares them: transformed, and unit-norm for cosine."""
+        if self.projection is None:
+            z = keys.float() - self.center
+        else:
+            z = torch.addmm(self._bias, keys.float(), self.projection, alpha=1, beta=-1)
+        return F.normalize(z, dim=1) if self.distance == "cosine" else z
 
     def distances(self, queries: torch.Tensor) -> torch.Tensor:
         """[B, high] distances from queries [B, key_dim] to every used slot (inf where not routable)."""
-        keys, live = self.index_keys[: self.high], self.routable[: self.high]
+        keys, offset = self.index_keys[: self.high], self.offset[: self.high]
         q = self.index_form(queries)
-        if self.distance == "cosine":
-            d = 1.0 - q @ keys.T
-        else:
-            d = (q.pow(2).sum(1, keepdim=True) - 2.0 * q @ keys.T + self.sq_norms[: self.high]).clamp_min(0).sqrt()
-        return d.masked_fill(~live, float("inf"))
+        if self.distance == "cosine":  # 1 - cos + offset, in one fused op
+            return torch.addmm(offset + 1.0, q, keys.T, alpha=-1.0)
+        sq = q.pow(2).sum(1, keepdim=True) - 2.0 * q @ keys.T + self.sq_norms[: self.high]
+        return sq.clamp_min(0).sqrt() + offset
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact nearest routable slot per query: (distance [B], slot [B]); distance inf when none is routable."""
@@ -149,8 +160,10 @@ class LoraBank:
         return self.distances(queries).min(dim=1)
 
     # -- applying -----------------------------------------------------------------------------------
-    def delta(self, module: int, x: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
-        """LoRA outputs [R, S, out] of module `module` for inputs x [R, S, in], row r using slot slots[r]."""
-        a = self.A[module].index_select(0, slots)  # [R, r, in]
-        b = self.B[module].index_select(0, slots)  # [R, out, r]
-        return torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2)) * scale
+    def gather(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per module, the LoRAs (At [R, in, r], Bt [R, r, out]) of the given slots, one row each."""
+        return [(a.index_select(0, slots), b.index_select(0, slots)) for a, b in zip(self.At, self.Bt)]
+
+    def slices(self, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The LoRAs of one slot as 2-d views (At [in, r], Bt [r, out]): cheaper than `gather` for one row."""
+        return [(a[slot], b[slot]) for a, b in zip(self.At, self.Bt)]

@@ -11,17 +11,20 @@ nearest key j* (exact search over the key matrix by one matrix product) switches
 edited module, at every position of that row, if distance(q, e_j*) < alpha; otherwise the base model
 answers. In generation the decision taken on the prompt is kept for every generated token.
 
-Distance: cosine distance 1 - cos(q', e') between *standardized* keys x' = (x - mean) / std (per
-dimension; `distance="l2"` for Euclidean, `standardize=False` for raw keys). Standardizing removes the large
-component every hidden state shares, which otherwise packs all cosines near 1. The paper fixes alpha = 0.01
-and never names the distance; editbank calibrates alpha per model (`alpha=None`, the default) once, before
-the first edit, from a corpus of prompts about distinct facts (`Editor(corpus=...)`; a World supplies one
-prompt per fact; with no corpus, contexts of texts sampled from the model itself):
-  1. the standardization statistics are the mean and std of the corpus prompts' keys;
+Distance: cosine distance 1 - cos(q', e') between *whitened* keys x' = (x - mean) P, where P standardizes
+each dimension and projects onto the top `key_dims` principal directions of a calibration corpus, divided
+by their standard deviations (a Mahalanobis-style metric; `standardize=False` compares raw keys,
+`distance="l2"` uses Euclidean distance). Whitening removes the large components every hidden state
+shares, which otherwise pack all cosines near 1, and makes the scan key_dims wide instead of the module's
+input width. The paper fixes alpha = 0.01 and never names the distance; editbank calibrates both per model
+(`alpha=None`, the default) once, before the first edit, from a corpus of prompts about distinct facts
+(`Editor(corpus=...)`; a World supplies one prompt per fact; with no corpus, contexts of texts the model
+itself writes after random tokens):
+  1. mean, standardization and whitening come from the corpus prompts' keys;
   2. alpha = the `alpha_quantile` quantile of the distances between the keys of two different corpus
-     prompts, i.e. an unrelated prompt falls inside one edit's radius with probability alpha_quantile, and
-     with T edits is misrouted with probability at most about T x alpha_quantile.
-The default alpha_quantile (3e-4) is the knee of the generalization/locality curve measured by
+     prompts: an unrelated prompt falls inside one edit's radius with probability alpha_quantile, and with
+     T edits is misrouted with probability at most about T x alpha_quantile.
+The default alpha_quantile is the knee of the generalization/locality curve measured by
 `benchmarks/sola_alpha_sweep.py` (docs/methods/sola.md); `alpha=0.01, standardize=False` is the paper's rule
 (`preset="paper"` also takes its training schedule). The calibrated values persist with the store.
 
@@ -66,8 +69,9 @@ class SolaHparams:
     stop_loss: float = 1e-2  # stop once the target's mean NLL is below this (0: always run n_iter steps)
     distance: str = "cosine"  # "cosine" (1 - cos) or "l2"
     alpha: float | None = None  # fixed routing threshold (the paper: 0.01); None: calibrated per model
-    alpha_quantile: float = 3e-4  # calibrated alpha: P(distance < alpha) for two unrelated prompts
-    standardize: bool = True  # measure distances on keys standardized per dimension (calibration statistics)
+    alpha_quantile: float = 1e-4  # calibrated alpha: P(distance < alpha) for two unrelated prompts
+    standardize: bool = True  # compare whitened keys (statistics of the calibration corpus); False: raw keys
+    key_dims: int = 64  # whitened principal components kept (0: all dimensions, standardized per dimension)
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
     calibration_seed: int = 0
     preset: str | None = None  # "paper": SGD, lr 0.05, cosine, 40 steps, alpha 0.01 (fills fields left at default)
@@ -94,6 +98,8 @@ class SolaHparams:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.key_dims < 0:
+            raise ValueError("key_dims must be >= 0")
         if self.calibration_samples < 8:
             raise ValueError("calibration_samples must be >= 8")
 
@@ -119,7 +125,7 @@ class Sola(Method):
         self.reference_distance: float | None = None
         self._handles: list[Any] = []
         self._train_lora: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._now: tuple[torch.Tensor, torch.Tensor] | None = None  # this forward's (rows, slots)
+        self._now: tuple | None = None  # this forward's routing decision (see _decide)
         self.reset()
 
     def reset(self) -> None:
@@ -151,28 +157,39 @@ class Sola(Method):
                 self._now = self._decide(x) if self.enabled else None
             if self._now is None:
                 return None
-            rows, slots = self._now
-            delta = self.bank.delta(i, x.index_select(0, rows), slots, scale)
-            return output.index_add(0, rows, delta.to(output.dtype))
+            rows, every_row, loras = self._now
+            at, bt = loras[i]
+            xs = x if every_row else x.index_select(0, rows)
+            delta = ((xs.to(at.dtype) @ at) @ bt).to(output.dtype)  # 2-d LoRAs (one row) broadcast
+            if every_row:
+                return torch.add(output, delta, alpha=scale)
+            return output.index_add(0, rows, delta, alpha=scale)
 
         return hook
 
-    def _decide(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rows whose query routes to an edit, and the slot of each (None: no row routes)."""
-        route = self.route if self.route is not None else Route()
+    def _decide(self, x: torch.Tensor):
+        """Rows whose query routes to an edit, whether that is every row, and the routed rows' LoRAs per
+        module (None: no row routes)."""
+        route = self.route
+        keep = route is not None and route.keep_decisions
         b, s = x.shape[:2]
-        if route.keep_decisions and s == 1 and "sola" in route.decisions:
+        if keep and s == 1 and "sola" in route.decisions:
             return route.decisions["sola"]  # a generated token: keep the decision taken on the prompt
         decision = None
         if len(self.bank) and self.alpha is not None:
-            qidx = route.query_index
-            qidx = torch.full((b,), s - 1, device=x.device) if qidx is None else qidx.to(x.device)
-            q = x[torch.arange(b, device=x.device), qidx].float()
+            qidx = None if route is None else route.query_index
+            q = x[:, -1] if qidx is None else x[torch.arange(b, device=x.device), qidx.to(x.device)]
             dist, slot = self.bank.nearest(q)
-            rows = (dist < self.alpha).nonzero().squeeze(1)
-            if rows.numel():
-                decision = (rows, slot.index_select(0, rows))
-        if route.keep_decisions:
+            hit = dist < self.alpha
+            if b == 1:  # the common serving case: plain slices instead of gathers
+                if bool(hit[0]):
+                    decision = (None, True, self.bank.slices(int(slot[0])))
+            else:
+                rows = hit.nonzero().squeeze(1)
+                n = rows.numel()
+                if n:
+                    decision = (rows, n == b, self.bank.gather(slot if n == b else slot.index_select(0, rows)))
+        if keep:
             route.decisions["sola"] = decision
         return decision
 
@@ -186,8 +203,7 @@ class Sola(Method):
             return self.alpha
         keys, group = self._corpus_keys() if self.corpus else self._sampled_keys()
         if hp.standardize:
-            std = keys.std(dim=0)
-            self.bank.standardize(keys.mean(dim=0), std + 1e-3 * std.mean())
+            self.bank.set_transform(*_whitening(keys, hp.key_dims))
         z = self.bank.index_form(keys)
         d = 1.0 - z @ z.T if hp.distance == "cosine" else torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist")
         pairs = torch.triu(group[:, None] != group[None, :], diagonal=1)  # distinct prompts or texts
@@ -349,7 +365,9 @@ class Sola(Method):
         return out
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"center": self.bank.center, "scale": self.bank.scale}
+        tensors = {"center": self.bank.center}
+        if self.bank.projection is not None:
+            tensors["projection"] = self.bank.projection
         meta = {
             "alpha": self.alpha,
             "reference_distance": self.reference_distance,
@@ -360,7 +378,7 @@ class Sola(Method):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.reset()
         if tensors:
-            self.bank.standardize(tensors["center"], tensors["scale"])
+            self.bank.set_transform(tensors["center"], tensors.get("projection"))
         if meta:
             self.alpha, self.reference_distance = meta["alpha"], meta["reference_distance"]
             self.superseded_by = {int(k): int(v) for k, v in meta["superseded_by"].items()}
@@ -386,6 +404,24 @@ class Sola(Method):
         bank, sup, targets, subjects, self.alpha, self.reference_distance = checkpoint
         self.bank.restore(bank)
         self.superseded_by, self.targets, self.subjects = dict(sup), dict(targets), dict(subjects)
+
+
+def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center, projection) mapping keys to standardized, whitened principal components of `keys`.
+
+    Each dimension is standardized, then projected onto the top `dims` principal directions (at most
+    len(keys) - 1) and divided by their standard deviations; dims=0 keeps every dimension standardized.
+    """
+    center = keys.mean(dim=0)
+    std = keys.std(dim=0)
+    scale = 1.0 / (std + 1e-3 * std.mean())
+    if dims == 0:
+        return center, torch.diag(scale)
+    z = (keys - center) * scale
+    _, sv, vh = torch.linalg.svd(z, full_matrices=False)
+    k = max(1, min(dims, keys.shape[0] - 1, keys.shape[1]))
+    sd = (sv[:k] / math.sqrt(max(1, keys.shape[0] - 1))).clamp_min(1e-6 * float(sv[0]))
+    return center, scale[:, None] * vh[:k].T / sd
 
 
 def _quantile(x: torch.Tensor, q: float) -> float:
