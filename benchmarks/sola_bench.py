@@ -143,7 +143,7 @@ def main() -> None:
         routed_keys = torch.stack([m.key_of(p) for p in routed_prompts[:half]])
         ids, mask, q = batch.input_ids, batch.attention_mask, batch.query_index
 
-        def forward():
+        def forward(ids=ids, mask=mask, q=q):
             ed.logits(ids, mask, q)
 
         for size in banks:

@@ -13,13 +13,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .key_index import FaissKeyIndex
+
 DISTANCES = ("cosine", "l2")
 
 
 class LoraBank:
-    def __init__(self, key_dim: int, shapes: list[tuple[int, int]], rank: int, dtype, device, distance: str):
+    def __init__(
+        self, key_dim: int, shapes: list[tuple[int, int]], rank: int, dtype, device, distance: str,
+        ann_candidates: int = 0,
+    ):
+        """`ann_candidates` > 0: propose that many candidates per query from a FAISS HNSW index (key_index.py)
+        and re-score them exactly, instead of scanning every key."""
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        self.ann_candidates = ann_candidates
         self.key_dim, self.shapes, self.rank = key_dim, shapes, rank
         self.dtype, self.device, self.distance = dtype, torch.device(device), distance
         self.center = torch.zeros(key_dim, dtype=torch.float32, device=self.device)
@@ -40,6 +48,7 @@ class LoraBank:
         self.slot_of: dict[int, int] = {}  # edit id -> slot
         self.free: list[int] = []
         self.high = 0  # slots [0, high) have been used; the rest of the capacity is empty
+        self.ann = FaissKeyIndex(self.index_dim, self.distance, self.ann_candidates) if self.ann_candidates else None
 
     # -- slots ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -83,6 +92,8 @@ class LoraBank:
             bank[slot] = t.detach().to(self.device, self.dtype).T
         self.offset[slot] = 0.0 if active else float("inf")
         self.slot_of[edit_id] = slot
+        if self.ann is not None:
+            self.ann.add(slot, self.index_keys[slot])
         return slot
 
     def remove(self, edit_id: int) -> None:
@@ -90,6 +101,10 @@ class LoraBank:
         slot = self.slot_of.pop(edit_id)
         self.offset[slot] = float("inf")
         self.free.append(slot)
+        if self.ann is not None:
+            self.ann.forget(slot)
+            if self.ann.stale() > max(1024, len(self)):
+                self.ann.rebuild({s: self.index_keys[s] for s in self.slot_of.values()})
 
     def set_active(self, edit_id: int, active: bool) -> None:
         self.offset[self.slot_of[edit_id]] = 0.0 if active else float("inf")
@@ -119,6 +134,10 @@ class LoraBank:
         self.slot_of, self.free, self.high = dict(ckpt["slot_of"]), list(ckpt["free"]), ckpt["high"]
         self.offset.fill_(float("inf"))
         self.offset[: self.high] = ckpt["offset"]
+        if self.ann is not None:  # slots whose removal is rolled back go back into the graph
+            for slot in self.slot_of.values():
+                if self.ann.slot_vid[slot] < 0:
+                    self.ann.add(slot, self.index_keys[slot])
 
     # -- search -------------------------------------------------------------------------------------
     @property
@@ -152,12 +171,26 @@ class LoraBank:
         return sq.clamp_min(0).sqrt() + offset
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact nearest routable slot per query: (distance [B], slot [B]); distance inf when none is routable."""
+        """Nearest routable slot per query: (distance [B], slot [B]); distance inf when none is routable.
+
+        Exact by default; with an ANN index, the exact nearest among its candidates."""
         if self.high == 0:
             b = queries.shape[0]
             return (torch.full((b,), float("inf"), device=queries.device),
                     torch.zeros(b, dtype=torch.long, device=queries.device))
-        return self.distances(queries).min(dim=1)
+        if self.ann is None:
+            return self.distances(queries).min(dim=1)
+        q = self.index_form(queries)
+        cand = self.ann.search(q)  # [B, k], -1: none
+        c = cand.clamp_min(0)
+        keys = self.index_keys[c]  # [B, k, dim]
+        dot = (keys @ q[:, :, None]).squeeze(2)
+        if self.distance == "cosine":
+            d = 1.0 - dot + self.offset[c]
+        else:
+            d = (q.pow(2).sum(1, keepdim=True) - 2.0 * dot + self.sq_norms[c]).clamp_min(0).sqrt() + self.offset[c]
+        dist, j = d.masked_fill(cand < 0, float("inf")).min(dim=1)
+        return dist, c.gather(1, j[:, None]).squeeze(1)
 
     # -- applying -----------------------------------------------------------------------------------
     def gather(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from ..models.hooks import trace
 from ..tokens import make_batch, pad_id, target_ids
-from .base import EditFailed, EditItem, Method, Route, register
+from .base import EditFailed, EditItem, Method, register
+from .key_index import require_faiss
 from .lora_bank import DISTANCES, LoraBank
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -72,6 +73,8 @@ class SolaHparams:
     alpha_quantile: float = 1e-4  # calibrated alpha: P(distance < alpha) for two unrelated prompts
     standardize: bool = True  # compare whitened keys (statistics of the calibration corpus); False: raw keys
     key_dims: int = 64  # whitened principal components kept (0: all dimensions, standardized per dimension)
+    index: str = "exact"  # nearest-key search: "exact" (one matrix product) or "faiss" (HNSW, for 100,000+ keys)
+    index_candidates: int = 16  # with index="faiss": candidates re-scored exactly per query
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
     calibration_seed: int = 0
     preset: str | None = None  # "paper": SGD, lr 0.05, cosine, 40 steps, alpha 0.01 (fills fields left at default)
@@ -98,6 +101,12 @@ class SolaHparams:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.index not in ("exact", "faiss"):
+            raise ValueError(f"index must be 'exact' or 'faiss', got {self.index!r}")
+        if self.index == "faiss":
+            require_faiss()  # a clear error now if FAISS is not installed
+        if self.index_candidates < 1:
+            raise ValueError("index_candidates must be >= 1")
         if self.key_dims < 0:
             raise ValueError("key_dims must be >= 0")
         if self.calibration_samples < 8:
@@ -120,7 +129,8 @@ class Sola(Method):
         self.modules = [arch.module(p) for p in self.paths]
         shapes = [tuple(arch.weight_out_in(m).shape) for m in self.modules]
         w = arch.weight_out_in(self.modules[0])
-        self.bank = LoraBank(shapes[0][1], shapes, hparams.rank, w.dtype, w.device, hparams.distance)
+        ann = hparams.index_candidates if hparams.index == "faiss" else 0
+        self.bank = LoraBank(shapes[0][1], shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann)
         self.alpha: float | None = None
         self.reference_distance: float | None = None
         self._handles: list[Any] = []
