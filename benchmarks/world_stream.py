@@ -16,11 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from editbank import Editor, World
 from editbank.evaluate import rollback_eval, run_stream
+from editbank.tokens import batch_from_ids, pad_id, pair_ids
 
 
 def main() -> None:
@@ -38,7 +40,7 @@ def main() -> None:
 
     console = Console(quiet=args.json)
     world = World.build(args.size, progress=not args.json)
-    n = min(args.edits, len(world.facts))
+    n = min(args.edits, len(world.editable_facts))
     reqs = world.edit_requests(n=n, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "bench.db"
@@ -49,6 +51,9 @@ def main() -> None:
         per_edit = [e.stats["seconds"] for e in ed.edits()]
         store_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir())
         rb = rollback_eval(ed, ed.edits("active"), fraction=args.undo_fraction, seed=args.seed)
+        probes = untouched_probes(ed, [p for r in reqs for p in r.locality])
+        undone = untouched_probes(ed, [(ed.store.get_edit(i).request.prompt, ed.store.get_edit(i).request.target)
+                                       for i in rb["undone"]])
         ed.close()
     fig = {
         "method": args.method,
@@ -65,6 +70,8 @@ def main() -> None:
             "kept_reliability": rb["kept"]["reliability"] if rb["kept"] else None,
         },
         "store_bytes_per_edit": store_bytes / n,
+        "locality_probes": probes,
+        "undone_prompts": undone,
         "wall_seconds": time.perf_counter() - t0,
     }
     if args.json:
@@ -81,6 +88,32 @@ def main() -> None:
         f"undo {r['undone']}: restored {r['restored']:.0%}, max |logit diff| {r['max_abs_logit_diff']:.3g}, "
         f"kept reliability {r['kept_reliability']:.3f}; wall {fig['wall_seconds']:.0f} s"
     )
+    for label, x in (("locality probes", probes), ("undone prompts", undone)):
+        console.print(
+            f"{label} (after the undo): {x['n']}, logits identical to the unedited model: {x['identical']}"
+            + (f"; routed by no key: {x['unrouted']}, of which identical: {x['unrouted_identical']}"
+               if "unrouted" in x else "")
+        )
+
+
+def untouched_probes(ed: Editor, pairs: list[tuple[str, str]]) -> dict[str, int]:
+    """How many probes get logits bit-identical to the unedited model's (and, for methods that can say
+    which prompts route, how many of the unrouted ones do)."""
+    out: dict[str, int] = {"n": len(pairs), "identical": 0}
+    rows = [pair_ids(ed.tokenizer, p, t) for p, t in pairs]
+    same = []
+    for i in range(0, len(rows), 64):
+        b = batch_from_ids(rows[i : i + 64], pad_id(ed.tokenizer), ed.device)
+        edited = ed.logits(b.input_ids, b.attention_mask, b.query_index)
+        with ed.unedited():
+            base = ed.logits(b.input_ids, b.attention_mask, b.query_index)
+        same += [torch.equal(edited[j], base[j]) for j in range(len(edited))]
+    out["identical"] = sum(same)
+    if hasattr(ed.method, "routes"):
+        routed = ed.method.routes([p for p, _ in pairs])
+        unrouted = [s for s, r in zip(same, routed) if r is None]
+        out.update(unrouted=len(unrouted), unrouted_identical=sum(unrouted))
+    return out
 
 
 if __name__ == "__main__":

@@ -287,6 +287,20 @@ class Sola(Method):
             self.model(input_ids=batch.input_ids[:, : q + 1])
         return tr[self.paths[0]].input[0, q].float()
 
+    @torch.no_grad()
+    def routes(self, prompts: list[str]) -> list[int | None]:
+        """The edit each prompt routes to (None: no key is within alpha and the base model answers)."""
+        out: list[int | None] = []
+        owners = self.bank.owners()
+        for i in range(0, len(prompts), 64):
+            batch = make_batch(self.tokenizer, [(p, " x") for p in prompts[i : i + 64]], device=self.bank.device)
+            k = self._keys_at(batch.input_ids, batch.attention_mask)
+            q = k[torch.arange(k.shape[0], device=k.device), batch.query_index]
+            dist, slot = self.bank.nearest(q)
+            hit = (dist < self.alpha).tolist() if self.alpha is not None else [False] * len(q)
+            out += [owners[s] if h else None for h, s in zip(hit, slot.tolist())]
+        return out
+
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req = item.request
         key = self.key_of(req.prompt)
