@@ -14,6 +14,7 @@ import json
 import time
 
 import torch
+from common import parse_hp
 
 from editbank import Editor
 from editbank.methods.sola import _quantile
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--hp", action="append", default=[], help="k=v SoLA hyperparameter (JSON value)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
-    hp = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.hp)}
+    hp = parse_hp(args.hp)
 
     world = World.build(args.size, progress=True)
     requests = world.edit_requests(args.edits, seed=args.seed)

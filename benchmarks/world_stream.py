@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import parse_hp
 from rich.console import Console
 from rich.table import Table
 
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--hp", action="append", default=[], help="hyperparameter key=value (JSON value)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
-    hp = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.hp)}
+    hp = parse_hp(args.hp)
 
     console = Console(quiet=args.json)
     world = World.build(args.size, progress=not args.json)

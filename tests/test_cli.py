@@ -29,7 +29,7 @@ def test_edit_ls_ask_undo(small_world, world_requests, tmp_path):
     assert json.loads(res.stdout)["reliability"] == 1.0
     assert call("undo", str(edit_id), "--model", model, "--store", db).exit_code == 0
     listing = json.loads(call("ls", "--store", db, "--json").stdout)
-    assert [e["status"] for e in listing["edits"]] == ["reverted"] and listing["meta"]["method"] == "grace"
+    assert [e["status"] for e in listing["edits"]] == ["reverted"] and listing["meta"]["method"] == "sola"
     res = call("ask", req.prompt, "--model", model, "--store", db, "--json", "--max-new-tokens", "8")
     assert json.loads(res.stdout)["edited"] == answer["unedited"]
 

@@ -134,11 +134,28 @@ def test_reediting_supersedes_and_chains_unwind(sola, small_world, world_request
     assert sola.method.superseded_by == {}
 
 
-def test_same_target_or_other_subject_does_not_supersede(sola, world_requests):
+def test_same_target_or_other_fact_does_not_supersede(sola, small_world, world_requests):
     first = world_requests[0]
     sola.edit(first)
     again = sola.edit(dataclasses.replace(first))
     assert again.stats["action"] == "new" and [e.status for e in sola.edits()] == ["active", "active"]
+    other_fact = other_target(small_world, dataclasses.replace(first, key="somewhere/else"))
+    assert sola.edit(other_fact).stats["action"] == "new", "another fact key: no supersede, even if it routes"
+
+
+def test_a_paraphrase_with_the_same_fact_key_supersedes(sola, small_world, world_requests):
+    first = world_requests[0]
+    assert first.key is not None  # world requests carry a fact id
+    sola.edit(first)
+    paraphrase = next(p for p in first.rephrases if routed(sola, p))
+    newer = other_target(small_world, dataclasses.replace(first, prompt=paraphrase))
+    e = sola.edit(newer)
+    assert e.stats["supersedes"] == [1]
+    # the old wording no longer reaches the old edit: it routes to the newer one (routing is symmetric)
+    assert sola.method.routes([first.prompt, paraphrase]) == [e.id, e.id]
+    sola.undo(e.id)
+    assert sola.method.routes([first.prompt]) == [1]
+    assert sola.evaluate([first], protocol="greedy_exact_match")["reliability"] == 1.0
 
 
 def test_failed_edit_changes_nothing(sola, world_requests, monkeypatch):

@@ -123,7 +123,7 @@ def world_build(
 def edit(
     model: ModelOpt = "world:default",
     store: StoreOpt = Path("edits.db"),
-    method: Annotated[str | None, typer.Option(help="Editing method (default: the store's, else grace).")] = None,
+    method: Annotated[str | None, typer.Option(help="Editing method (default: the store's, else sola).")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt to edit.")] = None,
     target: Annotated[str | None, typer.Option(help="New completion.")] = None,
     subject: Annotated[str | None, typer.Option(help="Subject of the fact (needed by some methods).")] = None,

@@ -21,6 +21,7 @@ from .requests import EditRequest
 from .store import Edit, EditStore, StoreMismatchError
 from .tokens import pad_id, pair_ids, prompt_ids
 
+DEFAULT_METHOD = "sola"  # for a new store opened without a method
 HELD = ("active", "superseded")  # edits whose effect the method holds (superseded ones switched off)
 
 
@@ -86,7 +87,7 @@ class Editor:
         known = self.store.get_meta("method")
         if method is not None and known is not None and method != known:
             raise StoreMismatchError(f"store {self.store.path} holds edits of method {known!r}, not {method!r}")
-        name = method if method is not None else (known or "grace")
+        name = method if method is not None else (known or DEFAULT_METHOD)
         cls = mbase.get_method(name)
         stored = self.store.get_meta("hparams")
         if stored is not None and hparams:

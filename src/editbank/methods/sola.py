@@ -31,8 +31,10 @@ The default alpha_quantile is the knee of the generalization/locality curve meas
 Undo deletes the key and frees the LoRA's slot: the outputs of every input no other key routes are
 bit-identical to the model without the edit. Re-editing a fact an active edit covers with a different
 target supersedes that edit (its key stops routing until the newer edit is undone). "Covers": the new
-prompt routes to it, and it is the same fact: the same key, or the same `subject` given in both requests
-(nearest-key routing alone would also merge different facts that happen to lie within alpha).
+prompt routes to it, and it is the same fact: the same `EditRequest.key` (a fact id such as
+"Arvelia/capital") when both requests have one, else the same prompt (routing key at distance ~0). Routing
+alone would also merge different facts that happen to lie within alpha, and a shared subject is not enough
+(a subject has many facts).
 """
 
 from __future__ import annotations
@@ -142,8 +144,8 @@ class Sola(Method):
         """Forget every edit; the calibrated alpha (a property of the base model) is kept."""
         self.bank.clear()
         self.superseded_by: dict[int, int] = {}
-        self.targets: dict[int, list[int]] = {}  # target token ids and subject of each held edit: they
-        self.subjects: dict[int, str | None] = {}  # decide whether a new edit re-edits the same fact
+        self.targets: dict[int, list[int]] = {}  # target token ids and fact key of each held edit: they
+        self.facts: dict[int, str | None] = {}  # decide whether a new edit re-edits the same fact
 
     # -- hooks ------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -313,7 +315,10 @@ class Sola(Method):
             owners = self.bank.owners()
             for s in (d < self.alpha).nonzero().squeeze(1).tolist():
                 eid = owners[s]
-                same_fact = float(d[s]) <= 1e-6 or (req.subject is not None and self.subjects[eid] == req.subject)
+                if req.key is not None and self.facts[eid] is not None:
+                    same_fact = req.key == self.facts[eid]
+                else:
+                    same_fact = float(d[s]) <= 1e-6
                 if same_fact and self.targets[eid] != target:
                     covered.append(eid)
         A, B, loss, steps = self._train(req.prompt, req.target)
@@ -321,7 +326,7 @@ class Sola(Method):
             self.bank.set_active(eid, False)
             self.superseded_by[eid] = item.id
         self.bank.add(item.id, key, A, B, active=True)
-        self.targets[item.id], self.subjects[item.id] = target, req.subject
+        self.targets[item.id], self.facts[item.id] = target, req.key
         stats.update(loss=loss, steps=steps, action="supersede" if covered else "new")
         if covered:
             stats["supersedes"] = covered
@@ -373,7 +378,7 @@ class Sola(Method):
             else:  # it was superseded itself: its successor now supersedes what it superseded
                 self.superseded_by[old] = newer
         self.bank.remove(edit_id)
-        del self.targets[edit_id], self.subjects[edit_id]
+        del self.targets[edit_id], self.facts[edit_id]
         return True
 
     # -- persistence ------------------------------------------------------------------------------
@@ -382,8 +387,8 @@ class Sola(Method):
             return {}
         key, A, B = self.bank.lora(edit_id)
         out = {"key": key, "target": torch.tensor(self.targets[edit_id], dtype=torch.long)}
-        if self.subjects[edit_id] is not None:
-            out["subject"] = torch.tensor(list(self.subjects[edit_id].encode()), dtype=torch.uint8)
+        if self.facts[edit_id] is not None:
+            out["fact"] = torch.tensor(list(self.facts[edit_id].encode()), dtype=torch.uint8)
         out.update({f"A.{i}": a for i, a in enumerate(A)})
         out.update({f"B.{i}": b for i, b in enumerate(B)})
         return out
@@ -417,17 +422,17 @@ class Sola(Method):
             B = [arts[f"B.{i}"] for i in range(n)]
             self.bank.add(eid, arts["key"], A, B, active=eid not in self.superseded_by)
             self.targets[eid] = arts["target"].tolist()
-            self.subjects[eid] = bytes(arts["subject"].tolist()).decode() if "subject" in arts else None
+            self.facts[eid] = bytes(arts["fact"].tolist()).decode() if "fact" in arts else None
 
     def checkpoint(self) -> Any:
         """Cheap: the bank's slot table and the small dicts (slot contents are never overwritten in place)."""
-        return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.targets), dict(self.subjects),
+        return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.targets), dict(self.facts),
                 self.alpha, self.reference_distance)
 
     def restore(self, checkpoint: Any) -> None:
-        bank, sup, targets, subjects, self.alpha, self.reference_distance = checkpoint
+        bank, sup, targets, facts, self.alpha, self.reference_distance = checkpoint
         self.bank.restore(bank)
-        self.superseded_by, self.targets, self.subjects = dict(sup), dict(targets), dict(subjects)
+        self.superseded_by, self.targets, self.facts = dict(sup), dict(targets), dict(facts)
 
 
 def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,6 +173,7 @@ class World:
                     target=rng.choice([o for o in rel.objects if o != fact.object]),
                     subject=fact.subject,
                     rephrases=rephrases,
+                    key=f"{fact.subject}/{fact.relation}",
                     locality=self._locality(fact, others, rng),
                     meta={"relation": fact.relation, "true_object": fact.object},
                 )
