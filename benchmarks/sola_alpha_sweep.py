@@ -1,8 +1,8 @@
 """SoLA on a world: T sequential edits, then reliability / generalization / locality for a sweep of alpha.
 
 The edits are made once with the default calibration; the sweep then changes only the routing threshold
-(alpha = the q-quantile of unrelated-prompt distances) and re-evaluates the same bank on the final model,
-greedy exact match. Prints one row per alpha and the default's row.
+(alpha = the q-quantile of unrelated-prompt distances; with a fixed alpha and raw keys, multiples of it)
+and re-evaluates the same bank on the final model, greedy exact match. Prints one row per alpha.
 
     python benchmarks/sola_alpha_sweep.py --size default --edits 450
 """
@@ -45,8 +45,11 @@ def main() -> None:
     m = ed.method
     default_alpha = m.alpha
     rows = []
-    alphas = [(f"q={q:g}", _quantile(m.calibration_distances, q)) for q in QUANTILES]
-    alphas += [("paper 0.01", 0.01), ("default", default_alpha)]
+    if getattr(m, "calibration_distances", None) is not None:  # calibrated: sweep the quantile
+        alphas = [(f"q={q:g}", _quantile(m.calibration_distances, q)) for q in QUANTILES]
+        alphas += [("paper 0.01", 0.01), ("default", default_alpha)]
+    else:  # a fixed alpha on raw keys (preset="paper"): sweep multiples of it
+        alphas = [(f"{f:g} x alpha", f * default_alpha) for f in (0.3, 1, 3, 10, 30, 100)]
     for label, alpha in alphas:
         m.alpha = alpha
         res = ed.evaluate(requests, protocol=args.protocol)

@@ -195,7 +195,9 @@ def test_calibration_fixed_alpha_and_presets(world_model, small_world, world_req
     hp = SolaHparams(preset="paper", lr=0.2)
     hp.validate()
     assert hp.lr == 0.2, "a preset fills only the fields left at their defaults"
-    for bad in ({"preset": "nope"}, {"layers": [99]}, {"distance": "manhattan"}, {"alpha_quantile": 2.0}):
+    bads = ({"preset": "nope"}, {"layers": [99]}, {"layers": [1, 0]}, {"distance": "manhattan"},
+            {"alpha_quantile": 2.0}, {"index": "annoy"}, {"rank": 0})
+    for bad in bads:
         with pytest.raises(ValueError):
             Editor(model, tok, method="sola", **bad)
 
@@ -218,3 +220,20 @@ def test_bank_slots_are_reused_and_grow(sola, world_requests):
     assert sola.method.bank.slot_of[e.id] == slot
     assert sola.evaluate([world_requests[i] for i in (0, 2, 3)], protocol="greedy_exact_match")["reliability"] == 1.0
     assert EditStore(sola.store.path).count("active") == 3
+
+
+def test_export_import_round_trip(sola, small_world, world_requests, tmp_path):
+    from editbank import load_model
+
+    reqs = world_requests[:4]
+    for r in reqs:
+        sola.edit(r)
+    sola.undo(3)
+    want = [logits_of(sola, r) for r in reqs]
+    sola.store.export(tmp_path / "shared")
+    EditStore.import_folder(tmp_path / "shared", tmp_path / "copy.db").close()
+    model, tok = load_model(small_world.path)  # a fresh copy: the fixture's model carries its own hooks
+    with Editor(model, tok, store=tmp_path / "copy.db") as other:
+        assert len(other.method.bank) == 3
+        for r, w in zip(reqs, want):
+            assert torch.equal(logits_of(other, r), w)

@@ -54,6 +54,11 @@ def run_demo(
         metrics.add_row(k, *(f"{rep[k]:.3f}" if rep[k] is not None else "-" for rep in (stream["final"], tf)))
     say(metrics)
     say(f"editing took {stream['edit_seconds']:.1f} s ({stream['edit_seconds'] / n_edits:.2f} s per edit)")
+    alpha = getattr(ed.method, "alpha", None)
+    if alpha is not None:
+        hp = ed.method.hparams
+        rule = "fixed" if hp.alpha is not None else f"calibrated, P(unrelated prompts closer) = {hp.alpha_quantile:g}"
+        say(f"routing: {hp.distance} distance, alpha {alpha:.4f} ({rule})")
 
     result: dict[str, Any] = {
         "method": method,

@@ -127,6 +127,9 @@ class Sola(Method):
         self.layers = list(hparams.layers) if hparams.layers is not None else arch.default_layers(hparams.n_layers)
         if not self.layers or any(not 0 <= i < n for i in self.layers) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers {self.layers} must be distinct decoder layers of the model's {n}")
+        if self.layers != sorted(self.layers):
+            # a LoRA below the master layer would change the queries that route it
+            raise ValueError(f"layers {self.layers} must be ascending: the first (lowest) is the master layer")
         self.paths = [arch.layer_path(i, "mlp_out") for i in self.layers]
         self.modules = [arch.module(p) for p in self.paths]
         shapes = [tuple(arch.weight_out_in(m).shape) for m in self.modules]
