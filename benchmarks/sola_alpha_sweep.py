@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--protocol", default="greedy_exact_match")
     ap.add_argument("--hp", action="append", default=[], help="k=v SoLA hyperparameter (JSON value)")
+    ap.add_argument("--quantiles", default=",".join(f"{q:g}" for q in QUANTILES), help="alpha_quantile values")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     hp = parse_hp(args.hp)
@@ -46,7 +47,8 @@ def main() -> None:
     default_alpha = m.alpha
     rows = []
     if getattr(m, "calibration_distances", None) is not None:  # calibrated: sweep the quantile
-        alphas = [(f"q={q:g}", _quantile(m.calibration_distances, q)) for q in QUANTILES]
+        quantiles = [float(q) for q in args.quantiles.split(",")]
+        alphas = [(f"q={q:g}", _quantile(m.calibration_distances, q)) for q in quantiles]
         alphas += [("paper 0.01", 0.01), ("default", default_alpha)]
     else:  # a fixed alpha on raw keys (preset="paper"): sweep multiples of it
         alphas = [(f"{f:g} x alpha", f * default_alpha) for f in (0.3, 1, 3, 10, 30, 100)]
