@@ -84,3 +84,21 @@ def test_hparam_values_and_bad_stores(small_world, tmp_path):
     res = call("edit", "--model", str(small_world.path), "--store", str(tmp_path / "no" / "dir.db"),
                "--prompt", "a", "--target", "b")
     assert res.exit_code == 2 and "cannot open store" in res.output
+
+
+def test_edit_with_a_corpus_file(small_world, world_requests, tmp_path):
+    db, model, req = str(tmp_path / "e.db"), str(small_world.path), world_requests[0]
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("\n".join(["The capital of Arvelia is"] * 3))
+    res = call("edit", "--model", model, "--store", db, "--prompt", req.prompt, "--target", req.target,
+               "--corpus", str(corpus))
+    assert res.exit_code == 2 and "at least 8 prompts" in res.output
+    corpus.write_text("\n".join(small_world.fact_prompts()[:40]))
+    res = call("edit", "--model", model, "--store", db, "--prompt", req.prompt, "--target", req.target,
+               "--corpus", str(corpus), "--json")
+    assert res.exit_code == 0, res.output
+    from editbank.store import EditStore
+
+    store = EditStore(db)
+    assert store.get_state()[1]["alpha"] > 0 and store.count("active") == 1
+    store.close()

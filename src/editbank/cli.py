@@ -59,12 +59,18 @@ def _parse_hparams(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _open(model: str, store: Path | None, method: str | None, hp: list[str] | None = None, json_out: bool = False):
+def _open(model: str, store: Path | None, method: str | None, hp: list[str] | None = None, json_out: bool = False,
+          corpus: Path | None = None):
     from .editor import Editor
 
     try:
+        prompts = None
+        if corpus is not None:
+            prompts = [ln.strip() for ln in corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            if len(prompts) < 8:
+                _fail(f"--corpus {corpus}: need at least 8 prompts, one per line (got {len(prompts)})")
         return Editor.open(_resolve_model(model, progress=not json_out), method=method, store=store,
-                           progress=not json_out, **_parse_hparams(hp or []))
+                           progress=not json_out, corpus=prompts, **_parse_hparams(hp or []))
     except (ValueError, TypeError, OSError, KeyError) as exc:
         _fail(str(exc))
 
@@ -129,6 +135,9 @@ def edit(
     subject: Annotated[str | None, typer.Option(help="Subject of the fact (needed by some methods).")] = None,
     file: Annotated[Path | None, typer.Option(help="JSONL file of requests, one object per line.")] = None,
     hp: Annotated[list[str] | None, typer.Option(help="Hyperparameter key=value (repeatable).")] = None,
+    corpus: Annotated[Path | None, typer.Option(
+        help="Text file, one prompt per line, about distinct facts: calibrates SoLA on a new store "
+             "(a world brings its own).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply one edit (--prompt/--target) or a file of edits, sequentially."""
@@ -144,7 +153,7 @@ def edit(
             _fail("give --prompt and --target, or --file")
     except (ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
-    ed = _open(model, store, method, hp, json_out)
+    ed = _open(model, store, method, hp, json_out, corpus)
     done = []
     try:
         for r in reqs:
