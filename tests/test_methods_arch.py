@@ -36,6 +36,14 @@ def single_token_words(tok) -> list[str]:
     return [f" {w}" for w in sorted(words) if w.isalpha() and len(target_ids(tok, f" {w}")) == 1]
 
 
+def runner_up_word(tok, logits: torch.Tensor) -> str:
+    """The most likely single-token word that is not already the answer: random tiny models have
+    near-flat logits, so a nearby target keeps the case about the method, not about the init."""
+    top = logits.argmax().item()
+    return max(single_token_words(tok), key=lambda w: logits[target_ids(tok, w)[0]].item()
+               if target_ids(tok, w)[0] != top else float("-inf"))
+
+
 @pytest.mark.parametrize("method, model_type", CASES, ids=[f"{m}-{t}" for m, t in CASES])
 def test_edit_and_undo(method, model_type):
     tok = tiny_tokenizer()
@@ -43,10 +51,7 @@ def test_edit_and_undo(method, model_type):
     name, hparams = METHOD_HPARAMS[method]
     ed = Editor(model, tok, method=name, **hparams)
     before, other_before = next_token_logits(ed, PROMPT), next_token_logits(ed, OTHER)
-    # the most likely single-token word that is not already the answer: random tiny models have
-    # near-flat logits, so a nearby target keeps the case about the method, not about the init
-    target = max(single_token_words(tok), key=lambda w: before[target_ids(tok, w)[0]].item()
-                 if target_ids(tok, w)[0] != before.argmax().item() else float("-inf"))
+    target = runner_up_word(tok, before)
     e = ed.edit(EditRequest(prompt=PROMPT, target=target))
     after = next_token_logits(ed, PROMPT)
     assert after.argmax().item() == target_ids(tok, target)[0], "the edit must change the answer"
@@ -66,8 +71,7 @@ def test_half_precision_edit_and_undo(method, dtype):
     name, hparams = METHOD_HPARAMS[method]
     ed = Editor(model, tok, method=name, **hparams)
     before = next_token_logits(ed, PROMPT)
-    target = max(single_token_words(tok), key=lambda w: before[target_ids(tok, w)[0]].item()
-                 if target_ids(tok, w)[0] != before.argmax().item() else float("-inf"))
+    target = runner_up_word(tok, before)
     e = ed.edit(EditRequest(prompt=PROMPT, target=target))
     assert next_token_logits(ed, PROMPT).argmax().item() == target_ids(tok, target)[0]
     ed.undo(e.id)
@@ -86,10 +90,7 @@ def test_mixed_batch_equals_rows_alone(method, model_type):
     ed = Editor(model, tok, method=name, **hparams)
     prompts = [PROMPT, OTHER, "The river that flows through Kestrel is called"]
     for p in prompts[:2]:
-        before = next_token_logits(ed, p)
-        target = max(single_token_words(tok), key=lambda w: before[target_ids(tok, w)[0]].item()
-                     if target_ids(tok, w)[0] != before.argmax().item() else float("-inf"))
-        ed.edit(EditRequest(prompt=p, target=target))
+        ed.edit(EditRequest(prompt=p, target=runner_up_word(tok, next_token_logits(ed, p))))
     rows = [(prompts[2], " x"), (PROMPT, " a"), (OTHER, " b c")]
     b = make_batch(tok, rows)
     together = ed.logits(b.input_ids, b.attention_mask, b.query_index)
