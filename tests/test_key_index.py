@@ -59,6 +59,36 @@ def test_faiss_routes_equal_exact_routes(distance):
     assert torch.equal(s_exact[routed], s_ann[routed])
 
 
+def test_faiss_finds_a_key_behind_many_superseded_copies():
+    key = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    ann = bank(4)
+    fill([ann], torch.randn(100, 32, generator=torch.Generator().manual_seed(3)), first_id=1000)
+    for eid in range(1, 41):  # the same fact re-edited 40 times: each supersedes the one before
+        if eid > 1:
+            ann.set_active(eid - 1, False)
+        fill([ann], key, first_id=eid)
+    d, s = ann.nearest(key)
+    assert int(s[0]) == ann.slot_of[40] and float(d[0]) < 1e-5
+
+
+def test_faiss_survives_rebuilds_and_an_empty_graph():
+    key = torch.randn(1, 32, generator=torch.Generator().manual_seed(4))
+    ann = bank(4)
+    for eid in range(1, 1100):  # edit and undo the same prompt: stale entries pile up, the graph is rebuilt
+        fill([ann], key, first_id=eid)
+        ann.remove(eid)
+    assert len(ann) == 0 and ann.nearest(key)[0][0] == float("inf")
+    fill([ann], key, first_id=5000)
+    ckpt = ann.checkpoint()
+    for eid in range(6000, 7100):
+        fill([ann], torch.randn(1, 32), first_id=eid)
+        ann.remove(eid)
+    ann.remove(5000)  # an undo whose removal rebuilds the graph ...
+    ann.restore(ckpt)  # ... rolled back
+    d, s = ann.nearest(key)
+    assert int(s[0]) == ann.slot_of[5000] and float(d[0]) < 1e-5
+
+
 def test_faiss_rolled_back_removal_is_searchable_again():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(50, 32, generator=g)

@@ -111,7 +111,7 @@ def test_store_state_does_not_grow_with_edits(sola, world_requests):
         sizes.append(len(sola.store._db.execute("SELECT data FROM state").fetchone()[0]))
     assert len(set(sizes)) == 1
     arts = sola.store.artifacts(1)
-    assert {"key", "target", "A.0", "B.0"} <= set(arts) and arts["A.0"].shape[0] == sola.method.hparams.rank
+    assert {"key", "fact", "A.0", "B.0"} <= set(arts) and arts["A.0"].shape[0] == sola.method.hparams.rank
 
 
 def test_reediting_supersedes_and_chains_unwind(sola, small_world, world_requests):
@@ -134,13 +134,41 @@ def test_reediting_supersedes_and_chains_unwind(sola, small_world, world_request
     assert sola.method.superseded_by == {}
 
 
-def test_same_target_or_other_fact_does_not_supersede(sola, small_world, world_requests):
+def test_the_same_request_twice_supersedes_and_reopens_identically(world_model, small_world, world_requests,
+                                                                   tmp_path):
+    """One prompt never has two live keys: equal keys would be routed by slot order, which a reopen changes."""
+    model, tok = world_model
+    path = tmp_path / "e.db"
+    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts())
+    for r in world_requests[:3]:
+        ed.edit(r)
+    ed.undo(1)
+    ed.undo(2)  # free slots are reused last-in-first-out
+    again = [ed.edit(world_requests[4]), ed.edit(world_requests[4])]
+    assert again[1].stats["supersedes"] == [again[0].id]
+    assert ed.method.routes([world_requests[4].prompt]) == [again[1].id]
+    want = logits_of(ed, world_requests[4])
+    ed.close()
+    with Editor(model, tok, store=path) as ed:
+        assert ed.method.routes([world_requests[4].prompt]) == [again[1].id]
+        assert torch.equal(logits_of(ed, world_requests[4]), want)
+
+
+def test_another_fact_key_does_not_supersede(sola, small_world, world_requests):
     first = world_requests[0]
     sola.edit(first)
-    again = sola.edit(dataclasses.replace(first))
-    assert again.stats["action"] == "new" and [e.status for e in sola.edits()] == ["active", "active"]
-    other_fact = other_target(small_world, dataclasses.replace(first, key="somewhere/else"))
+    paraphrase = next(p for p in first.rephrases if routed(sola, p))
+    other_fact = other_target(small_world, dataclasses.replace(first, prompt=paraphrase, key="somewhere/else"))
     assert sola.edit(other_fact).stats["action"] == "new", "another fact key: no supersede, even if it routes"
+    assert [e.status for e in sola.edits()] == ["active", "active"]
+
+
+def test_a_corpus_of_duplicates_is_refused(world_model, world_requests):
+    model, tok = world_model
+    ed = Editor(model, tok, method="sola", corpus=["The capital of Arvelia is"] * 5 + ["Norland was born in"] * 5)
+    with pytest.raises(EditFailed, match="fewer than 10 pairs|duplicate"):
+        ed.edit(world_requests[0])
+    assert ed.edits() == [] and len(ed.method.bank) == 0 and ed.method.alpha is None
 
 
 def test_a_paraphrase_with_the_same_fact_key_supersedes(sola, small_world, world_requests):

@@ -395,7 +395,8 @@ class Editor:
         for i, r in enumerate(rows):
             ids[i, width - len(r) :] = torch.tensor(r)
             mask[i, width - len(r) :] = 1
-        route = mbase.Route(query_index=torch.full((len(rows),), width - 1, device=self.device), keep_decisions=True)
+        n_rows = len(rows) * int(kwargs.get("num_return_sequences", 1))  # generate repeats each prompt row
+        route = mbase.Route(query_index=torch.full((n_rows,), width - 1, device=self.device), keep_decisions=True)
         kwargs.setdefault("do_sample", False)
         with self.method.routing(route):
             out = self.model.generate(

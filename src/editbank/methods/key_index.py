@@ -22,16 +22,16 @@ def require_faiss():
 
 
 class FaissKeyIndex:
-    def __init__(self, dim: int, distance: str, candidates: int = 16, m: int = 32, ef_search: int = 128):
+    def __init__(self, dim: int, distance: str, m: int = 32, ef_search: int = 128):
         self.faiss = require_faiss()
-        self.dim, self.distance, self.candidates = dim, distance, candidates
+        self.dim, self.distance = dim, distance
         self.m, self.ef_search = m, ef_search
         self._reset()
 
     def _reset(self) -> None:
         metric = self.faiss.METRIC_INNER_PRODUCT if self.distance == "cosine" else self.faiss.METRIC_L2
         self.index = self.faiss.IndexHNSWFlat(self.dim, self.m, metric)
-        self.index.hnsw.efSearch = self.ef_search
+        self.index.hnsw.efSearch = self.ef_search  # raised per search when more candidates are asked for
         self.index.hnsw.efConstruction = max(40, self.ef_search)
         self.vid_slot = np.zeros(0, dtype=np.int64)  # graph id -> slot it was added for
         self.slot_vid = np.zeros(0, dtype=np.int64)  # slot -> its current graph id (-1: none)
@@ -61,9 +61,12 @@ class FaissKeyIndex:
             self.slot_vid[slot] = -1
             self.live -= 1
 
-    def search(self, queries: torch.Tensor) -> torch.Tensor:
-        """Candidate slots [B, k] for index-form queries; -1 where there is none (or the entry is stale)."""
-        k = min(self.candidates, max(1, len(self.vid_slot)))
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """`k` candidate slots per index-form query [B, k]; -1 where there is none (or the entry is stale)."""
+        if len(self.vid_slot) == 0:
+            return torch.full((queries.shape[0], 1), -1, dtype=torch.long, device=queries.device)
+        k = max(1, min(k, len(self.vid_slot)))
+        self.index.hnsw.efSearch = max(self.ef_search, k)
         _, ids = self.index.search(queries.detach().float().cpu().numpy(), k)
         slots = np.where(ids >= 0, self.vid_slot[np.maximum(ids, 0)], -1)
         current = (slots >= 0) & (self.slot_vid[np.maximum(slots, 0)] == ids)

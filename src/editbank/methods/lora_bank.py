@@ -21,15 +21,17 @@ DISTANCES = ("cosine", "l2")
 class LoraBank:
     def __init__(
         self, key_dim: int, shapes: list[tuple[int, int]], rank: int, dtype, device, distance: str,
-        ann_candidates: int = 0,
+        ann_candidates: int = 0, module_devices: list | None = None,
     ):
-        """`ann_candidates` > 0: propose that many candidates per query from a FAISS HNSW index (key_index.py)
-        and re-score them exactly, instead of scanning every key."""
+        """Keys live on `device`; module i's LoRAs on `module_devices[i]` (default `device`), so a model split
+        across devices works. `ann_candidates` > 0: propose that many candidates per query from a FAISS HNSW
+        index (key_index.py) and re-score them exactly, instead of scanning every key."""
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         self.ann_candidates = ann_candidates
         self.key_dim, self.shapes, self.rank = key_dim, shapes, rank
         self.dtype, self.device, self.distance = dtype, torch.device(device), distance
+        self.module_devices = [torch.device(d) for d in (module_devices or [device] * len(shapes))]
         self.center = torch.zeros(key_dim, dtype=torch.float32, device=self.device)
         self.projection: torch.Tensor | None = None  # [key_dim, index_dim]; None: compare keys as they are
         self._bias = self.center
@@ -42,13 +44,15 @@ class LoraBank:
         self.index_keys = torch.zeros((0, self.index_dim), **f32)  # transformed (and unit-norm for cosine)
         self.sq_norms = torch.zeros(0, **f32)
         # LoRAs stored transposed for the forward: x [R, S, in] @ At [R, in, r] @ Bt [R, r, out]
-        self.At = [torch.zeros((0, i, self.rank), dtype=self.dtype, device=self.device) for _, i in self.shapes]
-        self.Bt = [torch.zeros((0, self.rank, o), dtype=self.dtype, device=self.device) for o, _ in self.shapes]
+        self.At = [torch.zeros((0, i, self.rank), dtype=self.dtype, device=d)
+                   for (_, i), d in zip(self.shapes, self.module_devices)]
+        self.Bt = [torch.zeros((0, self.rank, o), dtype=self.dtype, device=d)
+                   for (o, _), d in zip(self.shapes, self.module_devices)]
         self.offset = torch.zeros(0, **f32)  # 0 where a slot routes, inf where it does not (added to distances)
         self.slot_of: dict[int, int] = {}  # edit id -> slot
         self.free: list[int] = []
         self.high = 0  # slots [0, high) have been used; the rest of the capacity is empty
-        self.ann = FaissKeyIndex(self.index_dim, self.distance, self.ann_candidates) if self.ann_candidates else None
+        self.ann = FaissKeyIndex(self.index_dim, self.distance) if self.ann_candidates else None
 
     # -- slots ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -87,9 +91,9 @@ class LoraBank:
         self.index_keys[slot] = self.index_form(key[None])[0]
         self.sq_norms[slot] = self.index_keys[slot].pow(2).sum()
         for bank, t in zip(self.At, A):
-            bank[slot] = t.detach().to(self.device, self.dtype).T
+            bank[slot] = t.detach().to(bank.device, self.dtype).T
         for bank, t in zip(self.Bt, B):
-            bank[slot] = t.detach().to(self.device, self.dtype).T
+            bank[slot] = t.detach().to(bank.device, self.dtype).T
         self.offset[slot] = 0.0 if active else float("inf")
         self.slot_of[edit_id] = slot
         if self.ann is not None:
@@ -134,9 +138,13 @@ class LoraBank:
         self.slot_of, self.free, self.high = dict(ckpt["slot_of"]), list(ckpt["free"]), ckpt["high"]
         self.offset.fill_(float("inf"))
         self.offset[: self.high] = ckpt["offset"]
-        if self.ann is not None:  # slots whose removal is rolled back go back into the graph
-            for slot in self.slot_of.values():
-                if self.ann.slot_vid[slot] < 0:
+        if self.ann is not None:  # slots whose removal is rolled back go back into the graph, and back out
+            used = set(self.slot_of.values())
+            for slot in range(len(self.ann.slot_vid)):
+                if slot not in used:
+                    self.ann.forget(slot)
+            for slot in used:
+                if slot >= len(self.ann.slot_vid) or self.ann.slot_vid[slot] < 0:
                     self.ann.add(slot, self.index_keys[slot])
 
     # -- search -------------------------------------------------------------------------------------
@@ -181,7 +189,9 @@ class LoraBank:
         if self.ann is None:
             return self.distances(queries).min(dim=1)
         q = self.index_form(queries)
-        cand = self.ann.search(q)  # [B, k], -1: none
+        # superseded keys and stale graph entries come back as candidates too: ask for that many more
+        inactive = len(self) - int((self.offset[: self.high] == 0).sum())
+        cand = self.ann.search(q, self.ann_candidates + inactive + self.ann.stale())  # [B, k], -1: none
         c = cand.clamp_min(0)
         keys = self.index_keys[c]  # [B, k, dim]
         dot = (keys @ q[:, :, None]).squeeze(2)
@@ -195,7 +205,8 @@ class LoraBank:
     # -- applying -----------------------------------------------------------------------------------
     def gather(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per module, the LoRAs (At [R, in, r], Bt [R, r, out]) of the given slots, one row each."""
-        return [(a.index_select(0, slots), b.index_select(0, slots)) for a, b in zip(self.At, self.Bt)]
+        return [(a.index_select(0, slots.to(a.device)), b.index_select(0, slots.to(b.device)))
+                for a, b in zip(self.At, self.Bt)]
 
     def slices(self, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The LoRAs of one slot as 2-d views (At [in, r], Bt [r, out]): cheaper than `gather` for one row."""

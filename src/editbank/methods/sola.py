@@ -29,17 +29,17 @@ The default alpha_quantile is the knee of the generalization/locality curve meas
 (`preset="paper"` also takes its training schedule). The calibrated values persist with the store.
 
 Undo deletes the key and frees the LoRA's slot: the outputs of every input no other key routes are
-bit-identical to the model without the edit. Re-editing a fact an active edit covers with a different
-target supersedes that edit (its key stops routing until the newer edit is undone). "Covers": the new
-prompt routes to it, and it is the same fact: the same `EditRequest.key` (a fact id such as
-"Arvelia/capital") when both requests have one, else the same prompt (routing key at distance ~0). Routing
-alone would also merge different facts that happen to lie within alpha, and a shared subject is not enough
-(a subject has many facts).
+bit-identical to the model without the edit. Re-editing a fact an active edit covers supersedes that edit
+(its key stops routing until the newer edit is undone), so one fact never has two live keys. "Covers": the
+new prompt routes to it, and it is the same fact: the same prompt (equal routing keys), or the same
+`EditRequest.key` (a fact id such as "Arvelia/capital"). Routing alone would also merge different facts
+that happen to lie within alpha, and a shared subject is not enough (a subject has many facts).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.hooks import trace
-from ..tokens import make_batch, pad_id, target_ids
+from ..tokens import make_batch, pad_id, prompt_ids
 from .base import EditFailed, EditItem, Method, register
 from .key_index import require_faiss
 from .lora_bank import DISTANCES, LoraBank
@@ -135,7 +135,8 @@ class Sola(Method):
         shapes = [tuple(arch.weight_out_in(m).shape) for m in self.modules]
         w = arch.weight_out_in(self.modules[0])
         ann = hparams.index_candidates if hparams.index == "faiss" else 0
-        self.bank = LoraBank(shapes[0][1], shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann)
+        devices = [arch.weight_out_in(m).device for m in self.modules]
+        self.bank = LoraBank(shapes[0][1], shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann, devices)
         self.alpha: float | None = None
         self.reference_distance: float | None = None
         self._handles: list[Any] = []
@@ -147,8 +148,7 @@ class Sola(Method):
         """Forget every edit; the calibrated alpha (a property of the base model) is kept."""
         self.bank.clear()
         self.superseded_by: dict[int, int] = {}
-        self.targets: dict[int, list[int]] = {}  # target token ids and fact key of each held edit: they
-        self.facts: dict[int, str | None] = {}  # decide whether a new edit re-edits the same fact
+        self.facts: dict[int, str | None] = {}  # EditRequest.key of each held edit (see "Covers" above)
 
     # -- hooks ------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -174,6 +174,8 @@ class Sola(Method):
                 return None
             rows, every_row, loras = self._now
             at, bt = loras[i]
+            if not every_row and rows.device != x.device:  # a model split across devices
+                rows = rows.to(x.device)
             xs = x if every_row else x.index_select(0, rows)
             delta = ((xs.to(at.dtype) @ at) @ bt).to(output.dtype)  # 2-d LoRAs (one row) broadcast
             if every_row:
@@ -227,6 +229,15 @@ class Sola(Method):
         if unrelated.numel() < 10:
             raise EditFailed("cannot calibrate alpha: fewer than 10 pairs of unrelated calibration prompts")
         self.reference_distance = _quantile(unrelated, hp.alpha_quantile)
+        median = float(unrelated[len(unrelated) // 2])
+        advice = "give prompts about distinct facts, or a larger alpha_quantile, or a fixed alpha"
+        if hp.alpha is None and not self.reference_distance > 1e-6 * median:
+            raise EditFailed(f"calibrated alpha is {self.reference_distance:.3g}: the corpus has duplicate prompts; "
+                             f"{advice}")
+        if hp.alpha is None and self.reference_distance < 0.01 * median:
+            warnings.warn(f"calibrated alpha {self.reference_distance:.3g} is under 1% of the median distance between "
+                          f"corpus prompts ({median:.3g}): near-duplicate prompts? Paraphrases may not route; {advice}",
+                          stacklevel=2)
         self.alpha = hp.alpha if hp.alpha is not None else self.reference_distance
         return self.alpha
 
@@ -238,7 +249,10 @@ class Sola(Method):
 
     def _corpus_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of (at most calibration_samples, chosen by calibration_seed) corpus prompts, grouped by text."""
-        prompts = sorted(set(self.corpus))
+        distinct: dict[tuple[int, ...], str] = {}  # prompts that tokenize alike are one prompt
+        for p in sorted(set(self.corpus)):
+            distinct.setdefault(tuple(prompt_ids(self.tokenizer, p)), p)
+        prompts = list(distinct.values())
         if len(prompts) > self.hparams.calibration_samples:
             g = torch.Generator().manual_seed(self.hparams.calibration_seed)
             pick = torch.randperm(len(prompts), generator=g)[: self.hparams.calibration_samples]
@@ -257,7 +271,8 @@ class Sola(Method):
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.disabled():
             torch.manual_seed(hp.calibration_seed)
-            ids = torch.randint(0, len(tok), (n, 1), device=dev)
+            vocab = min(len(tok), self.model.get_input_embeddings().num_embeddings)
+            ids = torch.randint(0, vocab, (n, 1), device=dev)
             if tok.bos_token_id is not None:
                 ids = torch.cat([torch.full_like(ids, tok.bos_token_id), ids], dim=1)
             out = self.model.generate(
@@ -309,7 +324,6 @@ class Sola(Method):
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req = item.request
         key = self.key_of(req.prompt)
-        target = target_ids(self.tokenizer, req.target)
         stats: dict[str, Any] = {"alpha": self.alpha}
         covered: list[int] = []
         if len(self.bank):
@@ -318,18 +332,15 @@ class Sola(Method):
             owners = self.bank.owners()
             for s in (d < self.alpha).nonzero().squeeze(1).tolist():
                 eid = owners[s]
-                if req.key is not None and self.facts[eid] is not None:
-                    same_fact = req.key == self.facts[eid]
-                else:
-                    same_fact = float(d[s]) <= 1e-6
-                if same_fact and self.targets[eid] != target:
+                same_prompt = torch.allclose(self.bank.keys[s], key, rtol=1e-4, atol=1e-6)
+                if same_prompt or (req.key is not None and req.key == self.facts[eid]):
                     covered.append(eid)
         A, B, loss, steps = self._train(req.prompt, req.target)
         for eid in covered:  # the newer edit supersedes what covered this fact before
             self.bank.set_active(eid, False)
             self.superseded_by[eid] = item.id
         self.bank.add(item.id, key, A, B, active=True)
-        self.targets[item.id], self.facts[item.id] = target, req.key
+        self.facts[item.id] = req.key
         stats.update(loss=loss, steps=steps, action="supersede" if covered else "new")
         if covered:
             stats["supersedes"] = covered
@@ -339,8 +350,9 @@ class Sola(Method):
         """Train this edit's LoRA alone against the frozen base model (every other LoRA off)."""
         hp, dev = self.hparams, self.bank.device
         batch = make_batch(self.tokenizer, [(prompt, target)], device=dev)
-        A = [torch.randn((hp.rank, i), device=dev) / math.sqrt(i) for _, i in self.bank.shapes]
-        B = [torch.zeros((o, hp.rank), device=dev) for o, _ in self.bank.shapes]
+        devs = self.bank.module_devices
+        A = [torch.randn((hp.rank, i), device=d) / math.sqrt(i) for (_, i), d in zip(self.bank.shapes, devs)]
+        B = [torch.zeros((o, hp.rank), device=d) for (o, _), d in zip(self.bank.shapes, devs)]
         params = [t.requires_grad_(True) for t in A + B]
         opt = torch.optim.SGD(params, lr=hp.lr) if hp.optimizer == "sgd" else torch.optim.Adam(params, lr=hp.lr)
         loss_value, steps = float("inf"), 0
@@ -381,7 +393,7 @@ class Sola(Method):
             else:  # it was superseded itself: its successor now supersedes what it superseded
                 self.superseded_by[old] = newer
         self.bank.remove(edit_id)
-        del self.targets[edit_id], self.facts[edit_id]
+        del self.facts[edit_id]
         return True
 
     # -- persistence ------------------------------------------------------------------------------
@@ -389,7 +401,7 @@ class Sola(Method):
         if edit_id not in self.bank.slot_of:
             return {}
         key, A, B = self.bank.lora(edit_id)
-        out = {"key": key, "target": torch.tensor(self.targets[edit_id], dtype=torch.long)}
+        out = {"key": key}
         if self.facts[edit_id] is not None:
             out["fact"] = torch.tensor(list(self.facts[edit_id].encode()), dtype=torch.uint8)
         out.update({f"A.{i}": a for i, a in enumerate(A)})
@@ -418,24 +430,23 @@ class Sola(Method):
     def load_artifacts(self, held) -> None:
         n = len(self.bank.shapes)
         for eid, arts in held:
-            missing = [k for k in ["key", "target"] + [f"{p}.{i}" for p in "AB" for i in range(n)] if k not in arts]
+            missing = [k for k in ["key"] + [f"{p}.{i}" for p in "AB" for i in range(n)] if k not in arts]
             if missing:
                 raise ValueError(f"stored SoLA edit {eid} lacks artifacts {missing}")
             A = [arts[f"A.{i}"] for i in range(n)]
             B = [arts[f"B.{i}"] for i in range(n)]
             self.bank.add(eid, arts["key"], A, B, active=eid not in self.superseded_by)
-            self.targets[eid] = arts["target"].tolist()
             self.facts[eid] = bytes(arts["fact"].tolist()).decode() if "fact" in arts else None
 
     def checkpoint(self) -> Any:
         """Cheap: the bank's slot table and the small dicts (slot contents are never overwritten in place)."""
-        return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.targets), dict(self.facts),
+        return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.facts),
                 self.alpha, self.reference_distance)
 
     def restore(self, checkpoint: Any) -> None:
-        bank, sup, targets, facts, self.alpha, self.reference_distance = checkpoint
+        bank, sup, facts, self.alpha, self.reference_distance = checkpoint
         self.bank.restore(bank)
-        self.superseded_by, self.targets, self.facts = dict(sup), dict(targets), dict(facts)
+        self.superseded_by, self.facts = dict(sup), dict(facts)
 
 
 def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
