@@ -103,13 +103,23 @@ def test_reopen_gives_identical_outputs(world_model, small_world, world_requests
     ed.close()
 
 
-def test_store_state_does_not_grow_with_edits(sola, world_requests):
-    """The LoRAs are stored once, as artifacts; the per-edit state row stays the same size."""
+def test_store_state_does_not_grow_with_edits(sola, world_requests, monkeypatch):
+    """The LoRAs are stored once, as artifacts; the state stays the same size and its constant tensors
+    (the key whitening) are not rewritten after each edit."""
+    written = []
+    put_state = sola.store.put_state
+
+    def spy(tensors, meta, unchanged=()):
+        written.append(set(tensors) - set(unchanged))
+        put_state(tensors, meta, unchanged)
+
+    monkeypatch.setattr(sola.store, "put_state", spy)
     sizes = []
     for r in world_requests[:6]:
         sola.edit(r)
-        sizes.append(len(sola.store._db.execute("SELECT data FROM state").fetchone()[0]))
+        sizes.append(sola.store._db.execute("SELECT SUM(LENGTH(data)) FROM state").fetchone()[0])
     assert len(set(sizes)) == 1
+    assert written[0] == {"method.center", "method.projection"} and written[1:] == [set()] * 5
     arts = sola.store.artifacts(1)
     assert {"key", "fact", "A.0", "B.0"} <= set(arts) and arts["A.0"].shape[0] == sola.method.hparams.rank
 

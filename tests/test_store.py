@@ -52,3 +52,26 @@ def test_not_a_store(tmp_path):
         EditStore(bad)
     with pytest.raises(ValueError, match="directory"):
         EditStore(tmp_path)
+
+
+def test_state_rows_skip_unchanged_tensors_and_read_old_single_blob_states(tmp_path):
+    import json
+
+    from editbank.store import tensors_to_bytes
+
+    st = EditStore(tmp_path / "s.db")
+    a, b = torch.ones(3), torch.zeros(2)
+    st.put_state({"a": a, "b": b}, {"n": 1})
+    st.put_state({"a": a * 5, "b": b + 1}, {"n": 2}, unchanged={"a"})  # "a" is claimed unchanged: kept
+    tensors, meta = st.get_state()
+    assert meta == {"n": 2} and torch.equal(tensors["a"], a) and torch.equal(tensors["b"], b + 1)
+    st.put_state({"b": b}, {"n": 3})  # a tensor that is gone loses its row
+    assert set(st.get_state()[0]) == {"b"}
+    assert st._db.execute("SELECT COUNT(*) FROM state WHERE name LIKE 'current/%'").fetchone()[0] == 1
+    # a store written by editbank 0.1.0 kept the whole state in one blob
+    st._db.execute("DELETE FROM state")
+    st._db.execute("INSERT INTO state(name, data, meta) VALUES ('current', ?, ?)",
+                   (tensors_to_bytes({"a": a}), json.dumps({"n": 0})))
+    tensors, meta = st.get_state()
+    assert meta == {"n": 0} and torch.equal(tensors["a"], a)
+    st.close()

@@ -108,6 +108,7 @@ class Editor:
         self.store.bind(self.fingerprint, name, dataclasses.asdict(hp), __version__)
         self._base_weights = {k: p.detach().clone() for k, p in self.method.touched_parameters().items()}
         self._base_cache: dict[tuple[str, str, str], Any] = {}
+        self._saved: dict[str, tuple[torch.Tensor, int]] = {}  # state tensors as last written to the store
         self.method.attach()
         state = self.store.get_state()
         if state is not None:
@@ -222,6 +223,7 @@ class Editor:
                 self._save_state(snapshot=self.method.snapshots and not self.method.state_in_artifacts and due)
         except BaseException:
             self._restore(ckpt)
+            self._saved = {}  # the transaction rolled back: the store may not hold what was last written
             raise
         return edits[0] if single else edits
 
@@ -241,6 +243,7 @@ class Editor:
                 self._save_state(snapshot=False)
         except BaseException:
             self._restore(ckpt)
+            self._saved = {}
             raise
         return self.store.get_edit(edit.id)
 
@@ -318,7 +321,12 @@ class Editor:
 
     def _save_state(self, snapshot: bool) -> None:
         tensors, meta = self._state_tensors()
-        self.store.put_state(tensors, meta)
+        # a tensor is unchanged since the last save if it is the same object at the same version counter
+        # (references are kept, so a new tensor can never reuse a saved one's identity)
+        unchanged = {k for k, t in tensors.items()
+                     if k in self._saved and self._saved[k][0] is t and self._saved[k][1] == t._version}
+        self.store.put_state(tensors, meta, unchanged)
+        self._saved = {k: (t, t._version) for k, t in tensors.items()}
         if snapshot:
             self.store.put_snapshot(self.store.last_id("active"), tensors, meta)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,15 +249,43 @@ class EditStore:
         return {name: bytes_to_tensors(data)["t"] for name, data in rows}
 
     # -- method state and snapshots -----------------------------------------------------------
-    def put_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def put_state(
+        self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], unchanged: Collection[str] = ()
+    ) -> None:
+        """Write the current state: the meta and the list of tensors in row 'current', each tensor in its own
+        row 'current/<name>'. Tensors named in `unchanged` keep their stored row (not rewritten), so state
+        that rarely changes (e.g. SoLA's key whitening) costs nothing per edit."""
+        names = sorted(tensors)
+        head = {_STATE_FORMAT: 2, "meta": meta, "tensors": names}
         self._db.execute(
             "INSERT OR REPLACE INTO state(name, data, meta) VALUES ('current', ?, ?)",
-            (tensors_to_bytes(tensors), json.dumps(meta)),
+            (tensors_to_bytes({}), json.dumps(head)),
         )
+        stored = {r[0] for r in self._db.execute("SELECT name FROM state WHERE name LIKE 'current/%'")}
+        for row in stored - {f"current/{n}" for n in names}:
+            self._db.execute("DELETE FROM state WHERE name=?", (row,))
+        for n in names:
+            if n in unchanged and f"current/{n}" in stored:
+                continue
+            self._db.execute(
+                "INSERT OR REPLACE INTO state(name, data, meta) VALUES (?, ?, '{}')",
+                (f"current/{n}", tensors_to_bytes({"t": tensors[n]})),
+            )
 
     def get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         row = self._db.execute("SELECT data, meta FROM state WHERE name='current'").fetchone()
-        return None if row is None else (bytes_to_tensors(row[0]), json.loads(row[1]))
+        if row is None:
+            return None
+        head = json.loads(row[1])
+        if not (isinstance(head, dict) and head.get(_STATE_FORMAT) == 2):  # one blob (stores written by editbank 0.1.0)
+            return bytes_to_tensors(row[0]), head
+        tensors = {}
+        for n in head["tensors"]:
+            data = self._db.execute("SELECT data FROM state WHERE name=?", (f"current/{n}",)).fetchone()
+            if data is None:
+                raise ValueError(f"store {self.path} is damaged: state tensor {n!r} is missing")
+            tensors[n] = bytes_to_tensors(data[0])["t"]
+        return tensors, head["meta"]
 
     def put_snapshot(self, after_edit: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._db.execute(
@@ -343,6 +371,9 @@ class EditStore:
                 data = bytes_to_tensors((src / f"snapshot-{snap['after_edit']}.safetensors").read_bytes())
                 store.put_snapshot(snap["after_edit"], data, snap["meta"])
         return store
+
+
+_STATE_FORMAT = "__editbank_state_format__"
 
 
 def _split(script: str) -> list[str]:
