@@ -330,9 +330,10 @@ class Sola(Method):
             d = self.bank.distances(key[None])[0]
             stats["nearest_distance"] = float(d.min())
             owners = self.bank.owners()
-            for s in (d < self.alpha).nonzero().squeeze(1).tolist():
+            hits = (d < self.alpha).nonzero().squeeze(1)
+            same = torch.isclose(self.bank.keys[hits], key[None], rtol=1e-4, atol=1e-6).all(dim=1)
+            for s, same_prompt in zip(hits.tolist(), same.tolist()):
                 eid = owners[s]
-                same_prompt = torch.allclose(self.bank.keys[s], key, rtol=1e-4, atol=1e-6)
                 if same_prompt or (req.key is not None and req.key == self.facts[eid]):
                     covered.append(eid)
         A, B, loss, steps = self._train(req.prompt, req.target)
