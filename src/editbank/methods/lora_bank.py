@@ -1,8 +1,8 @@
 """A bank of per-edit LoRAs as stacked tensors, with their routing keys as one matrix.
 
 Each edit owns one slot: a key (float32) and, for every edited module, a LoRA pair A [r, in], B [out, r].
-A forward gathers the slots its rows route to (`delta`), never one module per edit. Slots grow by
-doubling and are reused after a removal. Writing a slot never changes another slot's contents, so a
+A forward gathers the slots its rows route to (`gather`, `slices`), never one module per edit. Slots grow
+by doubling and are reused after a removal. Writing a slot never changes another slot's contents, so a
 checkpoint of the bank is only its small slot table (`checkpoint`/`restore`).
 """
 
@@ -112,9 +112,6 @@ class LoraBank:
 
     def set_active(self, edit_id: int, active: bool) -> None:
         self.offset[self.slot_of[edit_id]] = 0.0 if active else float("inf")
-
-    def is_active(self, edit_id: int) -> bool:
-        return bool(self.offset[self.slot_of[edit_id]] == 0)
 
     def lora(self, edit_id: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The edit's key, A [r, in] and B [out, r] of each module."""
