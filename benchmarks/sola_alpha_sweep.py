@@ -17,7 +17,7 @@ import torch
 from common import parse_hp
 
 from editbank import Editor
-from editbank.methods.sola import _quantile
+from editbank.methods.sola import quantile
 from editbank.world import World
 
 QUANTILES = [1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--protocol", default="greedy_exact_match")
     ap.add_argument("--hp", action="append", default=[], help="k=v SoLA hyperparameter (JSON value)")
-    ap.add_argument("--quantiles", default=",".join(f"{q:g}" for q in QUANTILES), help="alpha_quantile values")
+    ap.add_argument("--quantiles", default=",".join(f"{q:g}" for q in QUANTILES), help="alphaquantile values")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     hp = parse_hp(args.hp)
@@ -48,7 +48,7 @@ def main() -> None:
     rows = []
     if getattr(m, "calibration_distances", None) is not None:  # calibrated: sweep the quantile
         quantiles = [float(q) for q in args.quantiles.split(",")]
-        alphas = [(f"q={q:g}", _quantile(m.calibration_distances, q)) for q in quantiles]
+        alphas = [(f"q={q:g}", quantile(m.calibration_distances, q)) for q in quantiles]
         alphas += [("paper 0.01", 0.01), ("default", default_alpha)]
     else:  # a fixed alpha on raw keys (preset="paper"): sweep multiples of it
         alphas = [(f"{f:g} x alpha", f * default_alpha) for f in (0.3, 1, 3, 10, 30, 100)]

@@ -47,12 +47,19 @@ def runner_up_word(tok, logits: torch.Tensor) -> str:
                if target_ids(tok, w)[0] != top else float("-inf"))
 
 
-@pytest.mark.parametrize("method, model_type", CASES, ids=[f"{m}-{t}" for m, t in CASES])
-def test_edit_and_undo(method, model_type):
+def tiny_editor(method: str, model_type: str, dtype: torch.dtype | None = None) -> tuple[Editor, object]:
+    """An editor of table case `method` on a fresh tiny random model, and its tokenizer."""
     tok = tiny_tokenizer()
     model = tiny_model(model_type, len(tok))
+    if dtype is not None:
+        model = model.to(dtype)
     name, hparams = METHOD_HPARAMS[method]
-    ed = Editor(model, tok, method=name, **hparams)
+    return Editor(model, tok, method=name, **hparams), tok
+
+
+@pytest.mark.parametrize("method, model_type", CASES, ids=[f"{m}-{t}" for m, t in CASES])
+def test_edit_and_undo(method, model_type):
+    ed, tok = tiny_editor(method, model_type)
     before, other_before = next_token_logits(ed, PROMPT), next_token_logits(ed, OTHER)
     target = runner_up_word(tok, before)
     e = ed.edit(EditRequest(prompt=PROMPT, target=target))
@@ -69,10 +76,7 @@ def test_edit_and_undo(method, model_type):
 @pytest.mark.parametrize("method", sorted(METHOD_HPARAMS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_edit_and_undo(method, dtype):
-    tok = tiny_tokenizer()
-    model = tiny_model("llama", len(tok)).to(dtype)
-    name, hparams = METHOD_HPARAMS[method]
-    ed = Editor(model, tok, method=name, **hparams)
+    ed, tok = tiny_editor(method, "llama", dtype)
     before = next_token_logits(ed, PROMPT)
     target = runner_up_word(tok, before)
     e = ed.edit(EditRequest(prompt=PROMPT, target=target))
@@ -87,10 +91,7 @@ ROUTED_CASES = [(m, t) for m in sorted(ROUTED) for t in TINY_TYPES]
 @pytest.mark.parametrize("method, model_type", ROUTED_CASES, ids=[f"{m}-{t}" for m, t in ROUTED_CASES])
 def test_mixed_batch_equals_rows_alone(method, model_type):
     """Rows routed to different edits and rows routed to none, in one padded batch, match each row alone."""
-    tok = tiny_tokenizer()
-    model = tiny_model(model_type, len(tok))
-    name, hparams = METHOD_HPARAMS[method]
-    ed = Editor(model, tok, method=name, **hparams)
+    ed, tok = tiny_editor(method, model_type)
     prompts = [PROMPT, OTHER, "The river that flows through Kestrel is called"]
     for p in prompts[:2]:
         ed.edit(EditRequest(prompt=p, target=runner_up_word(tok, next_token_logits(ed, p))))

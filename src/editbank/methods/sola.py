@@ -228,7 +228,7 @@ class Sola(Method):
         self.calibration_distances = unrelated  # kept for diagnostics (alpha sweeps); not persisted
         if unrelated.numel() < 10:
             raise EditFailed("cannot calibrate alpha: fewer than 10 pairs of unrelated calibration prompts")
-        self.reference_distance = _quantile(unrelated, hp.alpha_quantile)
+        self.reference_distance = quantile(unrelated, hp.alpha_quantile)
         median = float(unrelated[len(unrelated) // 2])
         advice = "give prompts about distinct facts, or a larger alpha_quantile, or a fixed alpha"
         if hp.alpha is None and not self.reference_distance > 1e-6 * median:
@@ -247,6 +247,15 @@ class Sola(Method):
             self.model(input_ids=ids, attention_mask=mask)
         return tr[self.paths[0]].input.float()
 
+    def _prompt_keys(self, prompts: list[str]) -> torch.Tensor:
+        """Routing keys [N, D] of prompts (their last token), in batches of 64."""
+        keys = []
+        for i in range(0, len(prompts), 64):
+            batch = make_batch(self.tokenizer, [(p, " x") for p in prompts[i : i + 64]], device=self.bank.device)
+            k = self._keys_at(batch.input_ids, batch.attention_mask)
+            keys.append(k[torch.arange(k.shape[0], device=k.device), batch.query_index])
+        return torch.cat(keys)
+
     def _corpus_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of (at most calibration_samples, chosen by calibration_seed) corpus prompts, grouped by text."""
         distinct: dict[tuple[int, ...], str] = {}  # prompts that tokenize alike are one prompt
@@ -257,12 +266,7 @@ class Sola(Method):
             g = torch.Generator().manual_seed(self.hparams.calibration_seed)
             pick = torch.randperm(len(prompts), generator=g)[: self.hparams.calibration_samples]
             prompts = [prompts[i] for i in sorted(pick.tolist())]
-        keys = []
-        for i in range(0, len(prompts), 64):
-            batch = make_batch(self.tokenizer, [(p, " x") for p in prompts[i : i + 64]], device=self.bank.device)
-            k = self._keys_at(batch.input_ids, batch.attention_mask)
-            keys.append(k[torch.arange(k.shape[0], device=k.device), batch.query_index])
-        return torch.cat(keys), torch.arange(len(prompts), device=self.bank.device)
+        return self._prompt_keys(prompts), torch.arange(len(prompts), device=self.bank.device)
 
     def _sampled_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """No corpus: keys of the distinct contexts in texts the unedited model writes after random tokens."""
@@ -301,25 +305,17 @@ class Sola(Method):
     @torch.no_grad()
     def key_of(self, prompt: str) -> torch.Tensor:
         """The routing key of a prompt: master module input at its last token, every LoRA off."""
-        batch = make_batch(self.tokenizer, [(prompt, " x")], device=self.bank.device)
-        q = int(batch.query_index[0])
-        with self.disabled(), trace(self.model, self.paths[0], outputs=False) as tr:
-            self.model(input_ids=batch.input_ids[:, : q + 1])
-        return tr[self.paths[0]].input[0, q].float()
+        ids = torch.tensor([prompt_ids(self.tokenizer, prompt)], device=self.bank.device)
+        return self._keys_at(ids, torch.ones_like(ids))[0, -1]
 
     @torch.no_grad()
     def routes(self, prompts: list[str]) -> list[int | None]:
         """The edit each prompt routes to (None: no key is within alpha and the base model answers)."""
-        out: list[int | None] = []
+        if not prompts or self.alpha is None:
+            return [None] * len(prompts)
         owners = self.bank.owners()
-        for i in range(0, len(prompts), 64):
-            batch = make_batch(self.tokenizer, [(p, " x") for p in prompts[i : i + 64]], device=self.bank.device)
-            k = self._keys_at(batch.input_ids, batch.attention_mask)
-            q = k[torch.arange(k.shape[0], device=k.device), batch.query_index]
-            dist, slot = self.bank.nearest(q)
-            hit = (dist < self.alpha).tolist() if self.alpha is not None else [False] * len(q)
-            out += [owners[s] if h else None for h, s in zip(hit, slot.tolist())]
-        return out
+        dist, slot = self.bank.nearest(self._prompt_keys(prompts))
+        return [owners[s] if h else None for h, s in zip((dist < self.alpha).tolist(), slot.tolist())]
 
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req = item.request
@@ -468,7 +464,7 @@ def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tenso
     return center, scale[:, None] * vh[:k].T / sd
 
 
-def _quantile(x: torch.Tensor, q: float) -> float:
+def quantile(x: torch.Tensor, q: float) -> float:
     """Linear-interpolated quantile of a 1-d tensor of any size (torch.quantile caps the input size)."""
     x = x.flatten().sort().values
     pos = q * (x.numel() - 1)
