@@ -22,6 +22,8 @@ METHOD_HPARAMS = {
     "grace_shared": ("grace", {"eps_init": 1e-3, "n_iter": 50, "value_mode": "shared"}),
     "ft": ("ft", {"lr": 0.05, "norm_constraint": 1.0, "n_iter": 50}),
     "sola": ("sola", {}),
+    "wise": ("wise", {"n_iter": 40}),
+    "repair": ("repair", {"n_iter": 40}),
 }
 ROUTED = {"grace", "grace_shared", "sola"}  # cases that leave unrouted prompts bit-identical
 

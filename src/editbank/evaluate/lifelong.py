@@ -29,14 +29,19 @@ def run_stream(
     protocol: str = "greedy_exact_match",
     *,
     eval_every: int | None = None,
+    batch_size: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Apply `requests` one at a time, then evaluate all of them on the final model (WISE protocol).
+
+    With `batch_size=b`, requests go to the editor b at a time (one `editor.edit(list)` call each).
 
     With `eval_every=k`, after every k edits the edits so far are scored too, giving the retention
     matrix (row t: reliability of edit i after t edits), ERR (mean over past edits) and TRR (locality).
     """
     check_protocol(protocol)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     requests = list(requests)
     probes = [p for r in requests for p in r.locality]
     if probes:
@@ -46,10 +51,12 @@ def run_stream(
     t0 = time.perf_counter()
     prog, task = _progress(len(requests), "editing", progress)
     with prog:
-        for t, req in enumerate(requests, 1):
-            edits.append(editor.edit(req))
-            prog.advance(task)
-            if eval_every and t % eval_every == 0:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            edits += [editor.edit(chunk[0])] if batch_size == 1 else editor.edit(chunk)
+            prog.advance(task, len(chunk))
+            t = start + len(chunk)
+            if eval_every and (t % eval_every == 0 or t // eval_every > start // eval_every):
                 rel = score_pairs(editor, [(r.prompt, r.target) for r in requests[:t]], protocol)
                 loc = score_locality(editor, probes, protocol) if probes else []
                 retention.append({"step": t, "reliability": rel, "ERR": _mean(rel), "TRR": _mean(loc)})

@@ -1,0 +1,144 @@
+"""WISE vs REPAIR on a built-in world: scores at several T, REPAIR's ablation, speed, latency and undo, in one run.
+
+Every stream feeds the same requests in chunks of `--batch` (so REPAIR's batching has something to group) and
+evaluates all edits on the final model with greedy exact match. OP is the geometric mean of reliability,
+generalization and locality. The largest T of each method is then timed (inference latency against the base
+model, interleaved) and 10% of its edits are undone.
+
+    python benchmarks/wise_repair.py --T 1,10,100 --ablation-T 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import parse_hp
+from rich.console import Console
+from rich.table import Table
+
+from editbank import Editor, World
+from editbank.evaluate import evaluate, rollback_eval, run_stream
+from editbank.tokens import make_batch
+
+# settings for the built-in worlds (their 128-wide FFN fits far fewer edits per shard than a 7B model's):
+# three prefixes and a higher step size, 70 steps; everything else is each method's paper default, with WISE's
+# shard/merge cadence scaled from 500/1000 to 10/20 for streams of at most a few hundred edits
+WORLD_HP = {"n_prefixes": 3, "n_iter": 70, "edit_lr": 3.0}
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "wise": ("wise", {**WORLD_HP, "save_freq": 10, "merge_freq": 20}),
+    "repair": ("repair", dict(WORLD_HP)),
+    "repair -feedback": ("repair", {**WORLD_HP, "error_feedback": False}),
+    "repair -batching": ("repair", {**WORLD_HP, "similarity_batching": False}),
+    "repair -distillation": ("repair", {**WORLD_HP, "distillation": False}),
+    "repair -loss-aware merge": ("repair", {**WORLD_HP, "loss_aware_merge": False, "save_freq": 10,
+                                            "merge_freq": 20}),
+}
+METRICS = ("reliability", "generalization", "locality")
+
+
+def op(scores: dict[str, float]) -> float:
+    vals = [scores[k] for k in METRICS]
+    return float(torch.tensor(vals).prod() ** (1 / 3)) if min(vals) > 0 else 0.0
+
+
+def latency_ratio(ed: Editor, prompts: list[str], rounds: int = 5) -> float:
+    """Forward time of the edited model over the base model on the same batch, interleaved."""
+    b = make_batch(ed.tokenizer, [(p, " x") for p in prompts], device=ed.device)
+    edited, base = [], []
+    for _ in range(rounds):
+        for bucket, ctx in ((edited, None), (base, ed.unedited)):
+            t0 = time.perf_counter()
+            if ctx is None:
+                ed.logits(b.input_ids, b.attention_mask, b.query_index)
+            else:
+                with ctx():
+                    ed.logits(b.input_ids, b.attention_mask, b.query_index)
+            bucket.append(time.perf_counter() - t0)
+    return statistics.median(edited) / statistics.median(base)
+
+
+def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: bool) -> dict[str, Any]:
+    method, hp = CONFIGS[name]
+    reqs = world.edit_requests(n=t, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        ed = Editor.open(world.path, method=method, store=Path(tmp) / "s.db", seed=args.seed, **{**hp, **extra})
+        stream = run_stream(ed, reqs, protocol="greedy_exact_match", batch_size=args.batch)
+        scores = {k: stream["final"][k] for k in METRICS}
+        fig = {"config": name, "T": t, **scores, "OP": op(scores), "seconds_per_edit": stream["edit_seconds"] / t}
+        if final:
+            fig["latency_ratio"] = latency_ratio(ed, [r.prompt for r in reqs[:32]])
+            if t >= 10:
+                fig["undo"] = undo_figures(ed, args)
+        ed.close()
+    return fig
+
+
+def undo_figures(ed: Editor, args) -> dict[str, Any]:
+    """Undo a random share of the edits; the others' scores before and after."""
+    active = ed.edits("active")
+    chosen = random.Random(args.seed).sample(active, max(1, round(args.undo_fraction * len(active))))
+    kept = [e.request for e in active if e.id not in {c.id for c in chosen}]
+    before = evaluate(ed, kept, "greedy_exact_match")
+    t0 = time.perf_counter()
+    rb = rollback_eval(ed, chosen, fraction=1.0)
+    seconds = (time.perf_counter() - t0) / len(chosen)
+    after = evaluate(ed, kept, "greedy_exact_match")
+    return {"undone": len(chosen), "restored": rb["restored"], "seconds_per_undo": seconds,
+            "kept_before": {k: before[k] for k in METRICS}, "kept": {k: after[k] for k in METRICS}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="default", help="world size (small/default) or a spec file")
+    ap.add_argument("--T", default="1,10,100", help="comma-separated stream lengths")
+    ap.add_argument("--ablation-T", type=int, default=100, help="T of REPAIR's ablation (0: none)")
+    ap.add_argument("--configs", default="wise,repair", help="configs of the main table")
+    ap.add_argument("--batch", type=int, default=8, help="requests per editor call")
+    ap.add_argument("--undo-fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hp", action="append", default=[], help="hyperparameter key=value for every config")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON lines")
+    args = ap.parse_args()
+    extra = parse_hp(args.hp)
+    console = Console(quiet=args.json)
+    world = World.build(args.size, progress=not args.json)
+    ts = sorted({min(int(x), len(world.editable_facts)) for x in args.T.split(",")})
+    jobs = [(c, t, t == ts[-1]) for c in args.configs.split(",") for t in ts]
+    if args.ablation_T:
+        jobs += [(c, args.ablation_T, False) for c in CONFIGS if c.startswith("repair -")]
+    figs = []
+    for name, t, final in jobs:
+        t0 = time.perf_counter()
+        fig = run(world, name, t, args, extra, final)
+        fig["wall_seconds"] = time.perf_counter() - t0
+        figs.append(fig)
+        if args.json:
+            print(json.dumps(fig), flush=True)
+        else:
+            console.print(f"{name} T={t}: OP {fig['OP']:.3f} ({fig['wall_seconds']:.0f} s)")
+    table = Table("config", "T", *METRICS, "OP", "s/edit", title=f"world '{world.name}', greedy exact match, "
+                  f"chunks of {args.batch}, all edits scored on the final model")
+    for f in figs:
+        table.add_row(f["config"], str(f["T"]), *(f"{f[k]:.3f}" for k in METRICS), f"{f['OP']:.3f}",
+                      f"{f['seconds_per_edit']:.3f}")
+    console.print(table)
+    for f in figs:
+        if "latency_ratio" in f:
+            console.print(f"{f['config']} T={f['T']}: inference latency {f['latency_ratio']:.2f}x the base model")
+        if "undo" in f:
+            u = f["undo"]
+            console.print(f"  undo {u['undone']} ({u['seconds_per_undo']:.2f} s each): restored {u['restored']:.0%}; "
+                          "kept edits "
+                          + ", ".join(f"{k} {u['kept'][k]:.3f} (was {u['kept_before'][k]:.3f})" for k in METRICS))
+
+
+if __name__ == "__main__":
+    main()

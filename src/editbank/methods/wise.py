@@ -1,0 +1,453 @@
+"""WISE (Wang et al., arXiv 2405.14768): side memories of one FFN output matrix, chosen per sample by activation.
+
+A side memory is W' = W + D for the MLP output projection W of one layer; only D is trained. For an input whose
+FFN activation (the projection's input) at the last prompt token is a, memory j scores Delta_j(a) = ||a D_j^T||.
+Each row uses the memory with the highest score if that score exceeds the memory's threshold
+eps_j = act_ratio x the lowest score of the edits it holds; otherwise the base model answers. A routed memory adds
+x D_j^T to the projection's output at every position (and, in generation, for every generated token).
+
+Writing a batch of edits into the open shard: SGD (`edit_lr`) on D for up to `n_iter` steps of
+  CE(target | prompt, and the prompt behind `n_prefixes` random corpus prefixes)
+  + max(0, Delta(a_irr) - alpha) + max(0, beta - Delta(a_e)) + max(0, gamma - (Delta(a_e) - Delta(a_irr)))
+with act_margin = [alpha, beta, gamma] and a_irr the activation of an irrelevant prompt. Only the entries of the
+shard's Bernoulli(`mask_ratio`) mask move, and D is clamped to +-`norm_constraint` elementwise after each step.
+
+Sharding and merging: a shard closes after `save_freq` edits and a new one (its own mask) opens; every
+`merge_freq` edits the closed shards are merged (`merge_alg`, TIES by default, density `densities`). Retrieve mode
+keeps each merge as its own memory; Merge mode folds each merge into one memory.
+
+Every shard is a pure function of (its seed, its init noise, its training history: the ordered batches of edits
+it was trained on), and the randomness of an edit (its prefixes and irrelevant prompt) comes from the request and
+`seed`, not from the edit's id. So any shard can be retrained, which is how an edit is undone: the edit leaves every
+history it is in, those shards are retrained from their seeds and their groups re-merged. For an edit of the open
+shard the result is bit-identical to never having written it; for a merged one it equals a stream in which the
+edit's slot was empty (shard boundaries stay where they were), at the cost of retraining one shard instead of
+replaying every later edit.
+
+Hyperparameter names follow EasyEdit's WISE YAML so such files port over.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..merging import MERGE_METHODS, merge_deltas
+from ..models.hooks import trace
+from ..requests import EditRequest
+from ..tokens import make_batch
+from .base import EditFailed, EditItem, Method, register
+
+
+@dataclass
+class WiseHparams:
+    layer: int | None = None  # decoder layer whose MLP output projection gets the side memory (None: upper-middle)
+    edit_lr: float = 1.0
+    n_iter: int = 70
+    norm_constraint: float = 1.0
+    act_margin: list[float] = field(default_factory=lambda: [5.0, 20.0, 10.0])  # alpha, beta, gamma
+    act_ratio: float = 0.88
+    mask_ratio: float = 0.2
+    save_freq: int = 500  # edits per shard
+    merge_freq: int = 1000  # merge the closed shards every this many edits
+    merge_alg: str = "ties"
+    densities: float = 0.53
+    retrieve: bool = True  # Retrieve mode (one memory per merge) vs Merge mode (one memory for everything)
+    replay: bool = False  # EasyEdit's replay of past edits while writing: not implemented (must stay False)
+    n_prefixes: int = 10  # random corpus prefixes the prompt is also trained behind
+    stop_loss: float = 1e-2  # stop a batch once its whole loss is below this
+    route_by: str = "score"  # top-1 memory by raw score (paper) or by score / threshold ("ratio")
+    seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
+
+    def validate(self) -> None:
+        if len(self.act_margin) != 3:
+            raise ValueError("act_margin must be [alpha, beta, gamma]")
+        if self.n_iter < 1 or self.save_freq < 1 or self.merge_freq < 1 or self.n_prefixes < 0:
+            raise ValueError("n_iter, save_freq and merge_freq must be >= 1 and n_prefixes >= 0")
+        if self.merge_freq % self.save_freq:
+            raise ValueError(f"merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq})")
+        if not 0 < self.mask_ratio <= 1 or not 0 < self.densities <= 1:
+            raise ValueError("mask_ratio and densities must be in (0, 1]")
+        if self.merge_alg not in MERGE_METHODS:
+            raise ValueError(f"merge_alg must be one of {list(MERGE_METHODS)}, got {self.merge_alg!r}")
+        if self.route_by not in ("score", "ratio"):
+            raise ValueError(f"route_by must be 'score' or 'ratio', got {self.route_by!r}")
+        if self.replay:
+            raise ValueError("replay=True is not implemented")
+        if self.edit_lr <= 0 or self.norm_constraint <= 0 or self.act_ratio <= 0:
+            raise ValueError("edit_lr, norm_constraint and act_ratio must be > 0")
+
+
+def stable_seed(*parts: Any) -> int:
+    return zlib.crc32("\x1f".join(map(str, parts)).encode())
+
+
+@dataclass
+class Shard:
+    """A side memory in training: D = init + the training of `history` (ordered batches of edit ids)."""
+
+    seed: int  # its mask (and init noise) come from this
+    sigma: float = 0.0  # init D = sigma * N(0, 1) (REPAIR's re-initialisation); 0: D starts at zero
+    history: list[list[int]] = field(default_factory=list)
+    members: list[int] = field(default_factory=list)  # the edits it holds (its threshold comes from them)
+    losses: list[float] = field(default_factory=list)  # final loss of each batch of the history
+    closed: bool = False
+    group: int | None = None  # index of the merge it went into
+    delta: torch.Tensor | None = None
+
+    def meta(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(getattr(self, k))
+                for k in ("seed", "sigma", "history", "members", "losses", "closed", "group")}
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else 0.0
+
+
+@register("wise")
+class Wise(Method):
+    Hparams = WiseHparams
+    snapshots = False  # `remove` always undoes by retraining the edit's shard
+
+    def __init__(self, model, tokenizer, arch, hparams: WiseHparams) -> None:
+        super().__init__(model, tokenizer, arch, hparams)
+        self.layer = hparams.layer if hparams.layer is not None else arch.default_layers(1)[0]
+        if not 0 <= self.layer < arch.num_layers:
+            raise ValueError(f"layer {self.layer} out of range: the model has {arch.num_layers} layers")
+        self.path = arch.layer_path(self.layer, "mlp_out")
+        self.module = arch.module(self.path)
+        w = arch.weight_out_in(self.module)
+        self.shape, self.device = tuple(w.shape), w.device
+        self._handle = None
+        self._train_delta: torch.Tensor | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests: dict[int, EditRequest] = {}
+        self.acts: dict[int, torch.Tensor] = {}  # edit id -> a_e, its activation at the last prompt token
+        self.shards: list[Shard] = []
+        self.groups: list[dict[str, Any]] = []  # {"shards": [...], "seed": int}
+        self.merged: list[torch.Tensor] = []  # one per group (Merge mode: the fold up to that group)
+        self.count = 0  # edits written since the last merge point counter
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- memories -----------------------------------------------------------------------------------
+    @property
+    def open_shard(self) -> Shard:
+        if not self.shards or self.shards[-1].closed:
+            self.shards.append(Shard(seed=stable_seed(self.hparams.seed, "shard", len(self.shards))))
+            self.shards[-1].delta = self._init_delta(self.shards[-1])
+        return self.shards[-1]
+
+    def _memories(self) -> list[tuple[torch.Tensor, list[int]]]:
+        """(delta, held edit ids) of every memory that routes, merged ones first."""
+        out: list[tuple[torch.Tensor, list[int]]] = []
+        in_group = [[e for s in g["shards"] for e in self.shards[s].members] for g in self.groups]
+        if self.groups and self.hparams.retrieve:
+            out += [(d, m) for d, m in zip(self.merged, in_group) if m]
+        elif any(in_group):
+            out.append((self.merged[-1], [e for m in in_group for e in m]))
+        out += [(s.delta, list(s.members)) for s in self.shards if s.group is None and s.members]
+        return out
+
+    def _scores(self, a: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """Delta_j(a_b) = ||a_b D_j^T|| for rows a [B, in] and memories [M, out, in] -> [B, M]."""
+        return torch.linalg.vector_norm(torch.einsum("bi,moi->bmo", a.float(), deltas), dim=2)
+
+    def stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All routing memories as one tensor [M, out, in] and their thresholds eps [M]."""
+        if self._stack is None:
+            mems = self._memories()
+            if not mems:
+                self._stack = (torch.zeros((0, *self.shape), device=self.device), torch.zeros(0, device=self.device))
+            else:
+                deltas = torch.stack([d for d, _ in mems])
+                eps = torch.stack([self._scores(torch.stack([self.acts[e] for e in m]), d[None])[:, 0].min()
+                                   for d, m in mems]) * self.hparams.act_ratio
+                self._stack = (deltas, eps)
+        return self._stack
+
+    def route_rows(self, a: torch.Tensor) -> torch.Tensor:
+        """The memory each row of activations a [B, in] uses (-1: none, the base model answers)."""
+        deltas, eps = self.stack()
+        if len(eps) == 0:
+            return torch.full((len(a),), -1, dtype=torch.long, device=a.device)
+        scores = self._scores(a.to(deltas.device), deltas)
+        if self.hparams.route_by == "ratio":  # the memory whose threshold the row clears by the largest factor
+            j = (scores / eps).argmax(dim=1)
+        else:  # the paper's top-1 by score
+            j = scores.argmax(dim=1)
+        best = scores.gather(1, j[:, None])[:, 0]
+        return torch.where(best > eps[j], j, -1)
+
+    # -- the side-memory hook -----------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module, inputs, output):
+        x = inputs[0]
+        if self._train_delta is not None:
+            return output + (x.float() @ self._train_delta.T).to(output.dtype)
+        if not self.enabled or not self.requests:
+            return None
+        route = self.route
+        b, s = x.shape[:2]
+        keep = route is not None and route.keep_decisions
+        if keep and s == 1 and self.name in route.decisions:
+            choice = route.decisions[self.name]
+        else:
+            qidx = None if route is None else route.query_index
+            q = x[:, -1] if qidx is None else x[torch.arange(b, device=x.device), qidx.to(x.device)]
+            choice = self.route_rows(q)
+            if keep:
+                route.decisions[self.name] = choice
+        if not bool((choice >= 0).any()):
+            return None
+        deltas, _ = self.stack()
+        side = torch.einsum("bsi,boi->bso", x.float(), deltas[choice.clamp_min(0)]).to(output.dtype)
+        return torch.where((choice >= 0).view(b, 1, 1), output + side, output)
+
+    # -- training a shard ---------------------------------------------------------------------------
+    def _init_delta(self, shard: Shard) -> torch.Tensor:
+        if shard.sigma == 0:
+            return torch.zeros(self.shape, device=self.device)
+        g = torch.Generator().manual_seed(stable_seed(shard.seed, "init"))
+        return (shard.sigma * torch.randn(self.shape, generator=g)).to(self.device)
+
+    def _mask(self, shard: Shard) -> torch.Tensor:
+        g = torch.Generator().manual_seed(stable_seed(shard.seed, "mask"))
+        return (torch.rand(self.shape, generator=g) < self.hparams.mask_ratio).to(self.device)
+
+    @torch.no_grad()
+    def activations(self, prompts: list[str]) -> torch.Tensor:
+        """a(x): the projection's input at each prompt's last token, with no side memory."""
+        batch = make_batch(self.tokenizer, [(p, " x") for p in prompts], device=self.device)
+        with self.disabled(), trace(self.model, self.path, outputs=False) as tr:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        x = tr[self.path].input
+        return x[torch.arange(len(prompts), device=x.device), batch.query_index].float()
+
+    def _edit_data(self, edit_id: int) -> tuple[list[str], str | None]:
+        """The prompts an edit is trained on (its own, then behind prefixes) and its irrelevant prompt."""
+        req = self.requests[edit_id]
+        rng = random.Random(stable_seed(self.hparams.seed, req.prompt, req.target))
+        corpus = self.corpus or []
+        prefixes = rng.sample(corpus, min(self.hparams.n_prefixes, len(corpus)))
+        prompts = [req.prompt] + [f"{p.rstrip('.')}. {req.prompt}" for p in prefixes]
+        # a corpus prompt, never the request's locality probes (those are evaluation data)
+        irrelevant = rng.choice(corpus) if corpus else None
+        return prompts, irrelevant
+
+    def _batch_inputs(self, ids: list[int]) -> dict[str, Any]:
+        rows, owner, irr = [], [], []
+        for k, e in enumerate(ids):
+            prompts, irrelevant = self._edit_data(e)
+            rows += [(p, self.requests[e].target) for p in prompts]
+            owner += [k] * len(prompts)
+            irr.append(irrelevant)
+        a_irr = self.activations([p for p in irr if p is not None]) if any(p is not None for p in irr) else None
+        has_irr = torch.tensor([p is not None for p in irr], device=self.device)
+        return {"batch": make_batch(self.tokenizer, rows, device=self.device),
+                "owner": torch.tensor(owner, device=self.device), "a_e": torch.stack([self.acts[e] for e in ids]),
+                "a_irr": a_irr, "has_irr": has_irr}
+
+    def _margin(self, d: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor:
+        alpha, beta, gamma = self.hparams.act_margin
+        s_e = torch.linalg.vector_norm(inp["a_e"] @ d.T, dim=1)
+        loss = F.relu(beta - s_e)
+        if inp["a_irr"] is not None:
+            s_irr = torch.zeros_like(s_e)
+            s_irr[inp["has_irr"]] = torch.linalg.vector_norm(inp["a_irr"] @ d.T, dim=1)
+            extra = F.relu(s_irr - alpha) + F.relu(gamma - (s_e - s_irr))
+            loss = loss + torch.where(inp["has_irr"], extra, torch.zeros_like(extra))
+        return loss.mean()
+
+    def _extra_loss(self, logits: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor | None:
+        """Hook for subclasses (REPAIR's in-batch distillation)."""
+        return None
+
+    def _train_batch(self, delta: torch.Tensor, mask: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, float]:
+        """Train D on one batch of edits; return the new D and the final loss."""
+        hp = self.hparams
+        inp = self._batch_inputs(ids)
+        batch = inp["batch"]
+        d = delta.clone().requires_grad_(True)
+        opt = torch.optim.SGD([d], lr=hp.edit_lr)
+        loss_value = float("inf")
+        self._train_delta = d
+        try:
+            for _ in range(hp.n_iter):
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
+                loss = ce + self._margin(d, inp)
+                extra = self._extra_loss(logits, inp)
+                if extra is not None:
+                    loss = loss + extra
+                loss_value = float(loss.detach())
+                if not torch.isfinite(loss):
+                    raise EditFailed(f"{self.name} side-memory training diverged (loss {loss_value})")
+                if loss_value < hp.stop_loss:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                d.grad.mul_(mask)
+                opt.step()
+                with torch.no_grad():
+                    d.clamp_(-hp.norm_constraint, hp.norm_constraint)
+        finally:
+            self._train_delta = None
+        return d.detach(), loss_value
+
+    def _write(self, shard: Shard, ids: list[int]) -> float:
+        """Train `ids` as one batch into `shard` (appending to its history); return the loss."""
+        shard.delta, loss = self._train_batch(shard.delta, self._mask(shard), ids)
+        shard.history.append(list(ids))
+        shard.losses.append(loss)
+        shard.members += [e for e in ids if e not in shard.members]
+        self._stack = None
+        return loss
+
+    def _retrain(self, shard: Shard) -> None:
+        """Recompute a shard from its seed, init and history (after the history changed)."""
+        history = [b for b in shard.history if b]
+        shard.history, shard.losses, shard.delta = [], [], self._init_delta(shard)
+        members = shard.members
+        for ids in history:
+            self._write(shard, ids)
+        shard.members = [e for e in members if e in self.requests]
+        if shard.group is not None:
+            self._remerge(shard.group)
+        self._stack = None
+
+    # -- merging --------------------------------------------------------------------------------------
+    def _merge_weights(self, shards: list[Shard]) -> list[float]:
+        return [1.0] * len(shards)
+
+    def _merge_group(self, gi: int) -> torch.Tensor:
+        g = self.groups[gi]
+        shards = [self.shards[s] for s in g["shards"]]
+        deltas = [s.delta for s in shards]
+        weights = self._merge_weights(shards)
+        if not self.hparams.retrieve and gi > 0:  # Merge mode: the previous merged memory takes part
+            deltas, weights = [self.merged[gi - 1]] + deltas, [1.0] + weights
+        gen = torch.Generator(device=self.device).manual_seed(g["seed"])
+        return merge_deltas(deltas, self.hparams.merge_alg, weights, self.hparams.densities, generator=gen)
+
+    def _merge(self) -> None:
+        todo = [i for i, s in enumerate(self.shards) if s.closed and s.group is None]
+        if not todo:
+            return
+        gi = len(self.groups)
+        self.groups.append({"shards": todo, "seed": stable_seed(self.hparams.seed, "merge", gi)})
+        for i in todo:
+            self.shards[i].group = gi
+        self.merged.append(self._merge_group(gi))
+        self._stack = None
+
+    def _remerge(self, gi: int) -> None:
+        """Recompute group gi's merge (and, in Merge mode, every later fold)."""
+        last = gi if self.hparams.retrieve else len(self.groups) - 1
+        for i in range(gi, last + 1):
+            self.merged[i] = self._merge_group(i)
+        self._stack = None
+
+    def _after_write(self, n: int) -> None:
+        """Close the open shard when full; merge at every multiple of merge_freq edits."""
+        hp = self.hparams
+        before, self.count = self.count, self.count + n
+        crossed = self.count // hp.merge_freq > before // hp.merge_freq
+        current = self.shards[-1]
+        if len(current.members) >= hp.save_freq or crossed:
+            current.closed = True
+        if crossed:
+            self._merge()
+
+    # -- the Method protocol ----------------------------------------------------------------------------
+    def _register(self, items: list[EditItem]) -> None:
+        for it in items:
+            self.requests[it.id] = it.request
+        acts = self.activations([it.request.prompt for it in items])
+        for it, a in zip(items, acts):
+            self.acts[it.id] = a
+
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        self._register(items)
+        shard = self.open_shard
+        loss = self._write(shard, [it.id for it in items])
+        self._after_write(len(items))
+        return [self._edit_stats(it.id, loss) for it in items]
+
+    def _edit_stats(self, edit_id: int, loss: float) -> dict[str, Any]:
+        deltas, eps = self.stack()
+        return {"loss": loss, "memory": int(self.route_rows(self.acts[edit_id][None])[0]), "memories": len(eps)}
+
+    def remove(self, edit_id: int) -> bool:
+        if edit_id not in self.requests:
+            return False
+        del self.requests[edit_id], self.acts[edit_id]
+        touched = []
+        for s in self.shards:
+            if any(edit_id in b for b in s.history) or edit_id in s.members:
+                s.history = [[e for e in b if e != edit_id] for b in s.history]
+                s.members = [e for e in s.members if e != edit_id]
+                touched.append(s)
+        for s in touched:
+            self._retrain(s)
+        self._forget(edit_id)
+        self._stack = None
+        return True
+
+    def _forget(self, edit_id: int) -> None:
+        """Hook for subclasses: drop other references to an undone edit."""
+
+    def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
+        return {"activation": self.acts[edit_id].detach().cpu()} if edit_id in self.acts else {}
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {"requests": {str(k): r.to_dict() for k, r in self.requests.items()},
+                "shards": [s.meta() for s in self.shards], "groups": copy.deepcopy(self.groups), "count": self.count}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"shard.{i}": s.delta for i, s in enumerate(self.shards)}
+        tensors.update({f"merged.{i}": m for i, m in enumerate(self.merged)})
+        for e, a in self.acts.items():
+            tensors[f"act.{e}"] = a
+        return tensors, self._meta()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.reset()
+        if not meta:
+            return
+        self.requests = {int(k): EditRequest.from_dict(r) for k, r in meta["requests"].items()}
+        self.acts = {e: tensors[f"act.{e}"].to(self.device, torch.float32) for e in self.requests}
+        self.shards = [Shard(**copy.deepcopy(m)) for m in meta["shards"]]
+        for i, s in enumerate(self.shards):
+            s.delta = tensors[f"shard.{i}"].to(self.device, torch.float32)
+        self.groups = copy.deepcopy(meta["groups"])
+        self.merged = [tensors[f"merged.{i}"].to(self.device, torch.float32) for i in range(len(self.groups))]
+        self.count = int(meta["count"])
+        self._load_extra(meta)
+
+    def _load_extra(self, meta: dict[str, Any]) -> None:
+        """Hook for subclasses: restore their own meta."""
+
+    def checkpoint(self) -> Any:
+        # tensors are replaced, never written in place, so references are a faithful copy
+        return self.state_dict()
+
+    def restore(self, checkpoint: Any) -> None:
+        tensors, meta = checkpoint
+        self.load_state_dict(tensors, copy.deepcopy(meta))
