@@ -87,7 +87,9 @@ def test_half_precision_edit_and_undo(method, dtype):
     assert torch.equal(next_token_logits(ed, PROMPT), before)
 
 
-ROUTED_CASES = [(m, t) for m in sorted(ROUTED) for t in TINY_TYPES]
+# WISE/REPAIR decide per sample too, but with no corpus to train against, a random model's unrelated prompt may
+# clear their activation threshold, so only rows alone vs together are compared for them
+ROUTED_CASES = [(m, t) for m in sorted(ROUTED | {"wise", "repair"}) for t in TINY_TYPES]
 
 
 @pytest.mark.parametrize("method, model_type", ROUTED_CASES, ids=[f"{m}-{t}" for m, t in ROUTED_CASES])
@@ -105,6 +107,9 @@ def test_mixed_batch_equals_rows_alone(method, model_type):
         alone = ed.logits(one.input_ids, one.attention_mask, one.query_index)[0]
         torch.testing.assert_close(together[i, : alone.shape[0]], alone, rtol=1e-4, atol=1e-4)
         assert torch.equal(together[i, b.prompt_len[i] - 1].argmax(), alone[b.prompt_len[i] - 1].argmax())
+    if method not in ROUTED:
+        ed.close()
+        return
     with ed.unedited():
         base = ed.logits(b.input_ids, b.attention_mask, b.query_index)
     assert torch.equal(together[0], base[0]), "the unrouted row is the base model's"

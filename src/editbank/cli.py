@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -59,18 +60,35 @@ def _parse_hparams(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _hparams_file(path: Path, method: str | None) -> dict[str, Any]:
+    """A YAML hyperparameter file; for wise/repair an EasyEdit WISE file is translated (layer from inner_params)."""
+    from .methods.base import get_method
+    from .methods.wise import easyedit_hparams
+
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(cfg, dict):
+        _fail(f"--hparams {path}: expected a mapping of hyperparameters")
+    if method in ("wise", "repair"):
+        known = {f.name for f in dataclasses.fields(get_method(method).Hparams)}
+        cfg, dropped = easyedit_hparams(cfg, known)
+        if dropped:
+            typer.echo(f"--hparams: ignoring EasyEdit run settings {dropped}", err=True)
+    return cfg
+
+
 def _open(model: str, store: Path | None, method: str | None, hp: list[str] | None = None, json_out: bool = False,
-          corpus: Path | None = None):
+          corpus: Path | None = None, hparams: Path | None = None):
     from .editor import Editor
 
     try:
         prompts = None
+        overrides = {**(_hparams_file(hparams, method) if hparams else {}), **_parse_hparams(hp or [])}
         if corpus is not None:
             prompts = [ln.strip() for ln in corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
             if len(prompts) < 8:
                 _fail(f"--corpus {corpus}: need at least 8 prompts, one per line (got {len(prompts)})")
         return Editor.open(_resolve_model(model, progress=not json_out), method=method, store=store,
-                           progress=not json_out, corpus=prompts, **_parse_hparams(hp or []))
+                           progress=not json_out, corpus=prompts, **overrides)
     except (ValueError, TypeError, OSError, KeyError) as exc:
         _fail(str(exc))
 
@@ -135,6 +153,8 @@ def edit(
     subject: Annotated[str | None, typer.Option(help="Subject of the fact (needed by some methods).")] = None,
     file: Annotated[Path | None, typer.Option(help="JSONL file of requests, one object per line.")] = None,
     hp: Annotated[list[str] | None, typer.Option(help="Hyperparameter key=value (repeatable).")] = None,
+    hparams: Annotated[Path | None, typer.Option(
+        help="YAML hyperparameter file (EasyEdit's WISE files work for wise/repair); --hp overrides it.")] = None,
     corpus: Annotated[Path | None, typer.Option(
         help="Text file, one prompt per line, about distinct facts: calibrates SoLA on a new store "
              "(a world brings its own).")] = None,
@@ -153,7 +173,7 @@ def edit(
             _fail("give --prompt and --target, or --file")
     except (ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
-    ed = _open(model, store, method, hp, json_out, corpus)
+    ed = _open(model, store, method, hp, json_out, corpus, hparams)
     done = []
     try:
         for r in reqs:

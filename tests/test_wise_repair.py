@@ -1,0 +1,186 @@
+"""WISE and REPAIR on the small world: shards, exact undo, persistence, and each REPAIR mechanism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editbank import Editor, EditRequest
+from editbank.methods.base import build_hparams
+from editbank.methods.repair import RepairHparams
+from editbank.methods.wise import WiseHparams, easyedit_hparams
+from editbank.tokens import make_batch
+
+FAST = {"n_prefixes": 2, "n_iter": 30, "edit_lr": 3.0}
+
+
+def logits_of(ed: Editor, req: EditRequest | tuple[str, str]) -> torch.Tensor:
+    prompt, target = (req.prompt, req.target) if isinstance(req, EditRequest) else req
+    b = make_batch(ed.tokenizer, [(prompt, target)])
+    return ed.logits(b.input_ids, b.attention_mask, b.query_index)[0]
+
+
+def open_editor(small_world, tmp_path, method="wise", name="edits.db", **hp) -> Editor:
+    from editbank import load_model
+
+    model, tok = load_model(small_world.path)
+    return Editor(model, tok, method=method, store=tmp_path / name, corpus=small_world.fact_prompts(), **{**FAST, **hp})
+
+
+def probes_of(reqs: list[EditRequest]) -> list[tuple[str, str]]:
+    return [(r.prompt, r.target) for r in reqs] + [p for r in reqs for p in r.locality]
+
+
+def test_wise_writes_edits_and_leaves_most_probes_alone(small_world, world_requests, tmp_path):
+    ed = open_editor(small_world, tmp_path, save_freq=1, merge_freq=1000)
+    reqs = world_requests[:4]
+    for r in reqs:
+        ed.edit(r)
+    scores = ed.evaluate(reqs, protocol="greedy_exact_match")
+    assert scores["reliability"] == 1.0
+    assert scores["locality"] >= 0.75
+    ed.close()
+
+
+def test_undo_in_the_open_shard_equals_never_writing_it(small_world, world_requests, tmp_path):
+    reqs = world_requests[:4]
+    a = open_editor(small_world, tmp_path, name="a.db", save_freq=10, merge_freq=20)
+    edits = [a.edit(r) for r in reqs]
+    a.undo(edits[2].id)
+    b = open_editor(small_world, tmp_path, name="b.db", save_freq=10, merge_freq=20)
+    for r in reqs[:2] + reqs[3:]:
+        b.edit(r)
+    for p in probes_of(reqs):
+        assert torch.equal(logits_of(a, p), logits_of(b, p)), "undo must equal never having written the edit"
+    a.close()
+    b.close()
+
+
+def state_tensors(ed: Editor) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in ed.method.state_dict()[0].items()}
+
+
+@pytest.mark.parametrize("method, retrieve", [("wise", True), ("wise", False), ("repair", True)])
+def test_undo_after_merges_is_a_pure_recomputation_and_persists(small_world, world_requests, tmp_path, method,
+                                                                retrieve):
+    reqs = world_requests[:8]
+    ed = open_editor(small_world, tmp_path, method=method, save_freq=2, merge_freq=4, retrieve=retrieve)
+    with ed.unedited():
+        base = {r.prompt: logits_of(ed, r).argmax(-1) for r in reqs}
+    edits = [ed.edit(r) for r in reqs]
+    assert len(ed.method.groups) == 2
+    gone = edits[1].id  # written into the first merged group
+    ed.undo(gone)
+    m = ed.method
+    assert all(gone not in b for s in m.shards for b in s.history) and gone not in m.requests
+    after = state_tensors(ed)
+    # every shard and merge is a function of the records: recomputing all of them changes nothing
+    for s in m.shards:
+        m._retrain(s)
+    for k, v in state_tensors(ed).items():
+        assert torch.equal(v, after[k]), k
+    if m.route_rows(m.activations([reqs[1].prompt]))[0] < 0:  # no memory routes it: the base model answers
+        assert torch.equal(logits_of(ed, reqs[1]).argmax(-1), base[reqs[1].prompt])
+    expected = {p: logits_of(ed, p) for p in probes_of(reqs)}
+    ed.close()
+    again = open_editor(small_world, tmp_path, method=method, save_freq=2, merge_freq=4, retrieve=retrieve)
+    for p, v in expected.items():
+        assert torch.equal(logits_of(again, p), v), "the reopened store must give the same model"
+    again.undo(edits[6].id)  # and undo keeps working after a reopen
+    assert edits[6].id not in again.method.requests
+    again.close()
+
+
+def test_routing_is_decided_per_sample(small_world, world_requests, tmp_path):
+    ed = open_editor(small_world, tmp_path, save_freq=1, merge_freq=1000)
+    reqs = world_requests[:2]
+    for r in reqs:
+        ed.edit(r)
+    rows = [(reqs[0].prompt, reqs[0].target), reqs[0].locality[0], (reqs[1].prompt, reqs[1].target)]
+    b = make_batch(ed.tokenizer, rows)
+    together = ed.logits(b.input_ids, b.attention_mask, b.query_index)
+    for i, row in enumerate(rows):
+        alone = logits_of(ed, row)
+        torch.testing.assert_close(together[i, : alone.shape[0]], alone, rtol=1e-4, atol=1e-4)
+    choice = ed.method.route_rows(ed.method.activations([p for p, _ in rows]))
+    assert choice[0] != choice[2] and choice[0] >= 0 and choice[2] >= 0
+
+
+def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_requests, tmp_path):
+    reqs = world_requests[:8]
+    hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0)
+    on = open_editor(small_world, tmp_path, method="repair", name="on.db", **hp)
+    stats = [e.stats for e in on.edit(reqs)]
+    assert 1 <= stats[0]["retries"] <= 2 and on.method.reinits == stats[0]["retries"]
+    reint = [s for s in on.method.shards if s.sigma > 0]
+    assert reint and len(reint[0].history) == 1, "reintegration re-edits the shard's edits in one joint batch"
+    assert set(on.method.pool) <= {e for s in on.method.shards for e in s.members}
+    off = open_editor(small_world, tmp_path, method="repair", name="off.db", **{**hp, "error_feedback": False})
+    off.edit(reqs)
+    assert off.method.reinits == 0 and off.method.pool == []
+    on.close()
+    off.close()
+
+
+def test_similarity_batching_groups_similar_features(small_world, world_requests, tmp_path):
+    ed = open_editor(small_world, tmp_path, method="repair", batch_size=2)
+    m = ed.method
+    u, v = torch.zeros(m.shape[1]), torch.zeros(m.shape[1])
+    u[0], v[1] = 1.0, 1.0
+    m.acts = {0: u, 1: v, 2: u + 0.1 * v, 3: v + 0.1 * u, 4: u + 0.05 * v}
+    batches = m._batches([0, 1, 2, 3, 4])
+    assert all(set(b) <= {0, 2, 4} or set(b) <= {1, 3} for b in batches), batches
+    assert [1, 3] in [sorted(b) for b in batches] and sorted(map(len, batches)) == [1, 2, 2]
+    m.hparams.similarity_batching = False
+    assert m._batches([0, 1, 2, 3, 4]) == [[0, 1], [2, 3], [4]]
+    ed.close()
+
+
+def test_distillation_filter_sends_members_back_once(small_world, world_requests, tmp_path):
+    reqs = world_requests[:4]
+    ed = open_editor(small_world, tmp_path, method="repair", batch_size=4, kd_threshold=-1.0, error_feedback=False)
+    ed.edit(reqs)
+    history = ed.method.shards[0].history
+    assert len(history[0]) == 1, "every member but the teacher leaves its batch"
+    assert sorted(e for b in history for e in b) == sorted(ed.method.requests), "and is written later, once"
+    ed.close()
+
+
+def test_loss_aware_merge_weights(small_world, tmp_path):
+    from editbank.methods.wise import Shard
+
+    ed = open_editor(small_world, tmp_path, method="repair")
+    shards = [Shard(seed=0, losses=[0.0]), Shard(seed=1, losses=[1.0])]
+    w = ed.method._merge_weights(shards)
+    expected = torch.softmax(-torch.tensor([0.0, 1.0]), 0) * 2
+    assert w == pytest.approx(expected.tolist())
+    ed.method.hparams.loss_aware_merge = False
+    assert ed.method._merge_weights(shards) == [1.0, 1.0]
+    ed.close()
+
+
+def test_easyedit_yaml_keys_port_over():
+    cfg = {"alg_name": "WISE", "model_name": "x", "device": 0, "mask_ratio": 0.2, "edit_lr": 1.0, "n_iter": 70,
+           "norm_constraint": 1.0, "act_margin": [5.0, 20.0, 10.0], "act_ratio": 0.88, "save_freq": 500,
+           "merge_freq": 1000, "merge_alg": "ties", "objective_optimization": "only_label",
+           "inner_params": ["model.layers[27].mlp.down_proj.weight"], "weights": 1.0, "densities": 0.53,
+           "retrieve": True, "replay": False, "batch_size": 1, "max_length": 30, "model_parallel": False}
+    known = {f for f in WiseHparams.__dataclass_fields__}
+    hp, dropped = easyedit_hparams(cfg, known)
+    assert hp["layer"] == 27 and hp["save_freq"] == 500 and "alg_name" in dropped
+    assert build_hparams(WiseHparams, hp).merge_alg == "ties"
+    with pytest.raises(ValueError, match="unknown WISE hyperparameter"):
+        easyedit_hparams({"edit_lrr": 1.0}, known)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"merge_freq": 7, "save_freq": 5}, "multiple of save_freq"),
+    ({"replay": True}, "not implemented"),
+    ({"act_margin": [1.0, 2.0]}, "alpha, beta, gamma"),
+    ({"merge_alg": "mean"}, "merge_alg"),
+    ({"route_by": "cosine"}, "route_by"),
+])
+def test_bad_hparams_are_refused(bad, match):
+    for cls in (WiseHparams, RepairHparams):
+        with pytest.raises(ValueError, match=match):
+            build_hparams(cls, bad)
