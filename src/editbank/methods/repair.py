@@ -1,12 +1,14 @@
 """REPAIR (arXiv 2510.01879): WISE plus four mechanisms, each behind its own flag.
 
-1. `error_feedback` (closed loop): after a call's edits are written, each is checked (greedy exact match of the
+1. `error_feedback` (closed loop): after a call's edits are written, they and the other edits of the shards they
+   went into are checked (greedy exact match of the
    target, computed as "argmax right at every target position" under teacher forcing with the prompt's routing,
    which is the same test in one forward). Failures join an error pool. With r_i the share of shard i's edits in
    the pool, when max r_i > `prune_threshold` or the pool holds more than `pool_threshold` edits, the worst
    shard is re-initialised (D = `reinit_sigma` * noise, a new mask) and re-edited with its edits plus the pool
    (reintegration; the pool's edits move to it); then they are checked again. At most `max_retries`
-   reintegrations per call; what still fails stays in the pool for later calls.
+   reintegrations per call, and an edit leaves the pool (staying where it was written last) once it has been
+   through `max_retries` reintegrations, so a stream of hopeless edits cannot make every later call retrain.
 2. `similarity_batching`: the call's edits are grouped by cosine similarity of their features (the edited
    layer's input at the last prompt token): seed = the edit with the highest mean similarity to the others,
    batch = it and its `batch_size` - 1 nearest; repeat on the rest. Off: batches of `batch_size` in order.
@@ -59,7 +61,7 @@ class RepairHparams(WiseHparams):
     kd_mse: float = 0.0  # 0.01 let the squared feature distances (~1e2-1e3) swamp the edit loss
     kd_logit_weight: float = 0.0
     kd_temperature: float = 2.0
-    kd_threshold: float = 0.5  # a member whose KD loss stays above this leaves its batch
+    kd_threshold: float = 1.0  # a member whose KD loss stays above this leaves its batch (0.5 sent 3 of 4 back)
     # loss-aware merge
     merge_temperature: float = 1.0
 
@@ -80,6 +82,8 @@ class Repair(Wise):
     def reset(self) -> None:
         super().reset()
         self.pool: list[int] = []  # edits that failed their check
+        self.attempts: dict[int, int] = {}  # edit id -> reintegrations it went through
+        self.given_up = 0  # edits dropped from the pool after max_retries reintegrations
         self.reinits = 0
         self._train_out: torch.Tensor | None = None
         self._kd_rows: torch.Tensor | None = None
@@ -208,7 +212,13 @@ class Repair(Wise):
             self._reintegrate(worst)
             ok = self.check(self.pool)
             self.pool = [e for e, good in zip(self.pool, ok) if not good]
-        return {"retries": retries, "pool": len(self.pool)}
+            # an edit gets max_retries reintegrations in all, then stays where it is, out of the pool
+            for e in self.pool:
+                self.attempts[e] = self.attempts.get(e, 0) + 1
+            done = [e for e in self.pool if self.attempts[e] >= hp.max_retries]
+            self.given_up += len(done)
+            self.pool = [e for e in self.pool if e not in done]
+        return {"retries": retries, "pool": len(self.pool), "given_up": self.given_up}
 
     def _reintegrate(self, i: int) -> None:
         """Re-initialise shard i and re-edit its edits plus the error pool (the pool's edits move to it)."""
@@ -242,9 +252,13 @@ class Repair(Wise):
             bounced.update(back)
             pending += back
             self._after_write(len(batch) - len(back))
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"bounced": len(bounced)}
         if self.hparams.error_feedback:
-            info = self._feedback([it.id for it in items])
+            # the call's edits and every edit of the shards it wrote into (writing is what breaks them)
+            ids = [it.id for it in items]
+            ids += [e for s in self.shards if s.history and any(i in s.history[-1] for i in ids)
+                    for e in s.members if e not in ids]
+            info.update(self._feedback(ids))
         return [{**self._edit_stats(it.id, losses[it.id]), **info} for it in items]
 
     def _merge_weights(self, shards: list[Shard]) -> list[float]:
@@ -255,9 +269,13 @@ class Repair(Wise):
 
     def _forget(self, edit_id: int) -> None:
         self.pool = [e for e in self.pool if e != edit_id]
+        self.attempts.pop(edit_id, None)
 
     def _meta(self) -> dict[str, Any]:
-        return {**super()._meta(), "pool": list(self.pool), "reinits": self.reinits}
+        return {**super()._meta(), "pool": list(self.pool), "reinits": self.reinits, "given_up": self.given_up,
+                "attempts": {str(k): v for k, v in self.attempts.items()}}
 
     def _load_extra(self, meta: dict[str, Any]) -> None:
         self.pool, self.reinits = list(meta.get("pool", [])), int(meta.get("reinits", 0))
+        self.given_up = int(meta.get("given_up", 0))
+        self.attempts = {int(k): int(v) for k, v in meta.get("attempts", {}).items()}

@@ -186,6 +186,16 @@ _SIZES: dict[str, dict[str, Any]] = {
         "train": {"steps": 800, "batch_size": 64, "lr": 3e-3, "warmup": 100},
         "tokenizer": {"vocab_size": 1024},
     },
+    # 1250 facts (1125 editable): for lifelong streams of T = 1000 edits.
+    "large": {
+        "name": "large",
+        "seed": 0,
+        "n_entities": 250,
+        "facts_per_subject": 5,
+        "model": {"layers": 4, "hidden": 192, "heads": 4, "intermediate": 512},
+        "train": {"steps": 2000, "batch_size": 64, "lr": 3e-3, "warmup": 150},
+        "tokenizer": {"vocab_size": 1536},
+    },
 }
 
 SIZES = tuple(_SIZES)
