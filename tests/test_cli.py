@@ -102,3 +102,20 @@ def test_edit_with_a_corpus_file(small_world, world_requests, tmp_path):
     store = EditStore(db)
     assert store.get_state()[1]["alpha"] > 0 and store.count("active") == 1
     store.close()
+
+
+def test_edit_with_an_easyedit_wise_yaml(small_world, world_requests, tmp_path):
+    db, model, req = str(tmp_path / "e.db"), str(small_world.path), world_requests[0]
+    cfg = tmp_path / "wise.yaml"
+    cfg.write_text("alg_name: WISE\nmodel_name: ./hugging_cache/llama\ndevice: 0\nedit_lr: 3.0\nn_iter: 20\n"
+                   "act_margin: [5.0, 20.0, 10.0]\nsave_freq: 500\nmerge_freq: 1000\nmerge_alg: ties\n"
+                   "inner_params:\n- model.layers[1].mlp.down_proj.weight\nweights: 1.0\nretrieve: true\n")
+    res = call("edit", "--model", model, "--store", db, "--method", "wise", "--hparams", str(cfg), "--hp",
+               "n_prefixes=2", "--prompt", req.prompt, "--target", req.target, "--json")
+    assert res.exit_code == 0, res.output
+    meta = json.loads(call("ls", "--store", db, "--json").stdout)["meta"]
+    assert meta["method"] == "wise" and meta["hparams"]["layer"] == 1 and meta["hparams"]["n_prefixes"] == 2
+    cfg.write_text("edit_lrr: 1.0\n")
+    res = call("edit", "--model", model, "--store", str(tmp_path / "f.db"), "--method", "wise", "--hparams",
+               str(cfg), "--prompt", req.prompt, "--target", req.target)
+    assert res.exit_code == 2 and "unknown WISE hyperparameter" in res.output

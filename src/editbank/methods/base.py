@@ -201,3 +201,18 @@ class Method:
             yield
         finally:
             self.enabled = previous
+
+
+class OneModuleHook:
+    """Mixin for methods that act through one forward hook, `self._hook`, on `self.module`."""
+
+    _handle: Any = None
+
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

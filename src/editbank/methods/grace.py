@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..models.hooks import trace
 from ..tokens import make_batch
-from .base import EditFailed, EditItem, Method, Route, register
+from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register
 
 
 @dataclass
@@ -49,7 +49,7 @@ class GraceHparams:
 
 
 @register("grace")
-class Grace(Method):
+class Grace(OneModuleHook, Method):
     Hparams = GraceHparams
     snapshots = False  # undo is exact unless later edits touched the same entries (then replay from base)
 
@@ -61,7 +61,6 @@ class Grace(Method):
             raise ValueError(f"layer {self.layer} out of range: the model has {n} layers")
         self.path = arch.layer_path(self.layer, "mlp_out")
         self.module = arch.module(self.path)
-        self._handle = None
         self._train_value: torch.Tensor | None = None
         self.reset()
 
@@ -85,15 +84,6 @@ class Grace(Method):
         return int(hits[0])
 
     # -- the adaptor hook -------------------------------------------------------------------------
-    def attach(self) -> None:
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
     def _span_of(self, n_values: int) -> int:
         return n_values if self.hparams.value_mode == "per_token" else _ALL_POSITIONS
 

@@ -43,7 +43,7 @@ from ..merging import MERGE_METHODS, merge_deltas
 from ..models.hooks import trace
 from ..requests import EditRequest
 from ..tokens import make_batch
-from .base import EditFailed, EditItem, Method, register
+from .base import EditFailed, EditItem, Method, OneModuleHook, register
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Shard:
 
 
 @register("wise")
-class Wise(Method):
+class Wise(OneModuleHook, Method):
     Hparams = WiseHparams
     snapshots = False  # `remove` always undoes by retraining the edit's shard
 
@@ -149,7 +149,6 @@ class Wise(Method):
         self.module = arch.module(self.path)
         w = arch.weight_out_in(self.module)
         self.shape, self.device = tuple(w.shape), w.device
-        self._handle = None
         self._train_delta: torch.Tensor | None = None
         self.reset()
 
@@ -212,15 +211,6 @@ class Wise(Method):
         return torch.where(best > eps[j], j, -1)
 
     # -- the side-memory hook -----------------------------------------------------------------------
-    def attach(self) -> None:
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
     def _hook(self, module, inputs, output):
         x = inputs[0]
         if self._train_delta is not None:
