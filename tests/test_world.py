@@ -60,7 +60,7 @@ def test_generator_is_deterministic():
 
 
 def test_builtin_worlds_have_the_promised_shape():
-    for size in ("small", "default"):
+    for size in ("small", "default", "large"):
         spec = parse_spec(builtin_spec(size))
         assert len(spec.relations) >= 6
         for rel in spec.relations:

@@ -125,7 +125,7 @@ def _metrics_table(report: dict[str, Any], title: str) -> Table:
 
 @world_app.command("build")
 def world_build(
-    size: Annotated[str, typer.Option(help="Built-in size: small or default.")] = "default",
+    size: Annotated[str, typer.Option(help="small, default or large (1,250 facts).")] = "default",
     spec: Annotated[Path | None, typer.Option(help="JSON spec file (see docs/world.md).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
     json_out: JsonOpt = False,

@@ -224,10 +224,12 @@ class Repair(Wise):
         """Re-initialise shard i and re-edit its edits plus the error pool (the pool's edits move to it)."""
         shard = self.shards[i]
         moved = [e for e in self.pool if e not in shard.members]
-        for e in moved:
-            o = self._owner(e)
-            if o is not None:
-                self.shards[o].members.remove(e)
+        old = {self._owner(e) for e in moved} - {None, i}
+        for o in old:  # the moved edits leave their old shards entirely (no traces that still route)
+            s = self.shards[o]
+            s.members = [e for e in s.members if e not in moved]
+            s.history = [[e for e in b if e not in moved] for b in s.history]
+            self._retrain(s)
         self.reinits += 1
         shard.seed = stable_seed(self.hparams.seed, "reinit", self.reinits)
         shard.sigma = self.hparams.reinit_sigma
@@ -235,7 +237,7 @@ class Repair(Wise):
         # one joint batch: edits written one after another into a shared memory overwrite each other, while a
         # joint write holds them all (measured on the default world: 5 edits per shard, 0.60 -> 0.95 reliability)
         shard.history = [list(shard.members)]
-        self._retrain(shard)  # the moved edits' old shards keep their training of them (and route less)
+        self._retrain(shard)
 
     # -- the Method protocol ----------------------------------------------------------------------------
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:

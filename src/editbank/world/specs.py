@@ -1,4 +1,4 @@
-"""The built-in world specs ("small", "default") and the relations they share."""
+"""The built-in world specs ("small", "default", "large") and the relations they share."""
 
 from __future__ import annotations
 
