@@ -69,6 +69,17 @@ def test_stream_and_rollback(grace, world_requests):
     assert rb["kept"]["reliability"] == 1.0 and rb["kept"]["n"] == 9
 
 
+def test_stream_in_batches(grace, world_requests):
+    res = run_stream(grace, world_requests[:7], protocol="greedy_exact_match", eval_every=4, batch_size=3)
+    edits = grace.edits()
+    assert [e.batch for e in edits] == [edits[0].id] * 3 + [edits[3].id] * 3 + [edits[6].id]
+    assert [row["step"] for row in res["retention"]] == [6]  # after the call that crosses step 4
+    assert res["final"]["n"] == 7
+    with pytest.raises(ValueError, match="batch_size"):
+        run_stream(grace, world_requests[:2], batch_size=0)
+    assert len(grace.edits()) == 7, "a bad batch size is refused before any edit"
+
+
 def test_fluency_and_ngram_entropy(grace, world_requests):
     assert ngram_entropy("a a a a a a a a") == 0.0
     assert ngram_entropy("a b c d") == pytest.approx((2 / 3 * 1.5849625 + 4 / 3 * 1.0) / 2)
