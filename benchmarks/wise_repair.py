@@ -11,6 +11,7 @@ model, interleaved) and 10% of its edits are undone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -57,13 +58,10 @@ def latency_ratio(ed: Editor, prompts: list[str], rounds: int = 5) -> float:
     b = make_batch(ed.tokenizer, [(p, " x") for p in prompts], device=ed.device)
     edited, base = [], []
     for _ in range(rounds):
-        for bucket, ctx in ((edited, None), (base, ed.unedited)):
+        for bucket, ctx in ((edited, contextlib.nullcontext), (base, ed.unedited)):
             t0 = time.perf_counter()
-            if ctx is None:
+            with ctx():
                 ed.logits(b.input_ids, b.attention_mask, b.query_index)
-            else:
-                with ctx():
-                    ed.logits(b.input_ids, b.attention_mask, b.query_index)
             bucket.append(time.perf_counter() - t0)
     return statistics.median(edited) / statistics.median(base)
 

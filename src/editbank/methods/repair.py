@@ -154,15 +154,16 @@ class Repair(Wise):
         return out
 
     def _train_batch(self, delta, mask, ids):
+        inp = self._batch_inputs(ids)
+        d, loss = self._fit(delta, mask, inp)
         self._last_kd = torch.zeros(len(ids))
-        d, loss = super()._train_batch(delta, mask, ids)
         if self.hparams.distillation and len(ids) > 1:
-            self._last_kd = self._final_kd(d, ids)
+            self._last_kd = self._final_kd(d, inp)
         return d, loss
 
     @torch.no_grad()
-    def _final_kd(self, d: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        inp = self._batch_inputs(ids)
+    def _final_kd(self, d: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor:
+        """Each member's KD loss under the trained D (reusing the batch the training used)."""
         batch = inp["batch"]
         self._train_delta = d
         try:

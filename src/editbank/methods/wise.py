@@ -295,8 +295,10 @@ class Wise(OneModuleHook, Method):
 
     def _train_batch(self, delta: torch.Tensor, mask: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, float]:
         """Train D on one batch of edits; return the new D and the final loss."""
+        return self._fit(delta, mask, self._batch_inputs(ids))
+
+    def _fit(self, delta: torch.Tensor, mask: torch.Tensor, inp: dict[str, Any]) -> tuple[torch.Tensor, float]:
         hp = self.hparams
-        inp = self._batch_inputs(ids)
         batch = inp["batch"]
         d = delta.clone().requires_grad_(True)
         opt = torch.optim.SGD([d], lr=hp.edit_lr)
