@@ -70,7 +70,8 @@ def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: boo
     method, hp = CONFIGS[name]
     reqs = world.edit_requests(n=t, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        ed = Editor.open(world.path, method=method, store=Path(tmp) / "s.db", seed=args.seed, **{**hp, **extra})
+        ed = Editor.open(world.path, method=method, store=Path(tmp) / "s.db", seed=args.seed,
+                         device=args.device, **{**hp, **extra})
         stream = run_stream(ed, reqs, protocol="greedy_exact_match", batch_size=args.batch)
         scores = {k: stream["final"][k] for k in METRICS}
         fig = {"config": name, "T": t, **scores, "OP": op(scores), "seconds_per_edit": stream["edit_seconds"] / t}
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="requests per editor call")
     ap.add_argument("--undo-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="torch device for the model (default: where it loads, the CPU)")
     ap.add_argument("--hp", action="append", default=[], help="hyperparameter key=value for every config")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON lines")
     args = ap.parse_args()

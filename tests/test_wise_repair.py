@@ -179,8 +179,29 @@ def test_easyedit_yaml_keys_port_over():
     ({"act_margin": [1.0, 2.0]}, "alpha, beta, gamma"),
     ({"merge_alg": "mean"}, "merge_alg"),
     ({"route_by": "cosine"}, "route_by"),
+    ({"n_irrelevant": 0}, "n_irrelevant"),
 ])
 def test_bad_hparams_are_refused(bad, match):
     for cls in (WiseHparams, RepairHparams):
         with pytest.raises(ValueError, match=match):
             build_hparams(cls, bad)
+
+
+def test_several_irrelevant_prompts_are_other_subjects_and_are_pushed_below_the_margin(small_world, world_requests,
+                                                                                     tmp_path):
+    req = world_requests[0]
+    memories, negatives = {}, None
+    for k in (8, 1):
+        ed = open_editor(small_world, tmp_path, name=f"k{k}.db", n_irrelevant=k, save_freq=10, merge_freq=20)
+        ed.edit(req)
+        _, irrelevant = ed.method._edit_data(next(iter(ed.method.requests)))
+        assert len(irrelevant) == k
+        if k == 8:
+            assert len(set(irrelevant)) == 8 and not any(req.subject in p for p in irrelevant)
+            negatives = ed.method.activations(irrelevant)
+        assert ed.evaluate([req], protocol="greedy_exact_match")["reliability"] == 1.0
+        memories[k] = ed.method.stack()[0]
+        score = ed.method._scores
+        ed.close()
+    # the same 8 prompts score lower under the memory trained against them than under the one trained against one
+    assert score(negatives, memories[8]).mean() < score(negatives, memories[1]).mean()

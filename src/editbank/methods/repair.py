@@ -33,8 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..tokens import make_batch
-from .base import EditItem, Route, register
+from .base import EditItem, register
 from .wise import Shard, Wise, WiseHparams, stable_seed
 
 
@@ -173,20 +172,6 @@ class Repair(Wise):
             self._train_delta = None
 
     # -- closed-loop error feedback -------------------------------------------------------------------
-    @torch.no_grad()
-    def check(self, ids: list[int]) -> list[bool]:
-        """Greedy exact match of each edit's target on the current (routed) model."""
-        if not ids:
-            return []
-        reqs = [self.requests[e] for e in ids]
-        batch = make_batch(self.tokenizer, [(r.prompt, r.target) for r in reqs], device=self.device)
-        with self.routing(Route(query_index=batch.query_index)):
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        pred = logits[:, :-1].argmax(-1)
-        labels = batch.labels[:, 1:]
-        wrong = ((pred != labels) & (labels != -100)).any(dim=1)
-        return (~wrong).tolist()
-
     def _owner(self, edit_id: int) -> int | None:
         for i, s in enumerate(self.shards):
             if edit_id in s.members:

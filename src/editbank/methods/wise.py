@@ -43,7 +43,7 @@ from ..merging import MERGE_METHODS, merge_deltas
 from ..models.hooks import trace
 from ..requests import EditRequest
 from ..tokens import make_batch
-from .base import EditFailed, EditItem, Method, OneModuleHook, register
+from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register
 
 
 @dataclass
@@ -62,6 +62,7 @@ class WiseHparams:
     retrieve: bool = True  # Retrieve mode (one memory per merge) vs Merge mode (one memory for everything)
     replay: bool = False  # EasyEdit's replay of past edits while writing: not implemented (must stay False)
     n_prefixes: int = 10  # random corpus prefixes the prompt is also trained behind
+    n_irrelevant: int = 1  # corpus prompts each edit's margin keeps below alpha (the paper: 1, its locality probe)
     stop_loss: float = 1e-2  # stop a batch once its whole loss is below this
     route_by: str = "score"  # top-1 memory by raw score (paper) or by score / threshold ("ratio")
     seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
@@ -71,6 +72,8 @@ class WiseHparams:
             raise ValueError("act_margin must be [alpha, beta, gamma]")
         if self.n_iter < 1 or self.save_freq < 1 or self.merge_freq < 1 or self.n_prefixes < 0:
             raise ValueError("n_iter, save_freq and merge_freq must be >= 1 and n_prefixes >= 0")
+        if self.n_irrelevant < 1:
+            raise ValueError(f"n_irrelevant must be >= 1, got {self.n_irrelevant}")
         if self.merge_freq % self.save_freq:
             raise ValueError(f"merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq})")
         if not 0 < self.mask_ratio <= 1 or not 0 < self.densities <= 1:
@@ -210,6 +213,20 @@ class Wise(OneModuleHook, Method):
         best = scores.gather(1, j[:, None])[:, 0]
         return torch.where(best > eps[j], j, -1)
 
+    @torch.no_grad()
+    def check(self, ids: list[int]) -> list[bool]:
+        """Greedy exact match of each edit's target on the current (routed) model."""
+        if not ids:
+            return []
+        reqs = [self.requests[e] for e in ids]
+        batch = make_batch(self.tokenizer, [(r.prompt, r.target) for r in reqs], device=self.device)
+        with self.routing(Route(query_index=batch.query_index)):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        pred = logits[:, :-1].argmax(-1)
+        labels = batch.labels[:, 1:]
+        wrong = ((pred != labels) & (labels != -100)).any(dim=1)
+        return (~wrong).tolist()
+
     # -- the side-memory hook -----------------------------------------------------------------------
     def _hook(self, module, inputs, output):
         x = inputs[0]
@@ -254,39 +271,46 @@ class Wise(OneModuleHook, Method):
         x = tr[self.path].input
         return x[torch.arange(len(prompts), device=x.device), batch.query_index].float()
 
-    def _edit_data(self, edit_id: int) -> tuple[list[str], str | None]:
-        """The prompts an edit is trained on (its own, then behind prefixes) and its irrelevant prompt."""
+    def _edit_data(self, edit_id: int) -> tuple[list[str], list[str]]:
+        """The prompts an edit is trained on (its own, then behind prefixes) and its irrelevant prompts."""
         req = self.requests[edit_id]
         rng = random.Random(stable_seed(self.hparams.seed, req.prompt, req.target))
         corpus = self.corpus or []
         prefixes = rng.sample(corpus, min(self.hparams.n_prefixes, len(corpus)))
         prompts = [req.prompt] + [f"{p.rstrip('.')}. {req.prompt}" for p in prefixes]
-        # a corpus prompt, never the request's locality probes (those are evaluation data)
-        irrelevant = rng.choice(corpus) if corpus else None
-        return prompts, irrelevant
+        # corpus prompts, never the request's locality probes (those are evaluation data); with several, none
+        # about the edit's own subject (a rephrasing of the edit must not be pushed out of the memory)
+        k = self.hparams.n_irrelevant
+        if k == 1:
+            return prompts, [rng.choice(corpus)] if corpus else []
+        pool = [c for c in corpus if not (req.subject and req.subject in c) and c != req.prompt]
+        return prompts, rng.sample(pool, min(k, len(pool)))
 
     def _batch_inputs(self, ids: list[int]) -> dict[str, Any]:
-        rows, owner, irr = [], [], []
+        rows, owner, irr, irr_owner = [], [], [], []
         for k, e in enumerate(ids):
             prompts, irrelevant = self._edit_data(e)
             rows += [(p, self.requests[e].target) for p in prompts]
             owner += [k] * len(prompts)
-            irr.append(irrelevant)
-        a_irr = self.activations([p for p in irr if p is not None]) if any(p is not None for p in irr) else None
-        has_irr = torch.tensor([p is not None for p in irr], device=self.device)
+            irr += irrelevant
+            irr_owner += [k] * len(irrelevant)
         return {"batch": make_batch(self.tokenizer, rows, device=self.device),
                 "owner": torch.tensor(owner, device=self.device), "a_e": torch.stack([self.acts[e] for e in ids]),
-                "a_irr": a_irr, "has_irr": has_irr}
+                "a_irr": self.activations(irr) if irr else None,
+                "irr_owner": torch.tensor(irr_owner, dtype=torch.long, device=self.device)}
 
     def _margin(self, d: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor:
+        """Mean over edits of max(0, beta - Delta(a_e)) plus, averaged over the edit's irrelevant prompts,
+        max(0, Delta(a_irr) - alpha) + max(0, gamma - (Delta(a_e) - Delta(a_irr)))."""
         alpha, beta, gamma = self.hparams.act_margin
         s_e = torch.linalg.vector_norm(inp["a_e"] @ d.T, dim=1)
         loss = F.relu(beta - s_e)
         if inp["a_irr"] is not None:
-            s_irr = torch.zeros_like(s_e)
-            s_irr[inp["has_irr"]] = torch.linalg.vector_norm(inp["a_irr"] @ d.T, dim=1)
-            extra = F.relu(s_irr - alpha) + F.relu(gamma - (s_e - s_irr))
-            loss = loss + torch.where(inp["has_irr"], extra, torch.zeros_like(extra))
+            own = inp["irr_owner"]
+            s_irr = torch.linalg.vector_norm(inp["a_irr"] @ d.T, dim=1)
+            extra = F.relu(s_irr - alpha) + F.relu(gamma - (s_e[own] - s_irr))
+            n = torch.zeros_like(s_e).index_add_(0, own, torch.ones_like(extra))
+            loss = loss + torch.zeros_like(s_e).index_add_(0, own, extra) / n.clamp_min(1)
         return loss.mean()
 
     def _extra_loss(self, logits: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor | None:
