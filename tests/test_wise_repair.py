@@ -108,7 +108,8 @@ def test_routing_is_decided_per_sample(small_world, world_requests, tmp_path):
 
 def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_requests, tmp_path):
     reqs = world_requests[:8]
-    hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0)
+    hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0,
+              keep_if_better=False)
     on = open_editor(small_world, tmp_path, method="repair", name="on.db", **hp)
     stats = [e.stats for e in on.edit(reqs)]
     assert 1 <= stats[0]["retries"] <= 2 and on.method.reinits == stats[0]["retries"]
@@ -120,6 +121,23 @@ def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_
     assert off.method.reinits == 0 and off.method.pool == []
     on.close()
     off.close()
+
+
+def test_feedback_keeps_a_reintegration_only_if_more_edits_pass(small_world, world_requests, tmp_path):
+    reqs = world_requests[:8]
+    hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0)
+    off = open_editor(small_world, tmp_path, method="repair", name="off.db", **{**hp, "error_feedback": False})
+    off.edit(reqs)
+    keep = open_editor(small_world, tmp_path, method="repair", name="keep.db", **hp)
+    stats = keep.edit(reqs)[0].stats
+    ids = sorted(keep.method.requests)
+    assert stats["retries"] >= 1
+    assert sum(keep.method.check(ids)) >= sum(off.method.check(ids))
+    if stats["rejected"] == stats["retries"]:  # every reintegration undone: the memories are the unrepaired ones
+        for k, v in state_tensors(off).items():
+            assert torch.equal(v, state_tensors(keep)[k]), k
+    off.close()
+    keep.close()
 
 
 def test_similarity_batching_groups_similar_features(small_world, world_requests, tmp_path):

@@ -53,6 +53,7 @@ class RepairHparams(WiseHparams):
     prune_threshold: float = 0.5  # re-initialise the worst shard when its error rate exceeds this
     pool_threshold: int = 8  # ... or when the error pool holds more edits than this
     max_retries: int = 2  # reintegrations per call at most
+    keep_if_better: bool = True  # undo a reintegration that leaves fewer of the edits it touched passing
     reinit_sigma: float = 1e-3
     # batching and distillation
     batch_size: int = 4
@@ -84,6 +85,7 @@ class Repair(Wise):
         self.attempts: dict[int, int] = {}  # edit id -> reintegrations it went through
         self.given_up = 0  # edits dropped from the pool after max_retries reintegrations
         self.reinits = 0
+        self.rejected = 0  # reintegrations undone because they left fewer edits passing
         self._train_out: torch.Tensor | None = None
         self._kd_rows: torch.Tensor | None = None
 
@@ -195,7 +197,13 @@ class Repair(Wise):
             if rates[worst] <= hp.prune_threshold and len(self.pool) <= hp.pool_threshold:
                 break
             retries += 1
+            touched = self._touched(worst)
+            before, passing = self.checkpoint(), sum(self.check(touched))
             self._reintegrate(worst)
+            if hp.keep_if_better and sum(self.check(touched)) <= passing:
+                reinits = self.reinits
+                self.restore(before)  # reintegration lost more than it fixed: keep the memories as they were
+                self.reinits, self.rejected = reinits, self.rejected + 1
             ok = self.check(self.pool)
             self.pool = [e for e, good in zip(self.pool, ok) if not good]
             # an edit gets max_retries reintegrations in all, then stays where it is, out of the pool
@@ -204,7 +212,18 @@ class Repair(Wise):
             done = [e for e in self.pool if self.attempts[e] >= hp.max_retries]
             self.given_up += len(done)
             self.pool = [e for e in self.pool if e not in done]
-        return {"retries": retries, "pool": len(self.pool), "given_up": self.given_up}
+        return {"retries": retries, "pool": len(self.pool), "given_up": self.given_up, "rejected": self.rejected}
+
+    def _touched(self, i: int) -> list[int]:
+        """The edits a reintegration of shard i can move: the error pool and every edit of the memories that hold
+        shard i or one of the pool's shards."""
+        shards = {i} | {self._owner(e) for e in self.pool} - {None}
+        groups = {self.shards[s].group for s in shards} - {None}
+        ids = set(self.pool)
+        for k, s in enumerate(self.shards):
+            if k in shards or s.group in groups:
+                ids.update(s.members)
+        return sorted(ids)
 
     def _reintegrate(self, i: int) -> None:
         """Re-initialise shard i and re-edit its edits plus the error pool (the pool's edits move to it)."""
@@ -261,9 +280,10 @@ class Repair(Wise):
 
     def _meta(self) -> dict[str, Any]:
         return {**super()._meta(), "pool": list(self.pool), "reinits": self.reinits, "given_up": self.given_up,
+                "rejected": self.rejected,
                 "attempts": {str(k): v for k, v in self.attempts.items()}}
 
     def _load_extra(self, meta: dict[str, Any]) -> None:
         self.pool, self.reinits = list(meta.get("pool", [])), int(meta.get("reinits", 0))
-        self.given_up = int(meta.get("given_up", 0))
+        self.given_up, self.rejected = int(meta.get("given_up", 0)), int(meta.get("rejected", 0))
         self.attempts = {int(k): int(v) for k, v in meta.get("attempts", {}).items()}

@@ -271,25 +271,24 @@ class Wise(OneModuleHook, Method):
         x = tr[self.path].input
         return x[torch.arange(len(prompts), device=x.device), batch.query_index].float()
 
-    def _edit_data(self, edit_id: int) -> tuple[list[str], list[str]]:
-        """The prompts an edit is trained on (its own, then behind prefixes) and its irrelevant prompts."""
+    def _edit_data(self, edit_id: int, avoid: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+        """The prompts an edit is trained on (its own, then behind prefixes) and its irrelevant prompts: corpus
+        prompts, never the request's locality probes (those are evaluation data), none about the edit's subject
+        (a rephrasing of the edit must not be pushed out of its memory) and none in `avoid` (the prompts of the
+        edits trained with it, which the margin would otherwise push out of the memory they are written into)."""
         req = self.requests[edit_id]
         rng = random.Random(stable_seed(self.hparams.seed, req.prompt, req.target))
         corpus = self.corpus or []
         prefixes = rng.sample(corpus, min(self.hparams.n_prefixes, len(corpus)))
         prompts = [req.prompt] + [f"{p.rstrip('.')}. {req.prompt}" for p in prefixes]
-        # corpus prompts, never the request's locality probes (those are evaluation data); with several, none
-        # about the edit's own subject (a rephrasing of the edit must not be pushed out of the memory)
-        k = self.hparams.n_irrelevant
-        if k == 1:
-            return prompts, [rng.choice(corpus)] if corpus else []
-        pool = [c for c in corpus if not (req.subject and req.subject in c) and c != req.prompt]
-        return prompts, rng.sample(pool, min(k, len(pool)))
+        pool = [c for c in corpus if c not in avoid and c != req.prompt and not (req.subject and req.subject in c)]
+        return prompts, rng.sample(pool, min(self.hparams.n_irrelevant, len(pool)))
 
     def _batch_inputs(self, ids: list[int]) -> dict[str, Any]:
         rows, owner, irr, irr_owner = [], [], [], []
+        avoid = frozenset(self.requests[e].prompt for e in ids)
         for k, e in enumerate(ids):
-            prompts, irrelevant = self._edit_data(e)
+            prompts, irrelevant = self._edit_data(e, avoid)
             rows += [(p, self.requests[e].target) for p in prompts]
             owner += [k] * len(prompts)
             irr += irrelevant
