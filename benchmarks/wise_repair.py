@@ -77,7 +77,7 @@ def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: boo
         fig = {"config": name, "T": t, **scores, "OP": op(scores), "seconds_per_edit": stream["edit_seconds"] / t}
         if final:
             fig["latency_ratio"] = latency_ratio(ed, [r.prompt for r in reqs[:32]])
-            if t >= 10:
+            if t >= 10 and args.undo_fraction > 0:
                 fig["undo"] = undo_figures(ed, args)
         ed.close()
     return fig
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--ablation-T", type=int, default=100, help="T of REPAIR's ablation (0: none)")
     ap.add_argument("--configs", default="wise,repair", help="configs of the main table")
     ap.add_argument("--batch", type=int, default=8, help="requests per editor call")
-    ap.add_argument("--undo-fraction", type=float, default=0.1)
+    ap.add_argument("--undo-fraction", type=float, default=0.1, help="share of the edits undone at the end (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="torch device for the model (default: where it loads, the CPU)")
     ap.add_argument("--hp", action="append", default=[], help="hyperparameter key=value for every config")
