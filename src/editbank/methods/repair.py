@@ -6,7 +6,8 @@
    which is the same test in one forward). Failures join an error pool. With r_i the share of shard i's edits in
    the pool, when max r_i > `prune_threshold` or the pool holds more than `pool_threshold` edits, the worst
    shard is re-initialised (D = `reinit_sigma` * noise, a new mask) and re-edited with its edits plus the pool
-   (reintegration; the pool's edits move to it); then they are checked again. At most `max_retries`
+   (reintegration; the pool's edits move to it); then they are checked again. With `keep_if_better` (a guard of
+   ours) a reintegration that leaves no more of the edits it touched passing is rolled back. At most `max_retries`
    reintegrations per call, and an edit leaves the pool (staying where it was written last) once it has been
    through `max_retries` reintegrations, so a stream of hopeless edits cannot make every later call retrain.
 2. `similarity_batching`: the call's edits are grouped by cosine similarity of their features (the edited

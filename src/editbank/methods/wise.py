@@ -9,7 +9,8 @@ x D_j^T to the projection's output at every position (and, in generation, for ev
 Writing a batch of edits into the open shard: SGD (`edit_lr`) on D for up to `n_iter` steps of
   CE(target | prompt, and the prompt behind `n_prefixes` random corpus prefixes)
   + max(0, Delta(a_irr) - alpha) + max(0, beta - Delta(a_e)) + max(0, gamma - (Delta(a_e) - Delta(a_irr)))
-with act_margin = [alpha, beta, gamma] and a_irr the activation of an irrelevant prompt. Only the entries of the
+with act_margin = [alpha, beta, gamma] and a_irr the activation of an irrelevant corpus prompt (the two a_irr terms
+averaged over `n_irrelevant` of them). Only the entries of the
 shard's Bernoulli(`mask_ratio`) mask move, and D is clamped to +-`norm_constraint` elementwise after each step.
 
 Sharding and merging: a shard closes after `save_freq` edits and a new one (its own mask) opens; every
