@@ -198,15 +198,16 @@ class Repair(Wise):
             if rates[worst] <= hp.prune_threshold and len(self.pool) <= hp.pool_threshold:
                 break
             retries += 1
-            touched = self._touched(worst)
-            before, passing = self.checkpoint(), sum(self.check(touched))
+            touched = self._touched(worst)  # holds the pool, so one check per state covers both uses
+            before, was = self.checkpoint(), self.check(touched)
             self._reintegrate(worst)
-            if hp.keep_if_better and sum(self.check(touched)) <= passing:
+            now = self.check(touched)
+            if hp.keep_if_better and sum(now) <= sum(was):
                 reinits = self.reinits
                 self.restore(before)  # reintegration lost more than it fixed: keep the memories as they were
-                self.reinits, self.rejected = reinits, self.rejected + 1
-            ok = self.check(self.pool)
-            self.pool = [e for e, good in zip(self.pool, ok) if not good]
+                self.reinits, self.rejected, now = reinits, self.rejected + 1, was
+            passed = {e for e, good in zip(touched, now) if good}
+            self.pool = [e for e in self.pool if e not in passed]
             # an edit gets max_retries reintegrations in all, then stays where it is, out of the pool
             for e in self.pool:
                 self.attempts[e] = self.attempts.get(e, 0) + 1
