@@ -106,6 +106,33 @@ def test_routing_is_decided_per_sample(small_world, world_requests, tmp_path):
     assert choice[0] != choice[2] and choice[0] >= 0 and choice[2] >= 0
 
 
+def test_key_routing_sends_each_edit_to_the_memory_holding_it(small_world, world_requests, tmp_path):
+    reqs = world_requests[:6]
+    ed = open_editor(small_world, tmp_path, save_freq=2, merge_freq=1000, route_by="key", optimizer="adam",
+                     edit_lr=0.03, n_iter=70)
+    ed.edit(reqs[:2])
+    ed.edit(reqs[2:4])
+    ed.edit(reqs[4:])
+    m = ed.method
+    holder = {e: j for j, (_, members) in enumerate(m._memories()) for e in members}
+    ids = sorted(m.requests)
+    assert len(set(holder.values())) == 3
+    assert ed.evaluate(reqs, protocol="greedy_exact_match")["reliability"] == 1.0
+    # a memory with ten times the weights outscores the others on every row; the nearest edit still decides
+    m.shards[0].delta = m.shards[0].delta * 10
+    m._stack = None
+    acts = torch.stack([m.acts[e] for e in ids])
+    assert m.route_rows(acts).tolist() == [holder[e] for e in ids]
+    m.hparams.route_by = "score"
+    assert m.route_rows(acts).tolist() != [holder[e] for e in ids]
+    m.hparams.route_by = "key"
+    # a cosine gate of 1 lets nothing but the edits' own prompts through
+    m.hparams.key_threshold = 1.0 - 1e-6
+    probes = [p for p, _ in (q for r in reqs for q in r.locality)]
+    assert (m.route_rows(m.activations(probes)) == -1).all()
+    ed.close()
+
+
 def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_requests, tmp_path):
     reqs = world_requests[:8]
     hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0,
@@ -197,6 +224,8 @@ def test_easyedit_yaml_keys_port_over():
     ({"act_margin": [1.0, 2.0]}, "alpha, beta, gamma"),
     ({"merge_alg": "mean"}, "merge_alg"),
     ({"route_by": "cosine"}, "route_by"),
+    ({"key_threshold": 1.5}, "key_threshold"),
+    ({"optimizer": "lbfgs"}, "optimizer"),
     ({"n_irrelevant": 0}, "n_irrelevant"),
 ])
 def test_bad_hparams_are_refused(bad, match):

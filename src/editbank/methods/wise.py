@@ -5,8 +5,10 @@ FFN activation (the projection's input) at the last prompt token is a, memory j 
 Each row uses the memory with the highest score if that score exceeds the memory's threshold
 eps_j = act_ratio x the lowest score of the edits it holds; otherwise the base model answers. A routed memory adds
 x D_j^T to the projection's output at every position (and, in generation, for every generated token).
+Options of ours: `route_by="key"` picks the memory holding the edit whose activation is nearest to a (cosine), still
+gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off).
 
-Writing a batch of edits into the open shard: SGD (`edit_lr`) on D for up to `n_iter` steps of
+Writing a batch of edits into the open shard: SGD (`edit_lr`; `optimizer="adam"` for Adam) on D for up to `n_iter` steps of
   CE(target | prompt, and the prompt behind `n_prefixes` random corpus prefixes)
   + max(0, Delta(a_irr) - alpha) + max(0, beta - Delta(a_e)) + max(0, gamma - (Delta(a_e) - Delta(a_irr)))
 with act_margin = [alpha, beta, gamma] and a_irr the activation of an irrelevant corpus prompt (the two a_irr terms
@@ -51,6 +53,7 @@ from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register
 class WiseHparams:
     layer: int | None = None  # decoder layer whose MLP output projection gets the side memory (None: upper-middle)
     edit_lr: float = 1.0
+    optimizer: str = "sgd"  # "sgd" (the papers) or "adam" (scale-free steps; see docs/methods/wise_repair.md)
     n_iter: int = 70
     norm_constraint: float = 1.0
     act_margin: list[float] = field(default_factory=lambda: [5.0, 20.0, 10.0])  # alpha, beta, gamma
@@ -65,7 +68,8 @@ class WiseHparams:
     n_prefixes: int = 10  # random corpus prefixes the prompt is also trained behind
     n_irrelevant: int = 1  # corpus prompts each edit's margin keeps below alpha (the paper: 1, its locality probe)
     stop_loss: float = 1e-2  # stop a batch once its whole loss is below this
-    route_by: str = "score"  # top-1 memory by raw score (paper) or by score / threshold ("ratio")
+    route_by: str = "score"  # top-1 memory by raw score (paper), by score / threshold ("ratio") or nearest edit ("key")
+    key_threshold: float = 0.0  # also require a cosine >= this between the row and its nearest held edit (0: off)
     seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
 
     def validate(self) -> None:
@@ -81,10 +85,14 @@ class WiseHparams:
             raise ValueError("mask_ratio and densities must be in (0, 1]")
         if self.merge_alg not in MERGE_METHODS:
             raise ValueError(f"merge_alg must be one of {list(MERGE_METHODS)}, got {self.merge_alg!r}")
-        if self.route_by not in ("score", "ratio"):
-            raise ValueError(f"route_by must be 'score' or 'ratio', got {self.route_by!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.route_by not in ("score", "ratio", "key"):
+            raise ValueError(f"route_by must be 'score', 'ratio' or 'key', got {self.route_by!r}")
         if self.replay:
             raise ValueError("replay=True is not implemented")
+        if not 0 <= self.key_threshold <= 1:
+            raise ValueError(f"key_threshold must be in [0, 1], got {self.key_threshold}")
         if self.edit_lr <= 0 or self.norm_constraint <= 0 or self.act_ratio <= 0:
             raise ValueError("edit_lr, norm_constraint and act_ratio must be > 0")
 
@@ -163,7 +171,7 @@ class Wise(OneModuleHook, Method):
         self.groups: list[dict[str, Any]] = []  # {"shards": [...], "seed": int}
         self.merged: list[torch.Tensor] = []  # one per group (Merge mode: the fold up to that group)
         self.count = 0  # edits written since the last merge point counter
-        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stack: tuple[torch.Tensor, ...] | None = None
 
     # -- memories -----------------------------------------------------------------------------------
     @property
@@ -190,29 +198,41 @@ class Wise(OneModuleHook, Method):
 
     def stack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All routing memories as one tensor [M, out, in] and their thresholds eps [M]."""
+        return self._routing_table()[:2]
+
+    def _routing_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(deltas [M, out, in], eps [M], unit activations of the held edits [N, in], their memory [N])."""
         if self._stack is None:
             mems = self._memories()
+            z = torch.zeros(0, device=self.device)
             if not mems:
-                self._stack = (torch.zeros((0, *self.shape), device=self.device), torch.zeros(0, device=self.device))
+                self._stack = (torch.zeros((0, *self.shape), device=self.device), z, z.view(0, self.shape[1]),
+                               z.long())
             else:
                 deltas = torch.stack([d for d, _ in mems])
-                eps = torch.stack([self._scores(torch.stack([self.acts[e] for e in m]), d[None])[:, 0].min()
-                                   for d, m in mems]) * self.hparams.act_ratio
-                self._stack = (deltas, eps)
+                acts = [torch.stack([self.acts[e] for e in m]) for _, m in mems]
+                eps = torch.stack([self._scores(a, d[None])[:, 0].min() for a, (d, _) in zip(acts, mems)])
+                keys = F.normalize(torch.cat(acts), dim=1)
+                owner = torch.cat([torch.full((len(a),), j, device=self.device) for j, a in enumerate(acts)])
+                self._stack = (deltas, eps * self.hparams.act_ratio, keys, owner)
         return self._stack
 
     def route_rows(self, a: torch.Tensor) -> torch.Tensor:
         """The memory each row of activations a [B, in] uses (-1: none, the base model answers)."""
-        deltas, eps = self.stack()
+        deltas, eps, keys, owner = self._routing_table()
         if len(eps) == 0:
             return torch.full((len(a),), -1, dtype=torch.long, device=a.device)
-        scores = self._scores(a.to(deltas.device), deltas)
+        a = a.to(deltas.device).float()
+        scores = self._scores(a, deltas)
+        cos, nearest = (F.normalize(a, dim=1) @ keys.T).max(dim=1)
         if self.hparams.route_by == "ratio":  # the memory whose threshold the row clears by the largest factor
             j = (scores / eps).argmax(dim=1)
+        elif self.hparams.route_by == "key":  # the memory holding the edit whose activation is nearest (cosine)
+            j = owner[nearest]
         else:  # the paper's top-1 by score
             j = scores.argmax(dim=1)
         best = scores.gather(1, j[:, None])[:, 0]
-        return torch.where(best > eps[j], j, -1)
+        return torch.where((best > eps[j]) & (cos >= self.hparams.key_threshold), j, -1)
 
     @torch.no_grad()
     def check(self, ids: list[int]) -> list[bool]:
@@ -325,7 +345,7 @@ class Wise(OneModuleHook, Method):
         hp = self.hparams
         batch = inp["batch"]
         d = delta.clone().requires_grad_(True)
-        opt = torch.optim.SGD([d], lr=hp.edit_lr)
+        opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)([d], lr=hp.edit_lr)
         loss_value = float("inf")
         self._train_delta = d
         try:
