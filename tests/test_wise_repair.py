@@ -133,6 +133,36 @@ def test_key_routing_sends_each_edit_to_the_memory_holding_it(small_world, world
     ed.close()
 
 
+@pytest.mark.parametrize("method", ["wise", "repair"])
+def test_tombstone_gives_an_undone_prompt_back_to_the_base_model(small_world, world_requests, tmp_path, method):
+    reqs = world_requests[:4]
+    # act_ratio 0.01: every row clears a memory's threshold, so without a tombstone a memory claims the undone prompt
+    hp = dict(save_freq=2, merge_freq=4, route_by="key", optimizer="adam", edit_lr=0.03, act_ratio=0.01)
+    if method == "repair":
+        hp["error_feedback"] = False
+    eds = {t: open_editor(small_world, tmp_path, method, name=f"{t}.db", tombstones=t, **hp) for t in (False, True)}
+    for ed in eds.values():
+        edits = ed.edit(reqs)
+        ed.undo(edits[1].id)
+    plain, ed = eds[False], eds[True]
+    undone = reqs[1].prompt
+    assert int(plain.method.route_rows(plain.method.activations([undone]))[0]) >= 0
+    assert int(ed.method.route_rows(ed.method.activations([undone]))[0]) == -1
+    with ed.unedited():
+        base = logits_of(ed, reqs[1])
+    assert torch.equal(logits_of(ed, reqs[1]), base)
+    kept = [r for i, r in enumerate(reqs) if i != 1]
+    for r in kept:  # the kept edits are exactly where they were without tombstones
+        assert torch.equal(logits_of(ed, r), logits_of(plain, r))
+    ed.close()
+    ed = open_editor(small_world, tmp_path, method, name="True.db", tombstones=True, **hp)
+    assert int(ed.method.route_rows(ed.method.activations([undone]))[0]) == -1, "the tombstone persists"
+    ed.edit(reqs[1])  # editing the same prompt again lifts it
+    assert not ed.method.tombs and int(ed.method.route_rows(ed.method.activations([undone]))[0]) >= 0
+    ed.close()
+    plain.close()
+
+
 def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_requests, tmp_path):
     reqs = world_requests[:8]
     hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0,

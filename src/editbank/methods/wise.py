@@ -6,9 +6,12 @@ Each row uses the memory with the highest score if that score exceeds the memory
 eps_j = act_ratio x the lowest score of the edits it holds; otherwise the base model answers. A routed memory adds
 x D_j^T to the projection's output at every position (and, in generation, for every generated token).
 Options of ours: `route_by="key"` picks the memory holding the edit whose activation is nearest to a (cosine), still
-gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off).
+gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off). With `tombstones`,
+an undone edit's activation stays as a key that belongs to no memory: a row whose nearest key it is gets the base
+model, so the undone prompt answers as before the edit even where another memory would have claimed it.
 
-Writing a batch of edits into the open shard: SGD (`edit_lr`; `optimizer="adam"` for Adam) on D for up to `n_iter` steps of
+Writing a batch of edits into the open shard: SGD (`edit_lr`; `optimizer="adam"` for Adam) on D for up to
+`n_iter` steps of
   CE(target | prompt, and the prompt behind `n_prefixes` random corpus prefixes)
   + max(0, Delta(a_irr) - alpha) + max(0, beta - Delta(a_e)) + max(0, gamma - (Delta(a_e) - Delta(a_irr)))
 with act_margin = [alpha, beta, gamma] and a_irr the activation of an irrelevant corpus prompt (the two a_irr terms
@@ -70,6 +73,7 @@ class WiseHparams:
     stop_loss: float = 1e-2  # stop a batch once its whole loss is below this
     route_by: str = "score"  # top-1 memory by raw score (paper), by score / threshold ("ratio") or nearest edit ("key")
     key_threshold: float = 0.0  # also require a cosine >= this between the row and its nearest held edit (0: off)
+    tombstones: bool = False  # an undone edit leaves its activation behind: rows nearest to it use the base model
     seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
 
     def validate(self) -> None:
@@ -167,6 +171,7 @@ class Wise(OneModuleHook, Method):
     def reset(self) -> None:
         self.requests: dict[int, EditRequest] = {}
         self.acts: dict[int, torch.Tensor] = {}  # edit id -> a_e, its activation at the last prompt token
+        self.tombs: dict[int, torch.Tensor] = {}  # undone edit id -> its activation (with hparams.tombstones)
         self.shards: list[Shard] = []
         self.groups: list[dict[str, Any]] = []  # {"shards": [...], "seed": int}
         self.merged: list[torch.Tensor] = []  # one per group (Merge mode: the fold up to that group)
@@ -212,8 +217,10 @@ class Wise(OneModuleHook, Method):
                 deltas = torch.stack([d for d, _ in mems])
                 acts = [torch.stack([self.acts[e] for e in m]) for _, m in mems]
                 eps = torch.stack([self._scores(a, d[None])[:, 0].min() for a, (d, _) in zip(acts, mems)])
-                keys = F.normalize(torch.cat(acts), dim=1)
+                acts.append(torch.stack(list(self.tombs.values())) if self.tombs else z.view(0, self.shape[1]))
+                keys = F.normalize(torch.cat(acts), dim=1)  # held edits first: they win a tie with a tombstone
                 owner = torch.cat([torch.full((len(a),), j, device=self.device) for j, a in enumerate(acts)])
+                owner[len(owner) - len(self.tombs):] = -1
                 self._stack = (deltas, eps * self.hparams.act_ratio, keys, owner)
         return self._stack
 
@@ -228,11 +235,12 @@ class Wise(OneModuleHook, Method):
         if self.hparams.route_by == "ratio":  # the memory whose threshold the row clears by the largest factor
             j = (scores / eps).argmax(dim=1)
         elif self.hparams.route_by == "key":  # the memory holding the edit whose activation is nearest (cosine)
-            j = owner[nearest]
+            j = owner[nearest].clamp_min(0)  # a tombstone (-1) is refused below
         else:  # the paper's top-1 by score
             j = scores.argmax(dim=1)
         best = scores.gather(1, j[:, None])[:, 0]
-        return torch.where((best > eps[j]) & (cos >= self.hparams.key_threshold), j, -1)
+        live = (best > eps[j]) & (cos >= self.hparams.key_threshold) & (owner[nearest] >= 0)
+        return torch.where(live, j, -1)
 
     @torch.no_grad()
     def check(self, ids: list[int]) -> list[bool]:
@@ -442,6 +450,10 @@ class Wise(OneModuleHook, Method):
         acts = self.activations([it.request.prompt for it in items])
         for it, a in zip(items, acts):
             self.acts[it.id] = a
+        if self.tombs:  # re-editing an undone prompt lifts its tombstone
+            unit = F.normalize(acts, dim=1)
+            for e in [e for e, t in self.tombs.items() if float((unit @ F.normalize(t, dim=0)).max()) > 1 - 1e-6]:
+                del self.tombs[e]
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         self._register(items)
@@ -457,6 +469,8 @@ class Wise(OneModuleHook, Method):
     def remove(self, edit_id: int) -> bool:
         if edit_id not in self.requests:
             return False
+        if self.hparams.tombstones:
+            self.tombs[edit_id] = self.acts[edit_id]
         del self.requests[edit_id], self.acts[edit_id]
         touched = []
         for s in self.shards:
@@ -486,6 +500,8 @@ class Wise(OneModuleHook, Method):
         tensors.update({f"merged.{i}": m for i, m in enumerate(self.merged)})
         for e, a in self.acts.items():
             tensors[f"act.{e}"] = a
+        for e, a in self.tombs.items():
+            tensors[f"tomb.{e}"] = a
         return tensors, self._meta()
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -494,6 +510,7 @@ class Wise(OneModuleHook, Method):
             return
         self.requests = {int(k): EditRequest.from_dict(r) for k, r in meta["requests"].items()}
         self.acts = {e: tensors[f"act.{e}"].to(self.device, torch.float32) for e in self.requests}
+        self.tombs = {int(k[5:]): v.to(self.device, torch.float32) for k, v in tensors.items() if k.startswith("tomb.")}
         self.shards = [Shard(**copy.deepcopy(m)) for m in meta["shards"]]
         for i, s in enumerate(self.shards):
             s.delta = tensors[f"shard.{i}"].to(self.device, torch.float32)
