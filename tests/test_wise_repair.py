@@ -134,33 +134,39 @@ def test_key_routing_sends_each_edit_to_the_memory_holding_it(small_world, world
 
 
 @pytest.mark.parametrize("method", ["wise", "repair"])
-def test_tombstone_gives_an_undone_prompt_back_to_the_base_model(small_world, world_requests, tmp_path, method):
+def test_tombstones_give_an_undone_prompt_back_to_the_base_model(small_world, world_requests, tmp_path, method):
     reqs = world_requests[:4]
+    kept = [r for i, r in enumerate(reqs) if i != 1]
     # act_ratio 0.01: every row clears a memory's threshold, so without a tombstone a memory claims the undone prompt
     hp = dict(save_freq=2, merge_freq=4, route_by="key", optimizer="adam", edit_lr=0.03, act_ratio=0.01)
     if method == "repair":
         hp["error_feedback"] = False
-    eds = {t: open_editor(small_world, tmp_path, method, name=f"{t}.db", tombstones=t, **hp) for t in (False, True)}
+    modes = ("retrain", "retrain+tombstone", "tombstone")
+    eds = {u: open_editor(small_world, tmp_path, method, name=f"{u}.db", undo=u, **hp) for u in modes}
     for ed in eds.values():
         edits = ed.edit(reqs)
+    before = {r.prompt: logits_of(eds["tombstone"], r) for r in kept}
+    for ed in eds.values():
         ed.undo(edits[1].id)
-    plain, ed = eds[False], eds[True]
-    undone = reqs[1].prompt
-    assert int(plain.method.route_rows(plain.method.activations([undone]))[0]) >= 0
-    assert int(ed.method.route_rows(ed.method.activations([undone]))[0]) == -1
-    with ed.unedited():
-        base = logits_of(ed, reqs[1])
-    assert torch.equal(logits_of(ed, reqs[1]), base)
-    kept = [r for i, r in enumerate(reqs) if i != 1]
-    for r in kept:  # the kept edits are exactly where they were without tombstones
-        assert torch.equal(logits_of(ed, r), logits_of(plain, r))
+    route = {u: int(ed.method.route_rows(ed.method.activations([reqs[1].prompt]))[0]) for u, ed in eds.items()}
+    assert route == {"retrain": route["retrain"], "retrain+tombstone": -1, "tombstone": -1} and route["retrain"] >= 0
+    with eds["retrain"].unedited():
+        base = logits_of(eds["retrain"], reqs[1])
+    for u in modes[1:]:
+        assert torch.equal(logits_of(eds[u], reqs[1]), base)
+    for r in kept:
+        # retrain+tombstone: the kept edits are where plain retraining puts them; tombstone: where they were
+        assert torch.equal(logits_of(eds["retrain+tombstone"], r), logits_of(eds["retrain"], r))
+        assert torch.equal(logits_of(eds["tombstone"], r), before[r.prompt])
+    for ed in eds.values():
+        ed.close()
+    ed = open_editor(small_world, tmp_path, method, name="tombstone.db", undo="tombstone", **hp)
+    assert int(ed.method.route_rows(ed.method.activations([reqs[1].prompt]))[0]) == -1, "the tombstone persists"
+    again = ed.edit(reqs[1])  # editing the same prompt again lifts it; the ghost stays out of routing
+    m = ed.method
+    assert not m.tombs and m.ghosts == [edits[1].id]
+    assert int(m.route_rows(m.activations([reqs[1].prompt]))[0]) == int(m.route_rows(m.acts[again.id][None])[0]) >= 0
     ed.close()
-    ed = open_editor(small_world, tmp_path, method, name="True.db", tombstones=True, **hp)
-    assert int(ed.method.route_rows(ed.method.activations([undone]))[0]) == -1, "the tombstone persists"
-    ed.edit(reqs[1])  # editing the same prompt again lifts it
-    assert not ed.method.tombs and int(ed.method.route_rows(ed.method.activations([undone]))[0]) >= 0
-    ed.close()
-    plain.close()
 
 
 def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_requests, tmp_path):
@@ -255,6 +261,7 @@ def test_easyedit_yaml_keys_port_over():
     ({"merge_alg": "mean"}, "merge_alg"),
     ({"route_by": "cosine"}, "route_by"),
     ({"key_threshold": 1.5}, "key_threshold"),
+    ({"undo": "forget"}, "undo"),
     ({"optimizer": "lbfgs"}, "optimizer"),
     ({"n_irrelevant": 0}, "n_irrelevant"),
 ])

@@ -6,9 +6,7 @@ Each row uses the memory with the highest score if that score exceeds the memory
 eps_j = act_ratio x the lowest score of the edits it holds; otherwise the base model answers. A routed memory adds
 x D_j^T to the projection's output at every position (and, in generation, for every generated token).
 Options of ours: `route_by="key"` picks the memory holding the edit whose activation is nearest to a (cosine), still
-gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off). With `tombstones`,
-an undone edit's activation stays as a key that belongs to no memory: a row whose nearest key it is gets the base
-model, so the undone prompt answers as before the edit even where another memory would have claimed it.
+gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off).
 
 Writing a batch of edits into the open shard: SGD (`edit_lr`; `optimizer="adam"` for Adam) on D for up to
 `n_iter` steps of
@@ -29,6 +27,12 @@ history it is in, those shards are retrained from their seeds and their groups r
 shard the result is bit-identical to never having written it; for a merged one it equals a stream in which the
 edit's slot was empty (shard boundaries stay where they were), at the cost of retraining one shard instead of
 replaying every later edit.
+
+`undo` picks how an edit is undone: "retrain" is the above. A tombstone is the undone edit's activation kept as a
+key that belongs to no memory: a row whose nearest key it is gets the base model, so the undone prompt answers as
+before the edit even where another memory would claim it. "retrain+tombstone" does both; "tombstone" alone
+retrains nothing: the edit stays in its shard's weights and threshold (a ghost) but no longer routes, so undo is
+instant and every other edit's prompt keeps its output bit for bit.
 
 Hyperparameter names follow EasyEdit's WISE YAML so such files port over.
 """
@@ -73,7 +77,7 @@ class WiseHparams:
     stop_loss: float = 1e-2  # stop a batch once its whole loss is below this
     route_by: str = "score"  # top-1 memory by raw score (paper), by score / threshold ("ratio") or nearest edit ("key")
     key_threshold: float = 0.0  # also require a cosine >= this between the row and its nearest held edit (0: off)
-    tombstones: bool = False  # an undone edit leaves its activation behind: rows nearest to it use the base model
+    undo: str = "retrain"  # "retrain" (exact), "retrain+tombstone" or "tombstone" (instant; see the module doc)
     seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
 
     def validate(self) -> None:
@@ -95,11 +99,15 @@ class WiseHparams:
             raise ValueError(f"route_by must be 'score', 'ratio' or 'key', got {self.route_by!r}")
         if self.replay:
             raise ValueError("replay=True is not implemented")
+        if self.undo not in UNDO_MODES:
+            raise ValueError(f"undo must be one of {UNDO_MODES}, got {self.undo!r}")
         if not 0 <= self.key_threshold <= 1:
             raise ValueError(f"key_threshold must be in [0, 1], got {self.key_threshold}")
         if self.edit_lr <= 0 or self.norm_constraint <= 0 or self.act_ratio <= 0:
             raise ValueError("edit_lr, norm_constraint and act_ratio must be > 0")
 
+
+UNDO_MODES = ("retrain", "retrain+tombstone", "tombstone")
 
 # EasyEdit WISE YAML keys that say nothing about the method itself (where to load, how to run)
 EASYEDIT_IGNORED = {"alg_name", "model_name", "device", "exp", "objective_optimization", "batch_size", "max_length",
@@ -171,7 +179,8 @@ class Wise(OneModuleHook, Method):
     def reset(self) -> None:
         self.requests: dict[int, EditRequest] = {}
         self.acts: dict[int, torch.Tensor] = {}  # edit id -> a_e, its activation at the last prompt token
-        self.tombs: dict[int, torch.Tensor] = {}  # undone edit id -> its activation (with hparams.tombstones)
+        self.tombs: dict[int, torch.Tensor] = {}  # undone edit id -> its activation (undo modes with a tombstone)
+        self.ghosts: list[int] = []  # edits undone by tombstone alone: still in their shards, never a routing key
         self.shards: list[Shard] = []
         self.groups: list[dict[str, Any]] = []  # {"shards": [...], "seed": int}
         self.merged: list[torch.Tensor] = []  # one per group (Merge mode: the fold up to that group)
@@ -217,6 +226,8 @@ class Wise(OneModuleHook, Method):
                 deltas = torch.stack([d for d, _ in mems])
                 acts = [torch.stack([self.acts[e] for e in m]) for _, m in mems]
                 eps = torch.stack([self._scores(a, d[None])[:, 0].min() for a, (d, _) in zip(acts, mems)])
+                ghosts = set(self.ghosts)
+                acts = [a[[e not in ghosts for e in m]] for a, (_, m) in zip(acts, mems)]
                 acts.append(torch.stack(list(self.tombs.values())) if self.tombs else z.view(0, self.shape[1]))
                 keys = F.normalize(torch.cat(acts), dim=1)  # held edits first: they win a tie with a tombstone
                 owner = torch.cat([torch.full((len(a),), j, device=self.device) for j, a in enumerate(acts)])
@@ -467,10 +478,15 @@ class Wise(OneModuleHook, Method):
         return {"loss": loss, "memory": int(self.route_rows(self.acts[edit_id][None])[0]), "memories": len(eps)}
 
     def remove(self, edit_id: int) -> bool:
-        if edit_id not in self.requests:
+        if edit_id not in self.requests or edit_id in self.ghosts:
             return False
-        if self.hparams.tombstones:
+        if self.hparams.undo != "retrain":
             self.tombs[edit_id] = self.acts[edit_id]
+        if self.hparams.undo == "tombstone":
+            self.ghosts.append(edit_id)
+            self._forget(edit_id)
+            self._stack = None
+            return True
         del self.requests[edit_id], self.acts[edit_id]
         touched = []
         for s in self.shards:
@@ -493,7 +509,8 @@ class Wise(OneModuleHook, Method):
     # -- persistence ------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         return {"requests": {str(k): r.to_dict() for k, r in self.requests.items()},
-                "shards": [s.meta() for s in self.shards], "groups": copy.deepcopy(self.groups), "count": self.count}
+                "shards": [s.meta() for s in self.shards], "groups": copy.deepcopy(self.groups), "count": self.count,
+                "ghosts": list(self.ghosts)}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"shard.{i}": s.delta for i, s in enumerate(self.shards)}
@@ -517,6 +534,7 @@ class Wise(OneModuleHook, Method):
         self.groups = copy.deepcopy(meta["groups"])
         self.merged = [tensors[f"merged.{i}"].to(self.device, torch.float32) for i in range(len(self.groups))]
         self.count = int(meta["count"])
+        self.ghosts = [int(e) for e in meta.get("ghosts", [])]
         self._load_extra(meta)
 
     def _load_extra(self, meta: dict[str, Any]) -> None:
