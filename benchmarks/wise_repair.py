@@ -5,7 +5,7 @@ evaluates all edits on the final model with greedy exact match. OP is the geomet
 generalization and locality. The largest T of each method is then timed (inference latency against the base
 model, interleaved) and 10% of its edits are undone.
 
-    python benchmarks/wise_repair.py --T 1,10,100 --ablation-T 100
+    python benchmarks/wise_repair.py --T 1,10,100,450 --ablation-T 450 [--hp undo=retrain+tombstone]
 """
 
 from __future__ import annotations
