@@ -250,7 +250,9 @@ class Wise(OneModuleHook, Method):
         else:  # the paper's top-1 by score
             j = scores.argmax(dim=1)
         best = scores.gather(1, j[:, None])[:, 0]
-        live = (best > eps[j]) & (cos >= self.hparams.key_threshold) & (owner[nearest] >= 0)
+        live = (best > eps[j]) & (owner[nearest] >= 0)
+        if self.hparams.key_threshold > 0:
+            live &= cos >= self.hparams.key_threshold
         return torch.where(live, j, -1)
 
     @torch.no_grad()
