@@ -3,9 +3,9 @@
 Every stream feeds the same requests in chunks of `--batch` (so REPAIR's batching has something to group) and
 evaluates all edits on the final model with greedy exact match. OP is the geometric mean of reliability,
 generalization and locality. The largest T of each method is then timed (inference latency against the base
-model, interleaved) and 10% of its edits are undone.
+model, interleaved) and 10% of its edits are undone, once per undo mode, each on its own copy of the final store.
 
-    python benchmarks/wise_repair.py --T 1,10,100,450 --ablation-T 450 [--hp undo=retrain+tombstone]
+    python benchmarks/wise_repair.py --T 1,10,100,450 --ablation-T 450 [--undo-modes retrain,tombstone]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -82,9 +83,15 @@ def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: boo
         fig = {"config": name, "T": t, **scores, "OP": op(scores), "seconds_per_edit": stream["edit_seconds"] / t}
         if final:
             fig["latency_ratio"] = latency_ratio(ed, [r.prompt for r in reqs[:32]])
-            if t >= 10 and args.undo_fraction > 0:
-                fig["undo"] = undo_figures(ed, args)
         ed.close()
+        if final and t >= 10 and args.undo_fraction > 0:
+            fig["undo"] = {}
+            for mode in args.undo_modes.split(","):  # each mode undoes the same edits on its own copy of the store
+                copy = Path(tmp) / f"{mode}.db"
+                shutil.copyfile(Path(tmp) / "s.db", copy)
+                ed = Editor.open(world.path, method=method, store=copy, device=args.device, undo=mode)
+                fig["undo"][mode] = undo_figures(ed, args)
+                ed.close()
     return fig
 
 
@@ -99,7 +106,8 @@ def undo_figures(ed: Editor, args) -> dict[str, Any]:
     seconds = (time.perf_counter() - t0) / len(chosen)
     after = evaluate(ed, kept, "greedy_exact_match")
     return {"undone": len(chosen), "restored": rb["restored"], "seconds_per_undo": seconds,
-            "kept_before": {k: before[k] for k in METRICS}, "kept": {k: after[k] for k in METRICS}}
+            "kept_before": {k: before[k] for k in METRICS}, "kept": {k: after[k] for k in METRICS},
+            "kept_change": max(abs(after[k] - before[k]) for k in METRICS)}
 
 
 def main() -> None:
@@ -110,6 +118,8 @@ def main() -> None:
     ap.add_argument("--configs", default="wise,repair", help="configs of the main table")
     ap.add_argument("--batch", type=int, default=8, help="requests per editor call")
     ap.add_argument("--undo-fraction", type=float, default=0.1, help="share of the edits undone at the end (0: none)")
+    ap.add_argument("--undo-modes", default="retrain,retrain+tombstone,tombstone",
+                    help="undo modes measured, each on a copy of the final store")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="torch device for the model (default: where it loads, the CPU)")
     ap.add_argument("--hp", action="append", default=[], help="hyperparameter key=value for every config")
@@ -141,11 +151,11 @@ def main() -> None:
     for f in figs:
         if "latency_ratio" in f:
             console.print(f"{f['config']} T={f['T']}: inference latency {f['latency_ratio']:.2f}x the base model")
-        if "undo" in f:
-            u = f["undo"]
-            console.print(f"  undo {u['undone']} ({u['seconds_per_undo']:.2f} s each): restored {u['restored']:.0%}; "
-                          "kept edits "
-                          + ", ".join(f"{k} {u['kept'][k]:.3f} (was {u['kept_before'][k]:.3f})" for k in METRICS))
+        for mode, u in f.get("undo", {}).items():
+            console.print(f"  undo ({mode}) {u['undone']} ({u['seconds_per_undo']:.2f} s each): restored "
+                          f"{u['restored']:.0%}; kept edits "
+                          + ", ".join(f"{k} {u['kept'][k]:.3f} (was {u['kept_before'][k]:.3f})" for k in METRICS)
+                          + f"; largest change {u['kept_change']:.3f}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,8 @@ def test_edit_with_a_corpus_file(small_world, world_requests, tmp_path):
 
 
 def test_edit_with_an_easyedit_wise_yaml(small_world, world_requests, tmp_path):
+    from editbank.store import EditStore
+
     db, model, req = str(tmp_path / "e.db"), str(small_world.path), world_requests[0]
     cfg = tmp_path / "wise.yaml"
     cfg.write_text("alg_name: WISE\nmodel_name: ./hugging_cache/llama\ndevice: 0\nedit_lr: 3.0\nn_iter: 20\n"
@@ -119,3 +121,15 @@ def test_edit_with_an_easyedit_wise_yaml(small_world, world_requests, tmp_path):
     res = call("edit", "--model", model, "--store", str(tmp_path / "f.db"), "--method", "wise", "--hparams",
                str(cfg), "--prompt", req.prompt, "--target", req.target)
     assert res.exit_code == 2 and "unknown WISE hyperparameter" in res.output
+    # the undo mode is chosen when undoing; the edit's shard is left as it was (a tombstone)
+    store = EditStore(db)
+    shards = store.get_state()[1]["shards"]
+    store.close()
+    res = call("undo", "1", "--model", model, "--store", db, "--hp", "undo=tombstone", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["status"] == "reverted", res.output
+    store = EditStore(db)
+    tensors, meta = store.get_state()
+    assert meta["ghosts"] == [1] and meta["shards"] == shards and store.get_meta("hparams")["undo"] == "tombstone"
+    store.close()
+    res = call("undo", "1", "--model", model, "--store", db, "--hp", "n_iter=3")
+    assert res.exit_code == 2 and "cannot change ['n_iter']" in res.output

@@ -169,6 +169,25 @@ def test_tombstones_give_an_undone_prompt_back_to_the_base_model(small_world, wo
     ed.close()
 
 
+def test_the_undo_mode_may_change_on_reopen_and_nothing_else(small_world, world_requests, tmp_path):
+    reqs = world_requests[:3]
+    hp = dict(save_freq=4, merge_freq=8, route_by="key", optimizer="adam", edit_lr=0.03, act_ratio=0.01)
+    ed = open_editor(small_world, tmp_path, **hp)
+    edits = ed.edit(reqs)
+    ed.close()
+    with pytest.raises(ValueError, match=r"cannot change \['save_freq'\].*only \['undo'\] may change"):
+        open_editor(small_world, tmp_path, **{**hp, "save_freq": 2, "undo": "tombstone"})
+    ed = open_editor(small_world, tmp_path, **hp, undo="tombstone")
+    held = state_tensors(ed)
+    ed.undo(edits[0].id)  # tombstone: nothing retrained, the edit stays in its shard as a ghost
+    assert ed.method.ghosts == [edits[0].id]
+    assert all(torch.equal(v, held[k]) for k, v in state_tensors(ed).items() if k in held)
+    ed.close()
+    ed = open_editor(small_world, tmp_path, **hp)  # the new mode was recorded with the store
+    assert ed.method.hparams.undo == "tombstone" and ed.method.ghosts == [edits[0].id]
+    ed.close()
+
+
 def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_requests, tmp_path):
     reqs = world_requests[:8]
     hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0,

@@ -193,12 +193,14 @@ def undo(
     ids: Annotated[list[int], typer.Argument(help="Edit id(s) to undo.")],
     model: ModelOpt = "world:default",
     store: StoreOpt = Path("edits.db"),
+    hp: Annotated[list[str] | None, typer.Option(
+        help="key=value of a hyperparameter the method lets a reopen change (WISE/REPAIR: undo=tombstone).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Undo edits by id: the model answers as if it had never received them."""
     if not store.exists():
         _fail(f"no store at {store}")
-    ed = _open(model, store, None, json_out=json_out)
+    ed = _open(model, store, None, hp, json_out=json_out)
     try:
         done = [ed.undo(i) for i in ids]
     except (ValueError, KeyError, EditFailed) as exc:

@@ -93,11 +93,14 @@ class Editor:
         if stored is not None and hparams:
             base = dataclasses.asdict(mbase.build_hparams(cls.Hparams, stored))
             changed = {k: v for k, v in hparams.items() if base.get(k, object()) != v}
-            if changed:
+            fixed = sorted(set(changed) - cls.reopen_hparams)
+            if fixed:
                 raise ValueError(
                     f"store {self.store.path} was created with other hyperparameters; cannot change "
-                    f"{sorted(changed)} on reopen (use a new store)"
+                    f"{fixed} on reopen (use a new store)"
+                    + (f"; only {sorted(cls.reopen_hparams)} may change" if cls.reopen_hparams else "")
                 )
+            stored = {**stored, **changed}
         hp = mbase.build_hparams(cls.Hparams, stored if stored is not None else hparams)
         model.eval()  # dropout off: edits, evaluation and replay must be deterministic
         self._grad_flags = {pname: p.requires_grad for pname, p in model.named_parameters()}

@@ -124,6 +124,9 @@ class Method:
     # `state_dict` returns, rather than the whole state rewritten after every edit; the editor then hands the
     # held edits' artifacts to `load_artifacts` after `load_state_dict` (and never snapshots)
     state_in_artifacts: ClassVar[bool] = False
+    # hyperparameters that shape no written state (how the next undo is done, say): a reopened store may change
+    # them, and the new values are recorded; every other hyperparameter is fixed when the store is created
+    reopen_hparams: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model, tokenizer, arch, hparams) -> None:
         self.model = model

@@ -163,6 +163,7 @@ class Shard:
 class Wise(OneModuleHook, Method):
     Hparams = WiseHparams
     snapshots = False  # `remove` always undoes by retraining the edit's shard
+    reopen_hparams = frozenset({"undo"})  # the undo mode may be chosen anew whenever a store is opened
 
     def __init__(self, model, tokenizer, arch, hparams: WiseHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)
