@@ -17,6 +17,8 @@ from editbank.tokens import make_batch, target_ids
 pytestmark = pytest.mark.filterwarnings("ignore:calibrated alpha:UserWarning")
 
 # per case: the method and hyperparameters that let it write a fact into a random (untrained) tiny model
+LOCATE_TINY = {"fact_token": "last", "clamp_norm_factor": 50.0, "v_weight_decay": 0.0, "kl_factor": 0.0,
+               "v_num_grad_steps": 50, "v_stop_loss": 0.5, "n_prefixes": 0}
 METHOD_HPARAMS = {
     "grace": ("grace", {"eps_init": 1e-3, "n_iter": 50}),
     "grace_shared": ("grace", {"eps_init": 1e-3, "n_iter": 50, "value_mode": "shared"}),
@@ -24,10 +26,17 @@ METHOD_HPARAMS = {
     "sola": ("sola", {}),
     "wise": ("wise", {"n_iter": 40}),
     "repair": ("repair", {"n_iter": 40}),
+    "rome": ("rome", LOCATE_TINY),
+    "memit": ("memit", {**LOCATE_TINY, "mom2_update_weight": 0.1}),
+    "alphaedit": ("alphaedit", {**LOCATE_TINY, "L2": 0.1, "nullspace_threshold": 0.5}),
+    "metake": ("metake", {**LOCATE_TINY, "L2": 0.1, "nullspace_threshold": 0.5}),
 }
+# locate-then-edit undo subtracts the newest write (W + ΔW − ΔW): equal up to float rounding, not bit for bit
+UNDO_ATOL = {"rome": 1e-5, "memit": 1e-5, "alphaedit": 1e-5, "metake": 1e-5}
 ROUTED = {"grace", "grace_shared", "sola"}  # cases that leave unrouted prompts bit-identical
 
 PROMPT, OTHER = "The capital of Arvelia is", "Norland was born in"
+SUBJECT = "Arvelia"  # of PROMPT (methods that need one read it; the others ignore it)
 CASES = [(m, t) for m in METHOD_HPARAMS for t in TINY_TYPES]
 
 
@@ -64,14 +73,15 @@ def test_edit_and_undo(method, model_type):
     ed, tok = tiny_editor(method, model_type)
     before, other_before = next_token_logits(ed, PROMPT), next_token_logits(ed, OTHER)
     target = runner_up_word(tok, before)
-    e = ed.edit(EditRequest(prompt=PROMPT, target=target))
+    e = ed.edit(EditRequest(prompt=PROMPT, target=target, subject=SUBJECT))
     after = next_token_logits(ed, PROMPT)
     assert after.argmax().item() == target_ids(tok, target)[0], "the edit must change the answer"
     if method in ROUTED:
         assert torch.equal(next_token_logits(ed, OTHER), other_before)
     ed.undo(e.id)
-    assert torch.equal(next_token_logits(ed, PROMPT), before), "undo must restore the exact logits"
-    assert torch.equal(next_token_logits(ed, OTHER), other_before)
+    atol = UNDO_ATOL.get(method, 0.0)
+    torch.testing.assert_close(next_token_logits(ed, PROMPT), before, rtol=0, atol=atol)  # undo restores the logits
+    torch.testing.assert_close(next_token_logits(ed, OTHER), other_before, rtol=0, atol=atol)
     ed.close()
 
 
@@ -81,7 +91,7 @@ def test_half_precision_edit_and_undo(method, dtype):
     ed, tok = tiny_editor(method, "llama", dtype)
     before = next_token_logits(ed, PROMPT)
     target = runner_up_word(tok, before)
-    e = ed.edit(EditRequest(prompt=PROMPT, target=target))
+    e = ed.edit(EditRequest(prompt=PROMPT, target=target, subject=SUBJECT))
     assert next_token_logits(ed, PROMPT).argmax().item() == target_ids(tok, target)[0]
     ed.undo(e.id)
     assert torch.equal(next_token_logits(ed, PROMPT), before)

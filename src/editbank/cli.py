@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .methods.base import EditFailed
@@ -28,7 +29,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
+    # no wrapping (a long path must stay whole) and no markup in the message itself
+    console.print("[red]error:[/red]", escape(msg), soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -346,3 +348,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command("stats")
+def stats(
+    model: ModelOpt,
+    layers: Annotated[str, typer.Option(help="Comma-separated decoder layers, e.g. 4,5,6.")],
+    samples: Annotated[int, typer.Option(help="Corpus texts to estimate from (mom2_n_samples).")] = 10000,
+    text_file: Annotated[Path | None, typer.Option(help="Texts, one per line (mom2_dataset); default: "
+                                                         "a world's fact prompts, else random tokens.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Precompute the key statistics (E[k kᵀ]) ROME/MEMIT/AlphaEdit/MetaKE use, into the editbank cache."""
+    from .methods.locate.stats import precompute
+    from .models.loading import load_model
+    from .world.core import WORLD_FILE, World
+
+    try:
+        layer_list = [int(x) for x in layers.split(",") if x.strip()]
+        path = _resolve_model(model, progress=not json_out)
+        texts = World.load(path).fact_prompts() if (Path(path) / WORLD_FILE).is_file() else None
+        m, tok = load_model(path)
+        files = precompute(m, tok, layer_list, samples, texts, str(text_file) if text_file else None)
+    except (ValueError, TypeError, OSError, IndexError) as exc:
+        _fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps({"files": [str(f) for f in files]}))
+    else:
+        for f in files:
+            console.print(str(f))

@@ -1,0 +1,189 @@
+"""The shared locate-then-edit method: learn target residuals, then write them layer by layer in closed form.
+
+Subclasses choose the default layers and the solver (`_solve`), and may keep C_p, the sum of earlier edits'
+K Kᵀ per layer. Every write is stored as low-rank factors (U, V, K) per layer in an undo log on the method
+(and in its state), so undoing the newest edit subtracts U Vᵀ and downdates C_p by K Kᵀ; older edits return
+False and the editor restores a snapshot and replays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...models.loading import model_fingerprint
+from ..base import EditItem, Method
+from .keys import context_prefixes, lookup_rows, read_at
+from .stats import cached_second_moment, corpus_rows
+from .target import optimize_targets
+
+
+def default_layers(arch, n: int) -> list[int]:
+    """Up to n consecutive upper-middle layers, below the last one.
+
+    The target is a residual at the subject's last token, which reaches later tokens only through attention
+    in the layers above, so the last edited layer must not be the model's last layer.
+    """
+    top = max(0, min(arch.default_layers(n)[-1], arch.num_layers - 2))
+    return list(range(max(0, top - n + 1), top + 1))
+
+
+@dataclass
+class LogEntry:
+    """One applied batch: its edit ids and, per edited layer, the factors U, V (ΔW = U Vᵀ) and keys K."""
+
+    seq: int  # position in the stream of writes (names the entry's state tensors, so they are written once)
+    ids: list[int]
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class LocateMethod(Method):
+    """Base of ROME, MEMIT, AlphaEdit and MetaKE."""
+
+    needs_subject = True
+    accumulates = False  # keeps C_p (earlier edits' K Kᵀ) per layer
+    default_n_layers = 1
+
+    def __init__(self, model, tokenizer, arch, hparams) -> None:
+        super().__init__(model, tokenizer, arch, hparams)
+        n_layers = self.default_n_layers
+        self.layers = list(hparams.layers) if hparams.layers is not None else default_layers(arch, n_layers)
+        for layer in self.layers:
+            if not 0 <= layer < arch.num_layers:
+                raise ValueError(f"layer {layer} out of range: the model has {arch.num_layers} layers")
+        self.paths = {layer: arch.layer_path(layer, "mlp_out") for layer in self.layers}
+        self.modules = {layer: arch.module(p) for layer, p in self.paths.items()}
+        # the model is unedited when a method is built: its fingerprint keys the cached statistics, and the
+        # base values of the edited weights let statistics be computed later as if on the unedited model
+        self.fingerprint = model_fingerprint(model)
+        self._base = {layer: m.weight.detach().clone() for layer, m in self.modules.items()}
+        self.mom2: dict[int, torch.Tensor] = {}  # E[k kᵀ] per layer (a model statistic: kept across reset)
+        self.cp: dict[int, torch.Tensor] = {}
+        self.log: list[LogEntry] = []
+
+    # -- weights --------------------------------------------------------------------------------
+    def touched_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{self.paths[layer]}.weight": self.modules[layer].weight for layer in self.layers}
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """Layer's MLP output weight as an (out, in) view, whatever the storage."""
+        return self.arch.weight_out_in(self.modules[layer])
+
+    @torch.no_grad()
+    def _add(self, layer: int, u: torch.Tensor, v: torch.Tensor, sign: float = 1.0) -> None:
+        w = self.weight(layer)
+        w.add_((sign * (u @ v.T)).to(w.dtype))
+
+    # -- statistics -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """E[k kᵀ] of the layer's keys on the unedited model (computed once, cached on disk)."""
+        if layer not in self.mom2:
+            hp = self.hparams
+            rows = corpus_rows(self.tokenizer, self.corpus, hp.mom2_n_samples, hp.mom2_dataset)
+            current = {lay: m.weight.detach().clone() for lay, m in self.modules.items()}
+            try:
+                for lay, m in self.modules.items():
+                    m.weight.copy_(self._base[lay])
+                mom2 = cached_second_moment(self.model, self.tokenizer, self.paths[layer], layer, rows,
+                                            self.fingerprint, hp.mom2_batch_size)
+            finally:
+                for lay, m in self.modules.items():
+                    m.weight.copy_(current[lay])
+            self.mom2[layer] = mom2.to(self.weight(layer).device).float()
+        return self.mom2[layer]
+
+    # -- editing --------------------------------------------------------------------------------
+    def prefixes(self) -> list[str]:
+        return context_prefixes(self.corpus, self.hparams.n_prefixes, self.hparams.prefix_words)
+
+    def keys(self, layer: int, requests, prefixes: list[str]) -> torch.Tensor:
+        """K (in × n): the layer's key per request, averaged over the context prefixes."""
+        rows = lookup_rows(self.tokenizer, requests, prefixes, self.hparams.fact_token)
+        return read_at(self.model, self.tokenizer, self.paths[layer], rows, len(requests), inputs=True).T
+
+    def residual(self, layer: int, requests) -> torch.Tensor:
+        """The decoder layer's output at the subject's last token of each plain prompt ([n, hidden])."""
+        path = self.arch.layer_path(layer, "")
+        rows = lookup_rows(self.tokenizer, requests, [""], self.hparams.fact_token)
+        return read_at(self.model, self.tokenizer, path, rows, len(requests), inputs=False)
+
+    def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _plan(self, requests, prefixes: list[str]):
+        """Learn the target residuals at the last edited layer (MetaKE overrides)."""
+        last = self.arch.layer_path(self.layers[-1], "")
+        return optimize_targets(self.model, self.tokenizer, last, requests, prefixes, self.hparams), {}
+
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        return self._write(items)
+
+    def _write(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        """Plan targets for the batch, write them into every layer (ascending) and log the factors."""
+        requests = [it.request for it in items]
+        for layer in self.layers:
+            self.second_moment(layer)
+        prefixes = self.prefixes()
+        target, extra = self._plan(requests, prefixes)
+        last = self.layers[-1]
+        z = target.h + target.delta
+        factors = {}
+        for i, layer in enumerate(self.layers):
+            keys = self.keys(layer, requests, prefixes)
+            resid = (z - self.residual(last, requests)).T / (len(self.layers) - i)
+            u, v = self._solve(i, layer, keys, resid)
+            self._add(layer, u, v)
+            factors[layer] = (u.detach(), v.detach(), keys.detach())
+        if self.accumulates:
+            for layer, (_, _, keys) in factors.items():
+                kk = keys @ keys.T
+                self.cp[layer] = self.cp[layer] + kk if layer in self.cp else kk
+        seq = self.log[-1].seq + 1 if self.log else 0
+        self.log.append(LogEntry(seq, [it.id for it in items], factors))
+        del self.log[: -self.hparams.max_undo_log]
+        realised = self.residual(last, requests) - target.h
+        ratio = ((realised * target.delta).sum(1) / target.delta.square().sum(1).clamp(min=1e-12)).tolist()
+        return [
+            {"loss": target.nll[r], "steps": target.steps, "delta_norm": float(target.delta[r].norm()),
+             "realised_ratio": float(ratio[r]), **{k: v[r] for k, v in extra.items()}}
+            for r in range(len(items))
+        ]
+
+    # -- undo -----------------------------------------------------------------------------------
+    def remove(self, edit_id: int) -> bool:
+        """Exact for the newest edit applied alone, in float32/64: subtract its ΔW, downdate C_p."""
+        if not self.log or self.log[-1].ids != [edit_id]:
+            return False
+        if any(self.modules[layer].weight.dtype not in (torch.float32, torch.float64) for layer in self.layers):
+            return False  # half precision: W + ΔW − ΔW is not W; replay from a snapshot instead
+        entry = self.log.pop()
+        for layer, (u, v, keys) in entry.factors.items():
+            self._add(layer, u, v, sign=-1.0)
+            if self.accumulates:
+                self.cp[layer] = self.cp[layer] - keys @ keys.T
+        return True
+
+    def reset(self) -> None:
+        self.cp, self.log = {}, []
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"cp.{layer}": t for layer, t in self.cp.items()}
+        for e in self.log:
+            for layer, (u, v, k) in e.factors.items():
+                tensors.update({f"log.{e.seq}.{layer}.U": u, f"log.{e.seq}.{layer}.V": v, f"log.{e.seq}.{layer}.K": k})
+        return tensors, {"log": [[e.seq, e.ids] for e in self.log], "layers": self.layers}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta and meta.get("layers", self.layers) != self.layers:
+            raise ValueError(f"state was written for layers {meta['layers']}, this method edits {self.layers}")
+        dev = self.weight(self.layers[0]).device
+        self.cp = {int(k.split(".")[1]): t.to(dev).float() for k, t in tensors.items() if k.startswith("cp.")}
+        self.log = []
+        for seq, ids in meta.get("log", []):
+            factors = {layer: tuple(tensors[f"log.{seq}.{layer}.{x}"].to(dev).float() for x in "UVK")
+                       for layer in self.layers if f"log.{seq}.{layer}.U" in tensors}
+            self.log.append(LogEntry(int(seq), list(ids), factors))

@@ -1,0 +1,101 @@
+"""Hyperparameters of ROME, MEMIT, AlphaEdit and MetaKE (EasyEdit-like names), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LocateHparams:
+    """Shared by the locate-then-edit methods: which layers, how the target is learned, which statistics.
+
+    Defaults are tuned on the built-in worlds (2-4 layer Llama models); see docs/methods/locate.md."""
+
+    layers: list[int] | None = None  # edited decoder layers, ascending (None: the method's default choice)
+    # where keys are read and the target is written: "last" prompt token (the built-in worlds recall facts there;
+    # reliability 0.9 vs 0.0 on the default world) or "subject_last" (the papers' choice for real models)
+    fact_token: str = "last"
+    v_lr: float = 0.5  # Adam learning rate of the target delta
+    v_num_grad_steps: int = 25  # at most this many steps of target optimisation per edit
+    v_weight_decay: float = 0.5  # weight decay on ‖δ‖² / ‖h‖²
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor × ‖h‖
+    kl_factor: float = 0.0625  # weight of the KL term on "{subject} is a"
+    v_stop_loss: float = 5e-2  # stop early once every request's mean target NLL is below this
+    n_prefixes: int = 0  # context prefixes the keys are averaged over and the target is learned on (plus none)
+    prefix_words: int = 5  # words per prefix taken from the corpus
+    mom2_n_samples: int = 10000  # corpus texts the key covariance is estimated from (at most)
+    mom2_dataset: str | None = None  # a text file (one text per line) for the covariance; None: the corpus
+    mom2_batch_size: int = 32  # texts per forward in the covariance pass
+    max_undo_log: int = 16  # newest edits whose factors are kept for exact undo (older: snapshot and replay)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first out-of-range field."""
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers must name at least one layer (or be None)")
+            if sorted(set(self.layers)) != list(self.layers):
+                raise ValueError(f"layers must be distinct and ascending, got {self.layers}")
+        for name in ("v_lr", "clamp_norm_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("v_weight_decay", "kl_factor", "v_stop_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("v_num_grad_steps", "mom2_n_samples", "mom2_batch_size", "prefix_words", "max_undo_log"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.fact_token not in ("subject_last", "last"):
+            raise ValueError(f"fact_token must be 'subject_last' or 'last', got {self.fact_token!r}")
+        if self.n_prefixes < 0:
+            raise ValueError("n_prefixes must be >= 0")
+
+
+@dataclass
+class ROMEHparams(LocateHparams):
+    """ROME: one layer (None: the upper-middle one), rank-one update with the key covariance."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.layers is not None and len(self.layers) != 1:
+            raise ValueError(f"ROME edits exactly one layer, got layers={self.layers}")
+
+
+@dataclass
+class MEMITHparams(LocateHparams):
+    """MEMIT: several layers (None: up to three upper-middle ones), covariance weight λ, sequential keys."""
+
+    mom2_update_weight: float = 1.0  # λ in (λC + C_p + K Kᵀ); C is the mean E[k kᵀ]
+    sequential: bool = True  # add earlier edits' keys Σ K_prev K_prevᵀ (C_p) to the system
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.mom2_update_weight > 0:
+            raise ValueError("mom2_update_weight must be > 0")
+
+
+@dataclass
+class AlphaEditHparams(LocateHparams):
+    """AlphaEdit: MEMIT's layers with updates projected on the null space of the preserved keys."""
+
+    nullspace_threshold: float = 2e-2  # eigenvalues of C below this span the null space (relative, see rel)
+    nullspace_relative: bool = True  # threshold is a fraction of C's largest eigenvalue (False: absolute)
+    L2: float = 1.0  # ridge term of the solve
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.nullspace_threshold > 0:
+            raise ValueError("nullspace_threshold must be > 0")
+        if not self.L2 > 0:
+            raise ValueError("L2 must be > 0")
+
+
+@dataclass
+class MetaKEHparams(AlphaEditHparams):
+    """MetaKE: AlphaEdit's write with the target learned through the solver's transfer matrix."""
+
+    max_plan_factor: float = 10.0  # ‖D‖ ≤ max_plan_factor × clamp_norm_factor × ‖h‖ (the plan may overshoot)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.max_plan_factor >= 1:
+            raise ValueError("max_plan_factor must be >= 1")

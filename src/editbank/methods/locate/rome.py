@@ -1,0 +1,30 @@
+"""ROME (Meng et al., 2022): a rank-one update of one MLP output projection per edit.
+
+The key k* is the projection's input at the subject's last token (averaged over context prefixes); the value
+v* = W k* + (z − h), where z is the learned residual of that layer at the same token; ΔW = (v* − W k*)(C⁻¹k*)ᵀ
+/ (k*ᵀC⁻¹k*) with C the keys' second moment over the corpus. A batch is written one request after another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..base import EditItem, register
+from .base import LocateMethod
+from .hparams import ROMEHparams
+from .solvers import rome_update
+
+
+@register("rome")
+class ROME(LocateMethod):
+    Hparams = ROMEHparams
+
+    def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight(layer).detach().float()
+        k = keys[:, 0]
+        return rome_update(w, self.second_moment(layer), k, w @ k + resid[:, 0])
+
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        return [s for it in items for s in self._write([it])]

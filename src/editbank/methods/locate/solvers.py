@@ -1,0 +1,68 @@
+"""Closed-form weight updates of the locate-then-edit family, as pure functions on float tensors.
+
+Conventions: W is (out, in); keys K are (in, n) columns, one per request; residuals R are (out, n). Every
+solver returns factors (U, V) with the update ΔW = U @ V.T, so an edit is stored (and undone) as a low-rank
+pair instead of a full matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _sym_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a x = b in float64 (the systems mix covariances of very different scales)."""
+    return torch.linalg.solve(a.double(), b.double()).to(b.dtype)
+
+
+def rome_update(weight: torch.Tensor, cov: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's rank-one ΔW = (v* − W k*)(C⁻¹k*)ᵀ / (k*ᵀC⁻¹k*): afterwards (W + ΔW) k* = v* exactly."""
+    k, v = key.reshape(-1, 1), value.reshape(-1, 1)
+    c_inv_k = _sym_solve(cov, k)
+    right = c_inv_k / (k.T @ c_inv_k)
+    return v - weight @ k, right
+
+
+def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_weight: float,
+                 prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's ΔW = R Kᵀ (λC + C_p + K Kᵀ)⁻¹; `prev` = C_p, the sum of earlier edits' K Kᵀ (sequential)."""
+    a = mom2_weight * cov + keys @ keys.T
+    if prev is not None:
+        a = a + prev
+    return resid, _sym_solve(a, keys)
+
+
+def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit's P: projector on the span of C's eigenvectors whose eigenvalue is below `threshold`."""
+    evals, evecs = torch.linalg.eigh(cov.double())
+    basis = evecs[:, evals < threshold]
+    return (basis @ basis.T).to(cov.dtype)
+
+
+def _alpha_system(keys: torch.Tensor, proj: torch.Tensor, prev: torch.Tensor | None, l2: float) -> torch.Tensor:
+    """The matrix (K Kᵀ + C_p) P + L2·I that AlphaEdit's update inverts."""
+    kk = keys @ keys.T if prev is None else keys @ keys.T + prev
+    return kk @ proj + l2 * torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
+
+
+def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor, prev: torch.Tensor | None,
+                     l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's ΔW = R Kᵀ P ((K Kᵀ + C_p) P + L2·I)⁻¹: rows of ΔW lie in P's span, so ΔW K0 ≈ 0."""
+    m = _alpha_system(keys, proj, prev, l2)
+    # ΔW = R (M⁻ᵀ P K)ᵀ, so V solves Mᵀ V = P K
+    return resid, _sym_solve(m.T, proj @ keys)
+
+
+def metake_transfer(keys: torch.Tensor, proj: torch.Tensor, prev: torch.Tensor | None, l2: float,
+                    queries: torch.Tensor | None = None) -> torch.Tensor:
+    """MetaKE's structural transfer G = Kᵀ P ((K Kᵀ + C_p) P + L2·I)⁻¹ Q (n × m, Q = K by default): writing D
+    changes the outputs at the keys Q by D·G."""
+    m = _alpha_system(keys, proj, prev, l2)
+    return keys.T @ proj @ _sym_solve(m, keys if queries is None else queries)
+
+
+def metake_gate(key: torch.Tensor, proj: torch.Tensor, l2: float) -> float:
+    """Single-request gate g = ‖Pk‖² / (L2 + ‖Pk‖²) (G for one key and no earlier edits)."""
+    pk2 = float((proj @ key.reshape(-1)).double().square().sum())
+    return pk2 / (l2 + pk2)

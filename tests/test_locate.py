@@ -1,0 +1,224 @@
+"""ROME, MEMIT, AlphaEdit and MetaKE on the small world: edits, exact/replayed undo, persistence, statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from editbank import Editor, EditRequest, load_model
+from editbank.methods.base import build_hparams, get_method
+from editbank.methods.locate import stats as locate_stats
+from editbank.tokens import make_batch
+
+METHODS = ["rome", "memit", "alphaedit", "metake"]
+FAST = {"v_num_grad_steps": 10}  # enough to move the target; the tests check mechanics, not quality
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """Key statistics go to a per-test cache."""
+    monkeypatch.setenv("EDITBANK_CACHE", str(tmp_path / "cache"))
+
+
+def open_editor(world, method: str, store=None, **hp) -> Editor:
+    model, tok = load_model(world.path)
+    return Editor(model, tok, method=method, store=store, corpus=world.fact_prompts(), **{**FAST, **hp})
+
+
+def probe_logits(ed: Editor, reqs: list[EditRequest]) -> torch.Tensor:
+    prompts = [r.prompt for r in reqs] + [p for r in reqs for p, _ in r.locality]
+    b = make_batch(ed.tokenizer, [(p, " x") for p in prompts])
+    return ed.logits(b.input_ids, b.attention_mask, b.query_index)
+
+
+def target_nll(ed: Editor, req: EditRequest) -> float:
+    b = make_batch(ed.tokenizer, [(req.prompt, req.target)])
+    logits = ed.logits(b.input_ids, b.attention_mask, b.query_index)
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1], b.labels[0, 1:], ignore_index=-100))
+
+
+def test_hparams_are_validated():
+    with pytest.raises(ValueError, match="exactly one layer"):
+        build_hparams(get_method("rome").Hparams, {"layers": [0, 1]})
+    with pytest.raises(ValueError, match="fact_token"):
+        build_hparams(get_method("memit").Hparams, {"fact_token": "first"})
+    with pytest.raises(ValueError, match="ascending"):
+        build_hparams(get_method("alphaedit").Hparams, {"layers": [1, 0]})
+    with pytest.raises(ValueError, match="L2"):
+        build_hparams(get_method("metake").Hparams, {"L2": 0.0})
+    with pytest.raises(TypeError, match="v_lr"):
+        build_hparams(get_method("rome").Hparams, {"v_lr": "fast"})
+
+
+def test_subject_is_required(small_world, world_requests):
+    ed = open_editor(small_world, "rome")
+    req = dataclasses.replace(world_requests[0], subject=None)
+    with pytest.raises(ValueError, match="subject"):
+        ed.edit(req)
+    ed.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_edit_raises_target_likelihood(small_world, world_requests, method):
+    ed = open_editor(small_world, method, fact_token="last")
+    req = world_requests[0]
+    before = target_nll(ed, req)
+    e = ed.edit(req)
+    assert target_nll(ed, req) < before - 0.1
+    assert e.stats["delta_norm"] > 0 and 0 < e.stats["realised_ratio"] <= 1.5
+    if method == "metake":
+        assert 0 < e.stats["gate"] <= 1
+    changed = [n for n, p in ed.method.touched_parameters().items() if not torch.equal(p, ed._base_weights[n])]
+    assert changed, "the edit must write into the layer weights"
+    ed.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_undo_newest_is_exact_and_older_replays(small_world, world_requests, method, monkeypatch):
+    reqs = world_requests[:3]
+    ed = open_editor(small_world, method)
+    base = probe_logits(ed, reqs)
+    a = ed.edit(reqs[0])
+    after_a = probe_logits(ed, reqs)
+    b = ed.edit(reqs[1])
+    assert not torch.allclose(probe_logits(ed, reqs), after_a, atol=1e-4)
+    removed = []
+    original = ed.method.remove
+    monkeypatch.setattr(ed.method, "remove", lambda i: removed.append(original(i)) or removed[-1])
+    ed.undo(b.id)  # the newest: subtracted exactly
+    assert removed == [True]
+    torch.testing.assert_close(probe_logits(ed, reqs), after_a, rtol=0, atol=1e-5)
+    if ed.method.accumulates:
+        torch.testing.assert_close(ed.method.cp[ed.method.layers[0]], ed.method.log[-1].factors[ed.method.layers[0]][2]
+                                   @ ed.method.log[-1].factors[ed.method.layers[0]][2].T, rtol=0, atol=1e-5)
+    c = ed.edit(reqs[2])
+    ed.undo(a.id)  # an older one: the editor replays c on the base model
+    assert removed[-1] is False
+    only_c = open_editor(small_world, method)
+    only_c.edit(reqs[2])
+    torch.testing.assert_close(probe_logits(ed, reqs), probe_logits(only_c, reqs), rtol=0, atol=1e-5)
+    ed.undo(c.id)
+    torch.testing.assert_close(probe_logits(ed, reqs), base, rtol=0, atol=1e-5)
+    ed.close()
+    only_c.close()
+
+
+def test_alphaedit_state_survives_reopen(small_world, world_requests, tmp_path):
+    store = tmp_path / "edits.db"
+    ed = open_editor(small_world, "alphaedit", store=store)
+    base = probe_logits(ed, world_requests[:2])
+    ed.edit(world_requests[0])
+    e = ed.edit(world_requests[1])
+    cp = {k: v.clone() for k, v in ed.method.cp.items()}
+    proj = {k: v.clone() for k, v in ed.method.proj.items()}
+    edited = probe_logits(ed, world_requests[:2])
+    ed.close()
+    ed = open_editor(small_world, "alphaedit", store=store)
+    assert ed.method.cp.keys() == cp.keys() and all(torch.equal(ed.method.cp[k], cp[k]) for k in cp)
+    assert all(torch.equal(ed.method.proj[k], proj[k]) for k in proj)
+    assert [x.ids for x in ed.method.log] == [[e.id - 1], [e.id]]
+    torch.testing.assert_close(probe_logits(ed, world_requests[:2]), edited, rtol=0, atol=1e-6)
+    assert ed.method.remove(e.id) is True  # the newest edit is still exactly removable after reopening
+    ed.store.update_edit(e.id, status="reverted")
+    ed.undo(e.id - 1)
+    torch.testing.assert_close(probe_logits(ed, world_requests[:2]), base, rtol=0, atol=1e-5)
+    ed.close()
+
+
+def test_key_statistics_are_cached_as_safetensors(small_world, world_requests, tmp_path, monkeypatch):
+    ed = open_editor(small_world, "memit")
+    ed.edit(world_requests[0])
+    files = list((tmp_path / "cache" / "stats").rglob("*.safetensors"))
+    assert len(files) == len(ed.method.layers)
+    mom2 = {k: v.clone() for k, v in ed.method.mom2.items()}
+    ed.close()
+
+    def fail(*a, **k):
+        raise AssertionError("statistics should come from the cache")
+
+    monkeypatch.setattr(locate_stats, "key_second_moment", fail)
+    ed = open_editor(small_world, "memit")
+    ed.edit(world_requests[1])
+    assert all(torch.allclose(ed.method.mom2[k], mom2[k]) for k in mom2)
+    ed.close()
+
+
+def test_statistics_are_of_the_unedited_model(small_world, world_requests, tmp_path):
+    """Computed while edits are held (a reopened store), the second moment is still the base model's."""
+    ed = open_editor(small_world, "memit")
+    ed.edit(world_requests[0])
+    layer = ed.method.layers[0]
+    for f in (tmp_path / "cache" / "stats").rglob("*.safetensors"):
+        f.unlink()
+    ed.method.mom2.clear()
+    recomputed = ed.method.second_moment(layer)  # with the edit in the weights
+    rows = locate_stats.corpus_rows(ed.tokenizer, ed.method.corpus, ed.method.hparams.mom2_n_samples)
+    with ed.unedited():
+        base = locate_stats.key_second_moment(ed.model, ed.tokenizer, ed.method.paths[layer], rows)
+    edited = locate_stats.key_second_moment(ed.model, ed.tokenizer, ed.method.paths[layer], rows)
+    torch.testing.assert_close(recomputed, base, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(edited, base, rtol=1e-5, atol=1e-6) or layer == ed.method.layers[-1]
+    ed.close()
+
+
+def test_cli_stats_precomputes_what_the_method_reads(small_world, world_requests, tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from editbank.cli import app
+
+    res = CliRunner().invoke(app, ["stats", "--model", str(small_world.path), "--layers", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    files = json.loads(res.stdout)["files"]
+    assert len(files) == 1 and files[0].endswith(".safetensors")
+
+    def fail(*a, **k):
+        raise AssertionError("statistics should come from the cache")
+
+    monkeypatch.setattr(locate_stats, "key_second_moment", fail)
+    ed = open_editor(small_world, "rome", layers=[0])
+    ed.edit(world_requests[0])
+    ed.close()
+
+
+def test_subject_last_index_points_at_the_subject(small_world, world_requests):
+    from editbank.methods.locate.keys import subject_last_index
+
+    tok = small_world.load_tokenizer()
+    for req in world_requests[:5]:
+        for prefix in ("", "Note that "):
+            ids, i = subject_last_index(tok, prefix, req.prompt, req.subject)
+            assert tok.decode(ids[: i + 1], skip_special_tokens=True).endswith(req.subject)
+            assert not tok.decode(ids[:i], skip_special_tokens=True).endswith(req.subject)
+        ids, i = subject_last_index(tok, "", req.prompt, None)
+        assert i == len(ids) - 1
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_subject_position_write_realises_the_planned_residual(small_world, world_requests, method):
+    """With keys at the subject and no prefixes, the plain prompt's key is the written key: the last edited
+    layer's output at the subject moves by the planned δ (ROME exactly; MEMIT up to its covariance term)."""
+    extra = {"mom2_update_weight": 1e-4} if method == "memit" else {}
+    ed = open_editor(small_world, method, fact_token="subject_last", n_prefixes=0, **extra)
+    e = ed.edit(world_requests[0])
+    assert e.stats["delta_norm"] > 0
+    assert e.stats["realised_ratio"] == pytest.approx(1.0, abs=0.02)
+    ed.close()
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batch_edit_writes_every_request(small_world, method):
+    reqs = small_world.edit_requests(n=3, seed=1)
+    ed = open_editor(small_world, method)
+    before = [target_nll(ed, r) for r in reqs]
+    edits = ed.edit(reqs)
+    assert [len(x.ids) for x in ed.method.log] == [3]
+    assert all(target_nll(ed, r) < b for r, b in zip(reqs, before))
+    base_after = probe_logits(ed, reqs[:1])
+    ed.undo(edits[1].id)  # part of a joint write: replayed without it, not subtracted
+    assert [len(x.ids) for x in ed.method.log] == [2]
+    assert not torch.allclose(probe_logits(ed, reqs[:1]), base_after, atol=1e-6)
+    ed.close()
