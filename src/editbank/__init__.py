@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .data import load_requests  # noqa: E402
 from .editor import Editor  # noqa: E402
 from .methods import METHODS, Method, register  # noqa: E402
 from .models.loading import load_model  # noqa: E402
@@ -19,5 +20,6 @@ __all__ = [
     "World",
     "__version__",
     "load_model",
+    "load_requests",
     "register",
 ]
