@@ -222,3 +222,11 @@ def test_batch_edit_writes_every_request(small_world, method):
     assert [len(x.ids) for x in ed.method.log] == [2]
     assert not torch.allclose(probe_logits(ed, reqs[:1]), base_after, atol=1e-6)
     ed.close()
+
+
+def test_rome_without_mom2_adjustment_writes_along_the_key(small_world, world_requests):
+    ed = open_editor(small_world, "rome", mom2_adjustment=False)
+    ed.edit(world_requests[0])
+    (u, v, k), = ed.method.log[-1].factors.values()
+    assert torch.allclose(v[:, 0], k[:, 0] / k[:, 0].square().sum(), rtol=1e-4, atol=1e-7)  # C = I: (k / kᵀk)
+    ed.close()

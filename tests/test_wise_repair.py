@@ -7,8 +7,9 @@ import torch
 
 from editbank import Editor, EditRequest
 from editbank.methods.base import build_hparams
+from editbank.methods.easyedit import translate
 from editbank.methods.repair import RepairHparams
-from editbank.methods.wise import WiseHparams, easyedit_hparams
+from editbank.methods.wise import WiseHparams
 from editbank.tokens import make_batch
 
 FAST = {"n_prefixes": 2, "n_iter": 30, "edit_lr": 3.0}
@@ -265,12 +266,11 @@ def test_easyedit_yaml_keys_port_over():
            "merge_freq": 1000, "merge_alg": "ties", "objective_optimization": "only_label",
            "inner_params": ["model.layers[27].mlp.down_proj.weight"], "weights": 1.0, "densities": 0.53,
            "retrieve": True, "replay": False, "batch_size": 1, "max_length": 30, "model_parallel": False}
-    known = {f for f in WiseHparams.__dataclass_fields__}
-    hp, dropped = easyedit_hparams(cfg, known)
+    hp, dropped = translate("wise", cfg)
     assert hp["layer"] == 27 and hp["save_freq"] == 500 and "alg_name" in dropped
     assert build_hparams(WiseHparams, hp).merge_alg == "ties"
     with pytest.raises(ValueError, match="unknown WISE hyperparameter"):
-        easyedit_hparams({"edit_lrr": 1.0}, known)
+        translate("wise", {"edit_lrr": 1.0})
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,18 +62,20 @@ def _parse_hparams(pairs: list[str]) -> dict[str, Any]:
 
 
 def _hparams_file(path: Path, method: str | None) -> dict[str, Any]:
-    """A YAML hyperparameter file; for wise/repair an EasyEdit WISE file is translated (layer from inner_params)."""
-    from .methods.base import get_method
-    from .methods.wise import easyedit_hparams
+    """A YAML hyperparameter file; EasyEdit files (WISE, GRACE, ROME, MEMIT, AlphaEdit) are translated."""
+    from .methods.easyedit import translate
 
     cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(cfg, dict):
         _fail(f"--hparams {path}: expected a mapping of hyperparameters")
-    if method in ("wise", "repair"):
-        known = {f.name for f in dataclasses.fields(get_method(method).Hparams)}
-        cfg, dropped = easyedit_hparams(cfg, known)
-        if dropped:
-            typer.echo(f"--hparams: ignoring EasyEdit run settings {dropped}", err=True)
+    if method is None:
+        return cfg
+    cfg, dropped = translate(method, cfg)
+    reasons: dict[str, list[str]] = {}
+    for key, why in dropped.items():
+        reasons.setdefault(why, []).append(key)
+    for why, keys in reasons.items():
+        typer.echo(f"--hparams: ignoring {', '.join(keys)}: {why}", err=True)
     return cfg
 
 
@@ -156,7 +157,8 @@ def edit(
     file: Annotated[Path | None, typer.Option(help="JSONL file of requests, one object per line.")] = None,
     hp: Annotated[list[str] | None, typer.Option(help="Hyperparameter key=value (repeatable).")] = None,
     hparams: Annotated[Path | None, typer.Option(
-        help="YAML hyperparameter file (EasyEdit's WISE files work for wise/repair); --hp overrides it.")] = None,
+        help="YAML hyperparameter file (EasyEdit's files for wise/repair, grace, rome, memit, alphaedit/metake "
+             "are translated); --hp overrides it.")] = None,
     corpus: Annotated[Path | None, typer.Option(
         help="Text file, one prompt per line, about distinct facts: calibrates SoLA on a new store "
              "(a world brings its own).")] = None,

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import random
-import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,30 +107,6 @@ class WiseHparams:
 
 
 UNDO_MODES = ("retrain", "retrain+tombstone", "tombstone")
-
-# EasyEdit WISE YAML keys that say nothing about the method itself (where to load, how to run)
-EASYEDIT_IGNORED = {"alg_name", "model_name", "device", "exp", "objective_optimization", "batch_size", "max_length",
-                    "model_parallel", "weights"}
-
-
-def easyedit_hparams(cfg: dict[str, Any], known: set[str]) -> tuple[dict[str, Any], list[str]]:
-    """Hyperparameters from an EasyEdit WISE YAML (as a dict): the method's own keys, the layer taken from
-    `inner_params` (e.g. `model.layers[27].mlp.down_proj.weight`), and the names of the keys dropped."""
-    out, dropped = {}, []
-    for k, v in cfg.items():
-        if k == "inner_params":
-            found = re.search(r"\[(\d+)\]|\.(\d+)\.", str(v[0] if isinstance(v, list) else v))
-            if not found:
-                raise ValueError(f"inner_params {v!r}: no layer index in it")
-            out["layer"] = int(found.group(1) or found.group(2))
-        elif k in known:
-            out[k] = v
-        elif k in EASYEDIT_IGNORED:
-            dropped.append(k)
-        else:
-            raise ValueError(f"unknown WISE hyperparameter {k!r} in the EasyEdit config; known: {sorted(known)}")
-    return out, dropped
-
 
 def stable_seed(*parts: Any) -> int:
     return zlib.crc32("\x1f".join(map(str, parts)).encode())

@@ -54,6 +54,8 @@ class LocateHparams:
 class ROMEHparams(LocateHparams):
     """ROME: one layer (None: the upper-middle one), rank-one update with the key covariance."""
 
+    mom2_adjustment: bool = True  # C^-1 k* in the update (False: C = I, EasyEdit's llama ROME files)
+
     def validate(self) -> None:
         super().validate()
         if self.layers is not None and len(self.layers) != 1:

@@ -2,7 +2,8 @@
 
 The key k* is the projection's input at the subject's last token (averaged over context prefixes); the value
 v* = W k* + (z − h), where z is the learned residual of that layer at the same token; ΔW = (v* − W k*)(C⁻¹k*)ᵀ
-/ (k*ᵀC⁻¹k*) with C the keys' second moment over the corpus. A batch is written one request after another.
+/ (k*ᵀC⁻¹k*) with C the keys' second moment over the corpus (C = I with mom2_adjustment=False). A batch is
+written one request after another.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class ROME(LocateMethod):
     def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weight(layer).detach().float()
         k = keys[:, 0]
-        return rome_update(w, self.second_moment(layer), k, w @ k + resid[:, 0])
+        cov = self.second_moment(layer) if self.hparams.mom2_adjustment else torch.eye(len(k), device=k.device)
+        return rome_update(w, cov, k, w @ k + resid[:, 0])
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         return [s for it in items for s in self._write([it])]
