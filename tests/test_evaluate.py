@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from editbank import Editor
+from editbank import Editor, EditRequest
 from editbank.evaluate import ngram_entropy, rollback_eval, run_stream
-from editbank.evaluate.metrics import score_pairs
+from editbank.evaluate.metrics import score_pairs, target_nll
 from editbank.tokens import target_ids
 
 
@@ -118,3 +118,30 @@ def test_perplexity_drops_after_editing(grace, world_requests):
     after = grace.evaluate(reqs, perplexity=True)
     assert after["protocols"]["perplexity"] == "target_token_perplexity"
     assert after["perplexity"] < 1.5 < before["perplexity"]
+
+
+def test_prob_preference_flips_with_the_edit(grace, world_requests):
+    reqs = world_requests[:6]
+    before = grace.evaluate(reqs, protocol="prob_preference")
+    assert before["protocol"] == "prob_preference"
+    assert set(before["protocols"].values()) == {"prob_preference"}
+    assert before["reliability"] <= 0.2, "the unedited model prefers the true object"
+    assert before["generalization"] <= 0.2 and before["locality"] >= 0.9
+    assert before["portability"] is None
+    for r in reqs:
+        grace.edit(r)
+    after = grace.evaluate(reqs, protocol="prob_preference")
+    assert after["reliability"] == 1.0 and after["locality"] >= 0.9
+    # per-record numbers are the comparison of mean target-token log-probabilities
+    nll = target_nll(grace, [(r.prompt, r.target) for r in reqs] + [(r.prompt, " " + r.meta["true_object"])
+                                                                    for r in reqs])
+    assert [rec["reliability"] for rec in after["records"]] == [float(a < b) for a, b in zip(nll[:6], nll[6:])]
+
+
+def test_prob_preference_needs_the_true_object(grace, world_requests):
+    req = world_requests[1]
+    bare = EditRequest(prompt=req.prompt, target=req.target, locality=req.locality)
+    with pytest.raises(ValueError, match=r"request 1 .*true_object"):
+        grace.evaluate([world_requests[0], bare], protocol="prob_preference")
+    with pytest.raises(ValueError, match="prob_preference"):
+        score_pairs(grace, [(req.prompt, req.target)], "prob_preference")

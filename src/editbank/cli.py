@@ -297,7 +297,8 @@ def eval_cmd(
     model: ModelOpt = "world:default",
     store: StoreOpt = Path("edits.db"),
     protocol: Annotated[
-        str, typer.Option(help="teacher_forced_token_acc or greedy_exact_match.")
+        str, typer.Option(help="teacher_forced_token_acc, greedy_exact_match or prob_preference (needs each "
+                               "request's meta true_object).")
     ] = "greedy_exact_match",
     json_out: JsonOpt = False,
 ) -> None:

@@ -8,6 +8,11 @@ Protocols
   exactly in one batched forward: greedy decoding reproduces the answer iff, teacher-forced on the
   answer, every position's argmax is the next answer token. Locality: the edited model's greedy
   continuation equals the unedited model's (checked the same way against the cached pre-edit one).
+- `prob_preference` (CounterFact's efficacy/paraphrase score): the edited model's mean target-token
+  log-probability of the new target beats that of the true object (`EditRequest.meta["true_object"]`), on the
+  prompt (reliability) and each rephrase (generalization). Locality (CounterFact's neighborhood score): on each
+  locality probe the probe's own answer stays more likely than the edit's new target. Portability has no
+  "true" alternative, so it is None under this protocol.
 Routing happens at the last prompt token in every case, as in generation.
 """
 
@@ -19,18 +24,27 @@ from typing import Any
 
 import torch
 
-from ..requests import EditRequest
+from ..requests import EditRequest, normalize_target
 from ..tokens import batch_from_ids, pad_id, pair_ids, prompt_ids
 
-PROTOCOLS = ("teacher_forced_token_acc", "greedy_exact_match")
+PROTOCOLS = ("teacher_forced_token_acc", "greedy_exact_match", "prob_preference")
 FLUENCY_PROTOCOL = "ngram_entropy_2_3"
 PERPLEXITY_PROTOCOL = "target_token_perplexity"  # exp(mean over requests of the mean target-token NLL)
 
 
 def check_protocol(protocol: str) -> str:
+    """Return `protocol` if it is one of PROTOCOLS, else raise ValueError listing them."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; available: {list(PROTOCOLS)}")
     return protocol
+
+
+def _pairwise_only(protocol: str, what: str) -> None:
+    if protocol == "prob_preference":
+        raise ValueError(
+            f"prob_preference compares two answers, so {what} cannot score bare pairs under it; "
+            "use evaluate(editor, requests, protocol='prob_preference')"
+        )
 
 
 def argmax_tokens(editor, rows: list[tuple[list[int], list[int]]], batch_size: int = 64) -> list[list[int]]:
@@ -105,6 +119,7 @@ def base_locality_refs(editor, probes: list[tuple[str, str]], protocol: str) -> 
 
 def score_pairs(editor, pairs: list[tuple[str, str]], protocol: str) -> list[float]:
     """Score (prompt, answer) pairs: does the current model produce the answer?"""
+    _pairwise_only(protocol, "score_pairs")
     tok = editor.tokenizer
     rows = [pair_ids(tok, p, a) for p, a in pairs]
     return [_score(pred, t, protocol) for pred, (_, t) in zip(argmax_tokens(editor, rows), rows)]
@@ -112,6 +127,7 @@ def score_pairs(editor, pairs: list[tuple[str, str]], protocol: str) -> list[flo
 
 def score_locality(editor, probes: list[tuple[str, str]], protocol: str) -> list[float]:
     """Score locality probes: does the current model predict what the unedited model predicted?"""
+    _pairwise_only(protocol, "score_locality")
     tok = editor.tokenizer
     refs = base_locality_refs(editor, probes, protocol)
     if protocol == "greedy_exact_match":
@@ -119,6 +135,39 @@ def score_locality(editor, probes: list[tuple[str, str]], protocol: str) -> list
     else:
         rows = [pair_ids(tok, p, a) for p, a in probes]
     return [_score(pred, ref, protocol) for pred, ref in zip(argmax_tokens(editor, rows), refs)]
+
+
+def true_objects(requests: list[EditRequest]) -> list[str]:
+    """Each request's original object (`meta["true_object"]`), which `prob_preference` compares against."""
+    out = []
+    for i, r in enumerate(requests):
+        obj = r.meta.get("true_object")
+        if not isinstance(obj, str) or not obj.strip():
+            raise ValueError(
+                f"prob_preference needs the true object: request {i} ({r.prompt!r} -> {r.target!r}) has no "
+                "non-empty meta['true_object']"
+            )
+        out.append(normalize_target(obj))
+    return out
+
+
+def prefers(editor, rows: list[tuple[str, str, str]], batch_size: int = 64) -> list[float]:
+    """1.0 where (prompt, a, b) has mean log P(a | prompt) > mean log P(b | prompt), from batched forwards."""
+    nll = target_nll(editor, [(p, a) for p, a, _ in rows] + [(p, b) for p, _, b in rows], batch_size)
+    return [float(na < nb) for na, nb in zip(nll[: len(rows)], nll[len(rows) :])]
+
+
+def _preference_scores(
+    editor, requests: list[EditRequest], gen_pairs: list, loc_pairs: list
+) -> tuple[list[float], list[float], list[float]]:
+    """Reliability, generalization and locality under `prob_preference`, in one batched pass."""
+    true = true_objects(requests)
+    rows = [(r.prompt, r.target, t) for r, t in zip(requests, true)]
+    rows += [(p, requests[i].target, true[i]) for i, (p, _) in gen_pairs]
+    rows += [(p, a, requests[i].target) for i, (p, a) in loc_pairs]
+    s = prefers(editor, rows)
+    n, g = len(requests), len(gen_pairs)
+    return s[:n], s[n : n + g], s[n + g :]
 
 
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
@@ -151,13 +200,17 @@ def evaluate(
     requests = list(requests)
     if not all(isinstance(r, EditRequest) for r in requests):
         raise TypeError("evaluate expects a list of EditRequest")
-    rel = score_pairs(editor, [(r.prompt, r.target) for r in requests], protocol)
     gen_pairs = [(i, (p, r.target)) for i, r in enumerate(requests) for p in r.rephrases]
     loc_pairs = [(i, pr) for i, r in enumerate(requests) for pr in r.locality]
     port_pairs = [(i, pr) for i, r in enumerate(requests) for pr in r.portability]
-    gen = score_pairs(editor, [p for _, p in gen_pairs], protocol) if gen_pairs else []
-    loc = score_locality(editor, [p for _, p in loc_pairs], protocol) if loc_pairs else []
-    port = score_pairs(editor, [p for _, p in port_pairs], protocol) if port_pairs else []
+    if protocol == "prob_preference":
+        rel, gen, loc = _preference_scores(editor, requests, gen_pairs, loc_pairs)
+        port_pairs, port = [], []
+    else:
+        rel = score_pairs(editor, [(r.prompt, r.target) for r in requests], protocol)
+        gen = score_pairs(editor, [p for _, p in gen_pairs], protocol) if gen_pairs else []
+        loc = score_locality(editor, [p for _, p in loc_pairs], protocol) if loc_pairs else []
+        port = score_pairs(editor, [p for _, p in port_pairs], protocol) if port_pairs else []
 
     records: list[dict[str, Any]] = [
         {"prompt": r.prompt, "target": r.target, "reliability": s} for r, s in zip(requests, rel)
