@@ -135,6 +135,53 @@ def test_key_routing_sends_each_edit_to_the_memory_holding_it(small_world, world
 
 
 @pytest.mark.parametrize("method", ["wise", "repair"])
+def test_a_key_layer_routes_on_an_earlier_layer_and_undo_stays_exact(small_world, world_requests, tmp_path, method):
+    reqs = world_requests[:5]
+    hp = dict(layer=1, key_layer=0, save_freq=2, merge_freq=4, route_by="key", optimizer="adam", edit_lr=0.03)
+    if method == "repair":
+        hp["error_feedback"] = False
+    ed = open_editor(small_world, tmp_path, method, **hp)
+    m = ed.method
+    assert m.key_layer == 0
+    edits = [ed.edit(r) for r in reqs]  # two merged shards of two, then one open shard
+    a, k = m.activations([r.prompt for r in reqs], with_keys=True)
+    assert not torch.equal(a[:, : k.shape[1]], k), "the key is another layer's input"
+    holder = {e: j for j, (_, members) in enumerate(m._memories()) for e in members}
+    assert m.route_prompts([r.prompt for r in reqs]).tolist() == [holder[e.id] for e in edits]
+    # the forward pass routes on the key layer: a gate of 1 on the keys leaves only the edits' own prompts routed
+    reliability = ed.evaluate(reqs, protocol="greedy_exact_match")["reliability"]
+    m.hparams.key_threshold = 1.0 - 1e-4
+    m._stack = None
+    probes = [q for r in reqs for q in r.locality]
+    with ed.unedited():
+        base = [logits_of(ed, q) for q in probes]
+    assert all(torch.equal(logits_of(ed, q), b) for q, b in zip(probes, base))
+    assert m.route_prompts([r.prompt for r in reqs]).tolist() == [holder[e.id] for e in edits]
+    assert ed.evaluate(reqs, protocol="greedy_exact_match")["reliability"] == reliability > 0
+    m.hparams.key_threshold = 0.0
+    m._stack = None
+    before = {r.prompt: logits_of(ed, r) for r in reqs}
+    ed.close()
+    ed = open_editor(small_world, tmp_path, method, **hp)  # the keys persist
+    assert all(torch.equal(logits_of(ed, r), before[r.prompt]) for r in reqs)
+    ed.undo(edits[-1].id)  # in the open shard: exactly as if never written
+    fresh = open_editor(small_world, tmp_path, method, name="fresh.db", **hp)
+    for r in reqs[:-1]:
+        fresh.edit(r)
+    for r in reqs:
+        assert torch.equal(logits_of(ed, r), logits_of(fresh, r))
+    # give an edit a probe's key: the forward pass now routes that probe to the edit's memory
+    f = fresh.method
+    f.hparams.act_ratio, f.hparams.key_threshold = 1e-3, 1.0 - 1e-4
+    f.keys[edits[0].id] = f.activations([probes[0][0]], with_keys=True)[1][0]
+    f._stack = None
+    assert f.route_prompts([probes[0][0]]).tolist() == [holder[edits[0].id]]
+    assert not torch.equal(logits_of(fresh, probes[0]), base[0])
+    ed.close()
+    fresh.close()
+
+
+@pytest.mark.parametrize("method", ["wise", "repair"])
 def test_tombstones_give_an_undone_prompt_back_to_the_base_model(small_world, world_requests, tmp_path, method):
     reqs = world_requests[:4]
     kept = [r for i, r in enumerate(reqs) if i != 1]
@@ -280,6 +327,7 @@ def test_easyedit_yaml_keys_port_over():
     ({"merge_alg": "mean"}, "merge_alg"),
     ({"route_by": "cosine"}, "route_by"),
     ({"key_threshold": 1.5}, "key_threshold"),
+    ({"key_layer": 0}, "key_layer needs route_by='key'"),
     ({"undo": "forget"}, "undo"),
     ({"optimizer": "lbfgs"}, "optimizer"),
     ({"n_irrelevant": 0}, "n_irrelevant"),

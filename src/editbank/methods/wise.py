@@ -6,7 +6,9 @@ Each row uses the memory with the highest score if that score exceeds the memory
 eps_j = act_ratio x the lowest score of the edits it holds; otherwise the base model answers. A routed memory adds
 x D_j^T to the projection's output at every position (and, in generation, for every generated token).
 Options of ours: `route_by="key"` picks the memory holding the edit whose activation is nearest to a (cosine), still
-gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off).
+gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off); `key_layer`
+takes the routing key (the nearest-edit cosine) at an earlier layer's MLP projection input instead of the memory's
+own, where prompts about different subjects are further apart (the score gate stays at the memory's layer).
 
 Writing a batch of edits into the open shard: SGD (`edit_lr`; `optimizer="adam"` for Adam) on D for up to
 `n_iter` steps of
@@ -76,6 +78,7 @@ class WiseHparams:
     stop_loss: float = 1e-2  # stop a batch once its whole loss is below this
     route_by: str = "score"  # top-1 memory by raw score (paper), by score / threshold ("ratio") or nearest edit ("key")
     key_threshold: float = 0.0  # also require a cosine >= this between the row and its nearest held edit (0: off)
+    key_layer: int | None = None  # route_by="key": the layer whose MLP projection input is the key (None: `layer`)
     undo: str = "retrain"  # "retrain" (exact), "retrain+tombstone" or "tombstone" (instant; see the module doc)
     seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
 
@@ -102,6 +105,8 @@ class WiseHparams:
             raise ValueError(f"undo must be one of {UNDO_MODES}, got {self.undo!r}")
         if not 0 <= self.key_threshold <= 1:
             raise ValueError(f"key_threshold must be in [0, 1], got {self.key_threshold}")
+        if self.key_layer is not None and self.route_by != "key":
+            raise ValueError(f"key_layer needs route_by='key', got route_by={self.route_by!r}")
         if self.edit_lr <= 0 or self.norm_constraint <= 0 or self.act_ratio <= 0:
             raise ValueError("edit_lr, norm_constraint and act_ratio must be > 0")
 
@@ -149,13 +154,21 @@ class Wise(OneModuleHook, Method):
         self.module = arch.module(self.path)
         w = arch.weight_out_in(self.module)
         self.shape, self.device = tuple(w.shape), w.device
+        self.key_layer = self.layer if hparams.key_layer is None else hparams.key_layer
+        if not 0 <= self.key_layer <= self.layer:
+            raise ValueError(f"key_layer {self.key_layer} must be in [0, layer={self.layer}]: the key is read "
+                             "before the memory acts")
+        self.key_path = arch.layer_path(self.key_layer, "mlp_out")
+        self._key_handle: Any = None
+        self._key_x: torch.Tensor | None = None  # the key layer's input in the current forward
         self._train_delta: torch.Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
         self.requests: dict[int, EditRequest] = {}
         self.acts: dict[int, torch.Tensor] = {}  # edit id -> a_e, its activation at the last prompt token
-        self.tombs: dict[int, torch.Tensor] = {}  # undone edit id -> its activation (undo modes with a tombstone)
+        self.keys: dict[int, torch.Tensor] = {}  # edit id -> its routing key (key_layer's input; a_e without one)
+        self.tombs: dict[int, torch.Tensor] = {}  # undone edit id -> its routing key (undo modes with a tombstone)
         self.ghosts: list[int] = []  # edits undone by tombstone alone: still in their shards, never a routing key
         self.shards: list[Shard] = []
         self.groups: list[dict[str, Any]] = []  # {"shards": [...], "seed": int}
@@ -203,22 +216,28 @@ class Wise(OneModuleHook, Method):
                 acts = [torch.stack([self.acts[e] for e in m]) for _, m in mems]
                 eps = torch.stack([self._scores(a, d[None])[:, 0].min() for a, (d, _) in zip(acts, mems)])
                 ghosts = set(self.ghosts)
-                acts = [a[[e not in ghosts for e in m]] for a, (_, m) in zip(acts, mems)]
-                acts.append(torch.stack(list(self.tombs.values())) if self.tombs else z.view(0, self.shape[1]))
+                acts = [torch.stack([self.keys[e] for e in m])[[e not in ghosts for e in m]] for _, m in mems]
+                acts.append(torch.stack(list(self.tombs.values())) if self.tombs else z.view(0, self.key_dim))
                 keys = F.normalize(torch.cat(acts), dim=1)  # held edits first: they win a tie with a tombstone
                 owner = torch.cat([torch.full((len(a),), j, device=self.device) for j, a in enumerate(acts)])
                 owner[len(owner) - len(self.tombs):] = -1
                 self._stack = (deltas, eps * self.hparams.act_ratio, keys, owner)
         return self._stack
 
-    def route_rows(self, a: torch.Tensor) -> torch.Tensor:
-        """The memory each row of activations a [B, in] uses (-1: none, the base model answers)."""
+    @property
+    def key_dim(self) -> int:
+        return self.arch.weight_out_in(self.arch.module(self.key_path)).shape[1]
+
+    def route_rows(self, a: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        """The memory each row of activations a [B, in] (routing keys k, default a) uses (-1: none, the base model
+        answers)."""
         deltas, eps, keys, owner = self._routing_table()
         if len(eps) == 0:
             return torch.full((len(a),), -1, dtype=torch.long, device=a.device)
         a = a.to(deltas.device).float()
+        k = a if k is None else k.to(deltas.device).float()
         scores = self._scores(a, deltas)
-        cos, nearest = (F.normalize(a, dim=1) @ keys.T).max(dim=1)
+        cos, nearest = (F.normalize(k, dim=1) @ keys.T).max(dim=1)
         if self.hparams.route_by == "ratio":  # the memory whose threshold the row clears by the largest factor
             j = (scores / eps).argmax(dim=1)
         elif self.hparams.route_by == "key":  # the memory holding the edit whose activation is nearest (cosine)
@@ -230,6 +249,10 @@ class Wise(OneModuleHook, Method):
         if self.hparams.key_threshold > 0:
             live &= cos >= self.hparams.key_threshold
         return torch.where(live, j, -1)
+
+    def route_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The memory each prompt uses (-1: none), as a forward pass over it would decide."""
+        return self.route_rows(*self.activations(prompts, with_keys=True))
 
     @torch.no_grad()
     def check(self, ids: list[int]) -> list[bool]:
@@ -259,8 +282,11 @@ class Wise(OneModuleHook, Method):
             choice = route.decisions[self.name]
         else:
             qidx = None if route is None else route.query_index
-            q = x[:, -1] if qidx is None else x[torch.arange(b, device=x.device), qidx.to(x.device)]
-            choice = self.route_rows(q)
+            rows = slice(None), -1
+            if qidx is not None:
+                rows = torch.arange(b, device=x.device), qidx.to(x.device)
+            kx = self._key_x if self.key_layer != self.layer else None
+            choice = self.route_rows(x[rows], None if kx is None else kx[rows])
             if keep:
                 route.decisions[self.name] = choice
         if not bool((choice >= 0).any()):
@@ -268,6 +294,21 @@ class Wise(OneModuleHook, Method):
         deltas, _ = self.stack()
         side = torch.einsum("bsi,boi->bso", x.float(), deltas[choice.clamp_min(0)]).to(output.dtype)
         return torch.where((choice >= 0).view(b, 1, 1), output + side, output)
+
+    def _key_hook(self, module, inputs, output):
+        self._key_x = inputs[0]
+
+    def attach(self) -> None:
+        super().attach()
+        if self.key_layer != self.layer and self._key_handle is None:
+            self._key_handle = self.arch.module(self.key_path).register_forward_hook(self._key_hook)
+
+    def detach(self) -> None:
+        super().detach()
+        if self._key_handle is not None:
+            self._key_handle.remove()
+            self._key_handle = None
+        self._key_x = None
 
     # -- training a shard ---------------------------------------------------------------------------
     def _init_delta(self, shard: Shard) -> torch.Tensor:
@@ -281,13 +322,16 @@ class Wise(OneModuleHook, Method):
         return (torch.rand(self.shape, generator=g) < self.hparams.mask_ratio).to(self.device)
 
     @torch.no_grad()
-    def activations(self, prompts: list[str]) -> torch.Tensor:
-        """a(x): the projection's input at each prompt's last token, with no side memory."""
+    def activations(self, prompts: list[str], with_keys: bool = False):
+        """a(x): the projection's input at each prompt's last token, with no side memory (and, with_keys, the
+        routing keys: the key layer's input there)."""
         batch = make_batch(self.tokenizer, [(p, " x") for p in prompts], device=self.device)
-        with self.disabled(), trace(self.model, self.path, outputs=False) as tr:
+        paths = list(dict.fromkeys([self.path, self.key_path]))
+        with self.disabled(), trace(self.model, *paths, outputs=False) as tr:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        x = tr[self.path].input
-        return x[torch.arange(len(prompts), device=x.device), batch.query_index].float()
+        rows = torch.arange(len(prompts), device=self.device), batch.query_index
+        a = tr[self.path].input[rows].float()
+        return (a, tr[self.key_path].input[rows].float()) if with_keys else a
 
     def _edit_data(self, edit_id: int, avoid: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
         """The prompts an edit is trained on (its own, then behind prefixes) and its irrelevant prompts: corpus
@@ -436,11 +480,11 @@ class Wise(OneModuleHook, Method):
     def _register(self, items: list[EditItem]) -> None:
         for it in items:
             self.requests[it.id] = it.request
-        acts = self.activations([it.request.prompt for it in items])
-        for it, a in zip(items, acts):
-            self.acts[it.id] = a
+        acts, keys = self.activations([it.request.prompt for it in items], with_keys=True)
+        for it, a, k in zip(items, acts, keys):
+            self.acts[it.id], self.keys[it.id] = a, k
         if self.tombs:  # re-editing an undone prompt lifts its tombstone
-            unit = F.normalize(acts, dim=1)
+            unit = F.normalize(keys, dim=1)
             for e in [e for e, t in self.tombs.items() if float((unit @ F.normalize(t, dim=0)).max()) > 1 - 1e-6]:
                 del self.tombs[e]
 
@@ -453,19 +497,20 @@ class Wise(OneModuleHook, Method):
 
     def _edit_stats(self, edit_id: int, loss: float) -> dict[str, Any]:
         deltas, eps = self.stack()
-        return {"loss": loss, "memory": int(self.route_rows(self.acts[edit_id][None])[0]), "memories": len(eps)}
+        memory = self.route_rows(self.acts[edit_id][None], self.keys[edit_id][None])[0]
+        return {"loss": loss, "memory": int(memory), "memories": len(eps)}
 
     def remove(self, edit_id: int) -> bool:
         if edit_id not in self.requests or edit_id in self.ghosts:
             return False
         if self.hparams.undo != "retrain":
-            self.tombs[edit_id] = self.acts[edit_id]
+            self.tombs[edit_id] = self.keys[edit_id]
         if self.hparams.undo == "tombstone":
             self.ghosts.append(edit_id)
             self._forget(edit_id)
             self._stack = None
             return True
-        del self.requests[edit_id], self.acts[edit_id]
+        del self.requests[edit_id], self.acts[edit_id], self.keys[edit_id]
         touched = []
         for s in self.shards:
             if any(edit_id in b for b in s.history) or edit_id in s.members:
@@ -495,6 +540,8 @@ class Wise(OneModuleHook, Method):
         tensors.update({f"merged.{i}": m for i, m in enumerate(self.merged)})
         for e, a in self.acts.items():
             tensors[f"act.{e}"] = a
+            if self.key_layer != self.layer:
+                tensors[f"key.{e}"] = self.keys[e]
         for e, a in self.tombs.items():
             tensors[f"tomb.{e}"] = a
         return tensors, self._meta()
@@ -505,6 +552,8 @@ class Wise(OneModuleHook, Method):
             return
         self.requests = {int(k): EditRequest.from_dict(r) for k, r in meta["requests"].items()}
         self.acts = {e: tensors[f"act.{e}"].to(self.device, torch.float32) for e in self.requests}
+        self.keys = {e: tensors.get(f"key.{e}", tensors[f"act.{e}"]).to(self.device, torch.float32)
+                     for e in self.requests}
         self.tombs = {int(k[5:]): v.to(self.device, torch.float32) for k, v in tensors.items() if k.startswith("tomb.")}
         self.shards = [Shard(**copy.deepcopy(m)) for m in meta["shards"]]
         for i, s in enumerate(self.shards):
