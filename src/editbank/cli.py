@@ -339,6 +339,62 @@ def demo(
         print(json.dumps(result))
 
 
+@app.command()
+def bench(
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. sola,grace,wise.")],
+    out: Annotated[Path, typer.Option(help="The run directory; rerunning the same command there resumes.")],
+    data: Annotated[str, typer.Option(help="world, world:SIZE, or FORMAT:PATH (zsre, counterfact, "
+                                           "wise_hallucination, wise_temporal, mquake, jsonl, auto).")] = "world",
+    edits: Annotated[str, typer.Option(help="Comma-separated stream lengths T.")] = "1,10,100,1000",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; several give mean and spread.")] = "0",
+    protocol: Annotated[str, typer.Option(help="greedy_exact_match, teacher_forced_token_acc or "
+                                               "prob_preference.")] = "greedy_exact_match",
+    batch: Annotated[int | None, typer.Option(help="Requests per editor call (default: per method).")] = None,
+    undo_fraction: Annotated[float, typer.Option(help="Undo this share of the edits at the largest T.")] = 0.0,
+    eval_every: Annotated[int, typer.Option(help="Periodic schedule: score every edit so far each this many "
+                                                 "edits (retention heatmap); 0: off.")] = 0,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to edit (default: the world's; "
+                                              "required for dataset data).")] = None,
+    hp: Annotated[list[str] | None, typer.Option("--hp", help="METHOD.key=value (key=value with one method).")] = None,
+    hparams: Annotated[list[str] | None, typer.Option("--hparams", help="METHOD=FILE: a YAML hyperparameter file "
+                                                      "(EasyEdit files are translated).")] = None,
+    no_presets: Annotated[bool, typer.Option("--no-presets", help="Do not apply the built-in world settings.")] = False,
+    device: Annotated[str | None, typer.Option(help="torch device (default: where the model loads).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Benchmark methods over stream lengths and seeds into a resumable run directory with tables and plots."""
+    from .bench import BenchConfig, BenchError, run_bench
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    per: dict[str, dict[str, Any]] = {}
+    for spec in hparams or []:
+        method, sep, file = spec.partition("=")
+        if not sep:
+            _fail(f"--hparams expects METHOD=FILE, got {spec!r}")
+        per.setdefault(method, {}).update(_hparams_file(Path(file), method))
+    for item in hp or []:
+        key = item.split("=", 1)[0]
+        method, dot, name = key.partition(".")
+        if not dot:
+            if len(names) != 1:
+                _fail(f"--hp {item!r}: with several methods, name one (METHOD.key=value)")
+            method, name = names[0], key
+        per.setdefault(method, {}).update(_parse_hparams([f"{name}={item.split('=', 1)[1]}" if "=" in item
+                                                          else item]))
+    try:
+        cfg = BenchConfig(methods=names, data=data, edits=[int(x) for x in edits.split(",") if x.strip()],
+                          seeds=[int(x) for x in seeds.split(",") if x.strip()], protocol=protocol, batch=batch,
+                          undo_fraction=undo_fraction, eval_every=eval_every,
+                          model=_resolve_model(model) if model else None, hparams=per, presets=not no_presets)
+        summary = run_bench(cfg, out, device=device, progress=not json_out, console=None if json_out else console)
+    except (BenchError, ValueError, TypeError, OSError) as exc:
+        _fail(str(exc))
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        console.print((out / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,93 @@
+"""What a bench run is: its parameters (the identity of the run directory) and the per-method world presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..evaluate.metrics import check_protocol
+
+
+class BenchError(ValueError):
+    """A bench run cannot start or resume (bad parameters, or a run directory holding another run)."""
+
+
+# Settings for the built-in worlds, applied unless `presets=False` (each is recorded in params.json). WISE and
+# REPAIR's paper settings do not write into a 128-wide FFN (see docs/methods/wise_repair.md): Adam at lr 0.03, three
+# corpus prefixes, key routing with a cosine gate of 0.9, one joint batch per shard; REPAIR's distillation at 0.1.
+_WISE_WORLD = {"n_prefixes": 3, "n_iter": 70, "optimizer": "adam", "edit_lr": 0.03, "route_by": "key",
+               "key_threshold": 0.9}
+WORLD_PRESETS: dict[str, dict[str, Any]] = {
+    "wise": {**_WISE_WORLD, "save_freq": 8, "merge_freq": 16},
+    "repair": {**_WISE_WORLD, "save_freq": 4, "merge_freq": 12, "kd_weight": 0.1},
+}
+# requests per editor call: WISE/REPAIR fill a shard per call; locate-then-edit methods follow the AlphaEdit
+# protocol (sequential batches of 100); the others edit one request at a time
+BATCH: dict[str, int] = {"wise": 8, "repair": 8, "rome": 100, "memit": 100, "alphaedit": 100, "metake": 100}
+
+
+@dataclass
+class BenchConfig:
+    methods: list[str]
+    data: str = "world"  # "world", "world:SIZE" or "FORMAT:PATH" (any format load_requests reads)
+    edits: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    protocol: str = "greedy_exact_match"
+    batch: int | None = None  # requests per editor call (None: per method, BATCH)
+    undo_fraction: float = 0.0
+    eval_every: int = 0  # the periodic schedule: every this many edits, score every edit so far (0: off)
+    model: str | None = None  # the model to edit for dataset data (default: the world's own model)
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, over the presets
+    presets: bool = True
+
+    def __post_init__(self) -> None:
+        from ..methods import METHODS
+
+        if not self.methods:
+            raise BenchError("name at least one method")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise BenchError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise BenchError(f"a method is named twice in {self.methods}")
+        if not self.edits or any(not isinstance(t, int) or t < 1 for t in self.edits):
+            raise BenchError(f"edits must be positive integers, got {self.edits}")
+        self.edits = sorted(set(self.edits))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise BenchError(f"seeds must be distinct integers, got {self.seeds}")
+        try:
+            check_protocol(self.protocol)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+        if self.batch is not None and self.batch < 1:
+            raise BenchError(f"batch must be >= 1, got {self.batch}")
+        if not 0 <= self.undo_fraction <= 1:
+            raise BenchError(f"undo_fraction must be in [0, 1], got {self.undo_fraction}")
+        if self.eval_every < 0:
+            raise BenchError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.protocol == "prob_preference" and self.eval_every:
+            raise BenchError("the periodic schedule (eval_every) scores bare pairs: use another protocol")
+        stray = [m for m in self.hparams if m not in self.methods]
+        if stray:
+            raise BenchError(f"hyperparameters given for {stray}, which is not among the methods {self.methods}")
+        kind, _, rest = self.data.partition(":")
+        if kind != "world" and not rest:
+            raise BenchError(f"data must be 'world', 'world:SIZE' or 'FORMAT:PATH', got {self.data!r}")
+
+    @property
+    def world_size(self) -> str | None:
+        kind, _, rest = self.data.partition(":")
+        return (rest or "default") if kind == "world" else None
+
+    def method_hparams(self, method: str) -> dict[str, Any]:
+        base = WORLD_PRESETS.get(method, {}) if self.presets and self.world_size is not None else {}
+        return {**base, **self.hparams.get(method, {})}
+
+    def method_batch(self, method: str) -> int:
+        return self.batch or BATCH.get(method, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["resolved"] = {m: {"hparams": self.method_hparams(m), "batch": self.method_batch(m)} for m in self.methods}
+        return d

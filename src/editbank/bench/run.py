@@ -1,0 +1,306 @@
+"""The bench runner: one edit stream per (method, seed), scored at every T, resumable from its edit store.
+
+Each (method, seed) is a *cell*: one stream of max(T) requests written into the cell's own edit store, cut into
+editor calls of the method's batch size and at every T, so that the first T edits are scored (`evaluate`, all of
+them on the model right after the T-th edit) before the stream goes on. Rows are appended to JSONL files as they are
+measured; a rerun of the same command reads them, reopens each cell's store, checks that its edits are the stream's
+first ones, and goes on from there.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..requests import EditRequest
+from .config import BenchConfig, BenchError
+from .files import append_jsonl, read_jsonl, write_json
+
+METRICS = ("reliability", "generalization", "locality")
+SCHEDULE = ("final-model evaluation at each T: the first T edits of one stream of max(T) edits, all scored on the "
+            "model right after the T-th edit; editor calls of the method's batch size, cut at every T")
+
+
+def op_score(row: dict[str, Any]) -> float | None:
+    """OP: the geometric mean of reliability, generalization and locality (those measured)."""
+    vals = [row[k] for k in METRICS if row.get(k) is not None]
+    if not vals:
+        return None
+    if min(vals) <= 0:
+        return 0.0
+    prod = 1.0
+    for v in vals:
+        prod *= v
+    return prod ** (1 / len(vals))
+
+
+@dataclass
+class Data:
+    model: str
+    corpus: list[str] | None
+    available: int  # requests the data can supply per seed
+    describe: str
+    draw: Callable[[int, int], list[EditRequest]]  # (n, seed) -> the stream
+
+
+def load_data(cfg: BenchConfig, progress: bool) -> Data:
+    from ..world import World
+
+    size = cfg.world_size
+    if size is not None:
+        world = World.build(size, progress=progress)
+        n = len(world.editable_facts)
+        return Data(cfg.model or str(world.path), None, n, f"world '{world.name}' ({n} editable facts)",
+                    lambda k, seed: world.edit_requests(n=k, seed=seed))
+    from ..data import load_requests
+
+    fmt, _, path = cfg.data.partition(":")
+    if cfg.model is None:
+        raise BenchError(f"--data {cfg.data}: dataset edits need --model, a model that knows the original facts")
+    try:
+        reqs = load_requests(path, format=None if fmt == "auto" else fmt)
+    except (OSError, ValueError) as exc:
+        raise BenchError(str(exc)) from None
+    if not reqs:
+        raise BenchError(f"--data {cfg.data}: no requests")
+    try:
+        World.load(cfg.model)
+        corpus = None  # a world model brings its own corpus
+    except Exception:
+        corpus = sorted({r.prompt for r in reqs})
+
+    def draw(k: int, seed: int) -> list[EditRequest]:
+        order = list(range(len(reqs)))
+        random.Random(seed).shuffle(order)
+        return [reqs[i] for i in order[:k]]
+
+    return Data(cfg.model, corpus, len(reqs), f"{fmt} {path} ({len(reqs)} requests)", draw)
+
+
+@contextmanager
+def _lock(out: Path):
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise BenchError(f"another bench is running in {out}") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _claim(out: Path, cfg: BenchConfig) -> bool:
+    """Record the parameters, or check that the run directory holds this run; True when resuming."""
+    params = out / "params.json"
+    mine = cfg.to_dict()
+    if params.exists():
+        import json
+
+        theirs = json.loads(params.read_text(encoding="utf-8"))["config"]
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise BenchError(f"{out} holds a run with other parameters (they differ in {', '.join(diff)}); "
+                             "give another --out to start a new run")
+        return True
+    write_json(params, {"config": mine, "schedule": SCHEDULE, "protocol": cfg.protocol,
+                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    return False
+
+
+def _environment(device: str | None, resumed: bool) -> dict[str, Any]:
+    import torch
+
+    from .. import __version__
+
+    return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "resumed": resumed,
+            "editbank": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "device": device or "model default",
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, device: str | None = None, progress: bool = True,
+              console=None) -> dict[str, Any]:
+    """Run (or resume) the bench in `out`; write summary.json, results.md and plots; return the summary."""
+    from . import report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = console.print if console is not None else (lambda *a, **k: None)
+    with _lock(out):
+        data = load_data(cfg, progress)  # before claiming the directory: bad data leaves it unclaimed
+        resumed = _claim(out, cfg)
+        append_jsonl(out / "sessions.jsonl", [_environment(device, resumed)])
+        ts = sorted({min(t, data.available) for t in cfg.edits})
+        if ts[-1] < max(cfg.edits):
+            say(f"[yellow]T capped at {ts[-1]}: {data.describe}[/yellow]")
+        say(f"{'resuming' if resumed else 'starting'} bench in {out}: {', '.join(cfg.methods)} on {data.describe}; "
+            f"T = {ts}; seeds {cfg.seeds}; protocol {cfg.protocol}")
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                Cell(out, cfg, data, method, seed, ts, device, progress, say).run()
+        summary = report.write(out, cfg, data.describe, ts)
+    say(f"results: {out / 'results.md'}")
+    return summary
+
+
+class Cell:
+    """One (method, seed) stream."""
+
+    def __init__(self, out, cfg, data, method, seed, ts, device, progress, say) -> None:
+        self.out, self.cfg, self.data, self.method, self.seed, self.ts = out, cfg, data, method, seed, ts
+        self.device, self.progress, self.say = device, progress, say
+        self.dir = out / "cells" / f"{method}-seed{seed}"
+        self.reqs = data.draw(ts[-1], seed)
+        self.key = {"method": method, "seed": seed}
+
+    def _mine(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in read_jsonl(self.out / name) if r.get("method") == self.method and r.get("seed") == self.seed]
+
+    @property
+    def points(self) -> list[int]:
+        every = self.cfg.eval_every
+        return sorted(set(self.ts) | (set(range(every, self.ts[-1] + 1, every)) if every else set()))
+
+    def todo(self) -> tuple[set[int], set[int], bool]:
+        done = {r["T"] for r in self._mine("results.jsonl")}
+        steps = {r["step"] for r in self._mine("retention.jsonl")}
+        every = self.cfg.eval_every
+        evals = {t for t in self.ts if t not in done}
+        retention = {p for p in self.points if every and (p % every == 0 or p == self.ts[-1]) and p not in steps}
+        undo = self.cfg.undo_fraction > 0 and not self._mine("undo.jsonl")
+        return evals, retention, undo
+
+    def _open(self, store: Path):
+        from ..editor import Editor
+
+        try:
+            return Editor.open(self.data.model, method=self.method, store=store, seed=self.seed, device=self.device,
+                               corpus=self.data.corpus, **self.cfg.method_hparams(self.method))
+        except (TypeError, ValueError) as exc:
+            raise BenchError(f"{self.method}: {exc}") from None
+
+    def _reset(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+
+    def run(self) -> None:
+        evals, retention, undo = self.todo()
+        if not (evals or retention or undo):
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ed = self._open(self.dir / "store.db")
+        written = ed.edits()
+        n = len(written)
+        stale = [w for w, r in zip(written, self.reqs) if (w.request.prompt, w.request.target) != (r.prompt, r.target)]
+        if stale or n > len(self.reqs) or any(p < n for p in evals | retention):
+            why = "its edits are not this stream's" if stale or n > len(self.reqs) else "a score is missing before it"
+            self.say(f"{self.method} seed {self.seed}: restarting the stream ({why})")
+            ed.close()
+            self._reset()
+            ed = self._open(self.dir / "store.db")
+            n = 0
+        elif n:
+            self.say(f"{self.method} seed {self.seed}: resuming after {n} of {self.ts[-1]} edits")
+        try:
+            self._stream(ed, n, evals, retention)
+        finally:
+            ed.close()
+        if undo:
+            self._undo()
+
+    def _stream(self, ed, n: int, evals: set[int], retention: set[int]) -> None:
+        from ..evaluate.lifelong import _progress
+
+        batch = self.cfg.method_batch(self.method)
+        total = self.ts[-1]
+        prog, task = _progress(total, f"{self.method} seed {self.seed}", self.progress)
+        with prog:
+            prog.advance(task, n)
+            self._checkpoint(ed, n, evals, retention)
+            while n < total:
+                end = min([n + batch] + [p for p in self.points if p > n])
+                t0 = time.perf_counter()
+                ed.edit(self.reqs[n:end])
+                seconds = time.perf_counter() - t0
+                append_jsonl(self.dir / "timing.jsonl", [{"end": end, "n": end - n, "seconds": seconds}])
+                prog.advance(task, end - n)
+                n = end
+                self._checkpoint(ed, n, evals, retention)
+
+    def _edit_seconds(self, t: int) -> float:
+        return sum(r["seconds"] for r in read_jsonl(self.dir / "timing.jsonl") if r["end"] <= t)
+
+    def _checkpoint(self, ed, t: int, evals: set[int], retention: set[int]) -> None:
+        from ..evaluate.metrics import evaluate, score_locality, score_pairs
+
+        protocol = self.cfg.protocol
+        if t in retention:
+            reqs = self.reqs[:t]
+            rel = score_pairs(ed, [(r.prompt, r.target) for r in reqs], protocol)
+            probes = [p for r in reqs for p in r.locality]
+            loc = score_locality(ed, probes, protocol) if probes else []
+            append_jsonl(self.out / "retention.jsonl", [{**self.key, "step": t, "protocol": protocol,
+                                                         "reliability": rel,
+                                                         "locality": sum(loc) / len(loc) if loc else None}])
+        if t in evals:
+            rep = evaluate(ed, self.reqs[:t], protocol)
+            ids = [e.id for e in ed.edits()][:t]
+            records = [{**self.key, "T": t, "index": i, "edit_id": e, "protocol": protocol, **rec}
+                       for i, (e, rec) in enumerate(zip(ids, rep["records"]))]
+            append_jsonl(self.out / "records.jsonl", records)
+            seconds = self._edit_seconds(t)
+            row = {**self.key, "T": t, "protocol": protocol, "n": t,
+                   **{k: rep[k] for k in (*METRICS, "portability")}, "edit_seconds": seconds,
+                   "seconds_per_edit": seconds / t}
+            row["OP"] = op_score(row)
+            append_jsonl(self.out / "results.jsonl", [row])
+            self.say(f"{self.method} seed {self.seed} T={t}: " + ", ".join(
+                f"{k} {row[k]:.3f}" for k in (*METRICS, "OP") if row[k] is not None) + f" ({protocol})")
+
+    def _undo(self) -> None:
+        from ..evaluate.lifelong import rollback_eval
+
+        copy = self.dir / "undo.db"
+        for p in self.dir.glob("undo.db*"):
+            p.unlink()
+        shutil.copyfile(self.dir / "store.db", copy)
+        ed = self._open(copy)
+        try:
+            active = ed.edits("active")
+            t0 = time.perf_counter()
+            rb = rollback_eval(ed, active, fraction=self.cfg.undo_fraction, seed=self.seed,
+                               protocol=self.cfg.protocol)
+            seconds = time.perf_counter() - t0
+            kept_ids = {e.id for e in active} - set(rb["undone"])
+        finally:
+            ed.close()
+        # the kept edits' scores before the undo, from the stream's final evaluation
+        final = [r for r in self._mine("records.jsonl") if r["T"] == self.ts[-1] and r["edit_id"] in kept_ids]
+        kept_before = {k: _mean([r[k] for r in final if r[k] is not None]) for k in METRICS}
+        kept = {k: (rb["kept"] or {}).get(k) for k in METRICS}
+        change = [abs(kept[k] - kept_before[k]) for k in METRICS if kept[k] is not None and kept_before[k] is not None]
+        append_jsonl(self.out / "undo.jsonl", [{
+            **self.key, "T": self.ts[-1], "protocol": self.cfg.protocol, "fraction": self.cfg.undo_fraction,
+            "undone": len(rb["undone"]), "restored": rb["restored"], "max_abs_logit_diff": rb["max_abs_logit_diff"],
+            "rollback_seconds": seconds, "kept_before": kept_before, "kept": kept,
+            "kept_change": max(change) if change else None}])
+        for p in self.dir.glob("undo.db*"):
+            p.unlink()
+        self.say(f"{self.method} seed {self.seed}: undid {len(rb['undone'])}, restored {rb['restored']:.0%}")
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
