@@ -150,7 +150,7 @@ def test_bench_cli_hp_and_errors(small_world, tmp_path):
     assert res.exit_code == 2 and "name one (METHOD.key=value)" in res.output
     res = runner.invoke(app, ["bench", "--methods", "ft", "--data", "zsre:/nonexistent.json", "--edits", "2",
                               "--out", str(out)])
-    assert res.exit_code == 2 and "need --model" in res.output
+    assert res.exit_code == 2 and "nonexistent.json" in res.output
     assert not out.exists() or not (out / "params.json").exists(), "a refused run claims nothing"
     res = runner.invoke(app, ["bench", "--methods", "ft", "--data", "world:small", "--edits", "2", "--out", str(out),
                               "--hp", "ft.lr=0.05", "--json"])

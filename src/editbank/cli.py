@@ -130,20 +130,30 @@ def _metrics_table(report: dict[str, Any], title: str) -> Table:
 def world_build(
     size: Annotated[str, typer.Option(help="small, default or large (1,250 facts).")] = "default",
     spec: Annotated[Path | None, typer.Option(help="JSON spec file (see docs/world.md).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="FORMAT:PATH: a world trained on a dataset's original facts "
+                                                     "(see docs/data.md).")] = None,
+    limit: Annotated[int | None, typer.Option(help="With --dataset: its first N records only.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Build (or find in the cache) a world model and print its directory."""
     from .world import World
+    from .world.dataset import build_dataset_world
 
     try:
-        w = World.build(str(spec) if spec else size, force=force, progress=not json_out)
+        if dataset:
+            w = build_dataset_world(dataset, limit=limit, progress=not json_out, force=force)
+        else:
+            w = World.build(str(spec) if spec else size, force=force, progress=not json_out)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    n = len(w.facts) + len(w.spec.pairs)
     if json_out:
-        print(json.dumps({"path": str(w.path), "facts": len(w.facts)}))
+        print(json.dumps({"path": str(w.path), "facts": len(w.facts), "pairs": len(w.spec.pairs),
+                          "train_accuracy": w.info.get("train_accuracy")}))
     else:
-        console.print(f"world ready: [bold]{w.path}[/bold] ({len(w.facts)} facts)")
+        console.print(f"world ready: [bold]{w.path}[/bold] ({n} facts, train exact match "
+                      f"{w.info.get('train_accuracy', 0):.1%})")
 
 
 @app.command()

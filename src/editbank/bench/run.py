@@ -62,20 +62,21 @@ def load_data(cfg: BenchConfig, progress: bool) -> Data:
         return Data(cfg.model or str(world.path), None, n, f"world '{world.name}' ({n} editable facts)",
                     lambda k, seed: world.edit_requests(n=k, seed=seed))
     from ..data import load_requests
+    from ..world.dataset import build_dataset_world
 
     fmt, _, path = cfg.data.partition(":")
-    if cfg.model is None:
-        raise BenchError(f"--data {cfg.data}: dataset edits need --model, a model that knows the original facts")
     try:
         reqs = load_requests(path, format=None if fmt == "auto" else fmt)
+        # without --model: the dataset's own world, trained on its original facts (built once, cached)
+        model = cfg.model or str(build_dataset_world(cfg.data, progress=progress).path)
     except (OSError, ValueError) as exc:
         raise BenchError(str(exc)) from None
     if not reqs:
         raise BenchError(f"--data {cfg.data}: no requests")
     try:
-        World.load(cfg.model)
+        World.load(model)
         corpus = None  # a world model brings its own corpus
-    except Exception:
+    except (OSError, ValueError):
         corpus = sorted({r.prompt for r in reqs})
 
     def draw(k: int, seed: int) -> list[EditRequest]:
@@ -83,7 +84,7 @@ def load_data(cfg: BenchConfig, progress: bool) -> Data:
         random.Random(seed).shuffle(order)
         return [reqs[i] for i in order[:k]]
 
-    return Data(cfg.model, corpus, len(reqs), f"{fmt} {path} ({len(reqs)} requests)", draw)
+    return Data(model, corpus, len(reqs), f"{fmt} {Path(path).name} ({len(reqs)} requests)", draw)
 
 
 @contextmanager

@@ -141,13 +141,16 @@ class World:
         for fact in self.facts:
             rel = self.relation(fact.relation)
             out.append(rel.fill(rng.choice(rel.templates), fact.subject))
-        return out
+        return out + [p for p, _ in self.spec.pairs]
 
     def edit_requests(self, n: int = 20, seed: int = 0) -> list[EditRequest]:
         """`n` counterfactual edits of distinct facts (distinct subjects first), chosen by `seed`."""
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
         editable = self.editable_facts
+        if not self.facts:
+            raise ValueError(f"world {self.name!r} has no relational facts (it was built from a dataset's pairs): "
+                             "take the edit requests from that dataset (editbank.load_requests)")
         if n > len(editable):
             raise ValueError(
                 f"asked for {n} edit requests but world {self.name!r} has only {len(editable)} editable facts "
@@ -207,7 +210,7 @@ def queries_for(spec: WorldSpec, facts: list[Fact], split: str) -> list[Pair]:
         rel = rels[f.relation]
         for t in rel.templates if split == "train" else rel.reserved_templates:
             out.append((rel.fill(t, f.subject), normalize_target(f.object)))
-    return out
+    return out + (list(spec.pairs) if split == "train" else [])
 
 
 def _resolve_spec(size_or_spec: str | dict[str, Any] | os.PathLike) -> WorldSpec:
@@ -253,6 +256,7 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
     train_pairs = queries_for(spec, facts, "train")
     reserved_pairs = queries_for(spec, facts, "reserved")
     corpus = [p + a for p, a in train_pairs] + [" " + o for r in spec.relations for o in r.objects]
+    corpus += [" " + a.strip() for _, a in spec.pairs]
     tok = train_tokenizer(corpus, spec.tokenizer.vocab_size, spec.model.max_position_embeddings)
     longest = max(len(tok(p + a)["input_ids"]) + 1 for p, a in train_pairs + reserved_pairs)
     if longest > spec.model.max_position_embeddings:

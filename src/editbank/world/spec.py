@@ -91,6 +91,7 @@ class WorldSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # free (prompt, answer) training pairs (datasets)
 
     def relation(self, name: str) -> Relation:
         for r in self.relations:
@@ -102,6 +103,10 @@ class WorldSpec:
         d = dataclasses.asdict(self)
         if self.facts is not None:
             d["facts"] = [f.to_list() for f in self.facts]
+        if self.pairs:
+            d["pairs"] = [list(p) for p in self.pairs]
+        else:
+            del d["pairs"]  # absent, so specs without pairs keep their hash
         return d
 
     def spec_hash(self) -> str:
@@ -216,9 +221,10 @@ def parse_spec(spec: dict[str, Any] | str | Path | WorldSpec) -> WorldSpec:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise _err("seed", f"must be an integer, got {seed!r}")
     raw_facts = spec.get("facts")
-    rels_raw = spec.get("relations")
-    if not isinstance(rels_raw, list) or not rels_raw:
-        raise _err("relations", "must be a non-empty list")
+    pairs = _pairs(spec.get("pairs"))
+    rels_raw = spec.get("relations", [] if pairs else None)
+    if not isinstance(rels_raw, list) or not (rels_raw or pairs):
+        raise _err("relations", "must be a non-empty list (or give 'pairs')")
     relations = [_relation(i, r, need_objects=raw_facts is None) for i, r in enumerate(rels_raw)]
     names = [r.name for r in relations]
     if len(set(names)) != len(names):
@@ -233,7 +239,7 @@ def parse_spec(spec: dict[str, Any] | str | Path | WorldSpec) -> WorldSpec:
     elif n_entities is not None:
         if not isinstance(n_entities, int) or isinstance(n_entities, bool) or n_entities < 1:
             raise _err("n_entities", f"must be a positive integer, got {n_entities!r}")
-    elif raw_facts is None:
+    elif raw_facts is None and relations:
         raise _err("entities", "give 'entities', 'n_entities' or explicit 'facts'")
     fps = spec.get("facts_per_subject")
     if fps is not None:
@@ -255,8 +261,29 @@ def parse_spec(spec: dict[str, Any] | str | Path | WorldSpec) -> WorldSpec:
         model=_section("model", ModelSpec, spec.get("model")),
         train=_section("train", TrainSpec, spec.get("train")),
         tokenizer=_section("tokenizer", TokenizerSpec, spec.get("tokenizer")),
+        pairs=pairs,
     )
     _check_sections(out)
+    return out
+
+
+def _pairs(raw: Any) -> list[tuple[str, str]]:
+    """[[prompt, answer], ...]: trained as they are (answers normalised to one leading space); no duplicates."""
+    from editbank.requests import normalize_target
+
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        raise _err("pairs", "must be a non-empty list of [prompt, answer]")
+    out, seen = [], set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise _err(f"pairs[{i}]", "must be [prompt, answer]")
+        prompt, answer = _text(f"pairs[{i}][0]", item[0]).rstrip(), _text(f"pairs[{i}][1]", item[1])
+        if prompt in seen:
+            raise _err(f"pairs[{i}]", f"duplicate prompt {prompt!r}")
+        seen.add(prompt)
+        out.append((prompt, normalize_target(answer)))
     return out
 
 
