@@ -27,20 +27,16 @@ from rich.console import Console
 from rich.table import Table
 
 from editbank import Editor, World
+from editbank.bench.config import WORLD_PRESETS
 from editbank.evaluate import evaluate, rollback_eval, run_stream
 from editbank.tokens import make_batch
 
-# settings for the built-in worlds (their 128-wide FFN fits far fewer edits per shard than a 7B model's): Adam at
-# lr 0.03 instead of SGD at 1.0 (SGD drove D onto its clamp), three corpus prefixes, routing to the memory holding
-# the nearest edit with a cosine gate of 0.9 (the paper's top-1 by score sends a quarter of the edits to a wrong
-# memory here), and one joint batch per shard (a second write into a shard overwrites the first): WISE at save 8 /
-# merge 16 with calls of 8, REPAIR at save 4 / merge 12 with its batches of 4; REPAIR's distillation weight is 0.1
-# (at 1.0 it cut reliability at T=48 from 0.42 to 0.29-0.31). "(paper routing)" rows keep the top-1 by score.
-WORLD_HP = {"n_prefixes": 3, "n_iter": 70, "optimizer": "adam", "edit_lr": 0.03, "route_by": "key",
-            "key_threshold": 0.9}
+# the built-in worlds' settings (editbank.bench.config.WORLD_PRESETS, where they are explained): Adam at lr 0.03,
+# three corpus prefixes, key routing with a cosine gate of 0.9, one joint batch per shard (WISE save 8 / merge 16 with
+# calls of 8, REPAIR save 4 / merge 12 with its batches of 4), REPAIR's distillation weight 0.1.
+# "(paper routing)" rows keep the paper's top-1 by score.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0}
-WISE_HP = {**WORLD_HP, "save_freq": 8, "merge_freq": 16}
-REPAIR_HP = {**WORLD_HP, "save_freq": 4, "merge_freq": 12, "kd_weight": 0.1}
+WISE_HP, REPAIR_HP = WORLD_PRESETS["wise"], WORLD_PRESETS["repair"]
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wise": ("wise", WISE_HP),
     "repair": ("repair", REPAIR_HP),

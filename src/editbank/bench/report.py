@@ -42,11 +42,21 @@ def summarize(out: Path, methods: list[str]) -> dict[str, Any]:
     return {"table": table, "rollback": rollback}
 
 
-def _fmt(s: dict[str, float] | None, digits: int = 3) -> str:
+def fmt(s: dict[str, float] | None, digits: int = 3) -> str:
     if s is None:
         return "-"
     text = f"{s['mean']:.{digits}f}"
     return text + (f" ± {s['std']:.{digits}f}" if s["n"] > 1 else "")
+
+
+def score_table(summary: dict[str, Any]) -> list[str]:
+    """The Markdown rows of the scores table: method, T, the metrics, OP and seconds per edit."""
+    lines = ["| method | T | reliability | generalization | locality | OP | s/edit |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in summary["table"]:
+        lines.append(f"| {row['method']} | {row['T']} | " + " | ".join(
+            fmt(row[k], 2 if k == "seconds_per_edit" else 3) for k in COLUMNS) + " |")
+    return lines
 
 
 def markdown(cfg: BenchConfig, data: str, ts: list[int], summary: dict[str, Any], plots: list[str]) -> str:
@@ -56,11 +66,7 @@ def markdown(cfg: BenchConfig, data: str, ts: list[int], summary: dict[str, Any]
              "- schedule: each T is the first T edits of one stream, all scored on the model right after the T-th "
              "edit (final-model evaluation); T = " + ", ".join(map(str, ts)),
              f"- seeds: {', '.join(map(str, cfg.seeds))} (mean ± sample standard deviation where more than one)", ""]
-    lines += ["| method | T | reliability | generalization | locality | OP | s/edit |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in summary["table"]:
-        lines.append(f"| {row['method']} | {row['T']} | " + " | ".join(
-            _fmt(row[k], 2 if k == "seconds_per_edit" else 3) for k in COLUMNS) + " |")
+    lines += score_table(summary)
     if summary["rollback"]:
         lines += ["", f"Rollback at the largest T: a random {cfg.undo_fraction:.0%} of the edits undone; restored = "
                   "share whose teacher-forced predictions equal the unedited model's (for methods that write shared "
@@ -68,9 +74,9 @@ def markdown(cfg: BenchConfig, data: str, ts: list[int], summary: dict[str, Any]
                   "", "| method | T | undone | restored | kept reliability | kept generalization | kept locality "
                   "| largest kept change |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for u in summary["rollback"]:
-            lines.append(f"| {u['method']} | {u['T']} | {_fmt(u['undone'], 0)} | {_fmt(u['restored'])} | "
-                         f"{_fmt(u['kept_reliability'])} | {_fmt(u['kept_generalization'])} | "
-                         f"{_fmt(u['kept_locality'])} | {_fmt(u['kept_change'])} |")
+            lines.append(f"| {u['method']} | {u['T']} | {fmt(u['undone'], 0)} | {fmt(u['restored'])} | "
+                         f"{fmt(u['kept_reliability'])} | {fmt(u['kept_generalization'])} | "
+                         f"{fmt(u['kept_locality'])} | {fmt(u['kept_change'])} |")
     if plots:
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""Regenerate RESULTS.md: `editbank bench` on the default world and on a CounterFact world, plus published rows.
+
+    python scripts/results.py                       # every landed method; resumes the runs under results/
+    python scripts/results.py --counterfact PATH    # default: ../shared/data/easyedit_counterfact-val.json
+
+Each benchmark is an ordinary resumable run directory (results/world, results/counterfact); rerunning the command
+after an interruption goes on where it stopped, and rerunning it when both are complete only rewrites RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from editbank.bench import BenchConfig, run_bench
+from editbank.bench.report import fmt, score_table
+from editbank.methods import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ("sola", "grace", "ft", "wise", "repair", "rome", "memit", "alphaedit", "metake")
+PUBLISHED = ROOT / "scripts" / "published.md"
+
+
+def section(title: str, run: Path, note: str) -> list[str]:
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    params = json.loads((run / "params.json").read_text(encoding="utf-8"))
+    sessions = [json.loads(x) for x in (run / "sessions.jsonl").read_text(encoding="utf-8").splitlines()]
+    env = sessions[-1]
+    lines = [f"## {title}", "", note, "",
+             f"Data: {summary['data']}. Protocol: `{summary['protocol']}` on every number. Schedule: "
+             f"{params['schedule']}. Seeds: {', '.join(map(str, summary['seeds']))}. Run on torch {env['torch']}, "
+             f"{env['device']}, {env['threads']} threads ({env['cuda'] or 'CPU'}). Run directory: "
+             f"`{run.relative_to(ROOT)}` (`params.json` holds every resolved hyperparameter).", ""]
+    lines += score_table(summary)
+    if summary["rollback"]:
+        lines += ["", "Undo of a random 10% at the largest T (restored: share of undone edits back to the unedited "
+                  "model's predictions; kept change: largest move of the kept edits' scores):", "",
+                  "| method | undone | restored | largest kept change |", "|---|---:|---:|---:|"]
+        for u in summary["rollback"]:
+            lines.append(f"| {u['method']} | {fmt(u['undone'], 0)} | {fmt(u['restored'])} | "
+                         f"{fmt(u['kept_change'])} |")
+    plots = sorted((run / "plots").glob("*.png"))
+    lines += [""] + [f"![{p.stem}]({p.relative_to(ROOT)})" for p in plots if p.name == "metrics.png"]
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(m for m in ORDER if m in METHODS))
+    ap.add_argument("--edits", default="1,10,100,1000")
+    ap.add_argument("--counterfact", default=str(ROOT.parent / "shared" / "data" / "easyedit_counterfact-val.json"))
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    console = Console()
+    methods = args.methods.split(",")
+    edits = [int(x) for x in args.edits.split(",")]
+    out = Path(args.out)
+    runs = {
+        "world": BenchConfig(methods=methods, data="world", edits=edits, undo_fraction=0.1, eval_every=50),
+        "counterfact": BenchConfig(methods=methods, data=f"counterfact:{args.counterfact}", edits=edits),
+    }
+    for name, cfg in runs.items():
+        run_bench(cfg, out / name, device=args.device, console=console)
+    world_note = ("The built-in default world: a 3-layer x 128 Llama trained on 500 invented facts (450 editable; "
+                  "T is capped there). Every method runs with the world settings recorded in params.json.")
+    cf_note = ("A world trained on the original facts of CounterFact's EasyEdit validation split (1,919 records: "
+               "each prompt and rephrase with its true answer, each neighbourhood prompt with its own answer; "
+               "`editbank world build --dataset counterfact:PATH`), then edited with the records' `target_new`.")
+    lines = ["# Results", "",
+             "Regenerate with `python scripts/results.py` (resumable; docs/bench.md explains the run directories). "
+             "Every number comes from the run directories under `results/`; nothing here is typed by hand except "
+             "the published reference rows at the end, which are the papers' own numbers on their models.", ""]
+    lines += section("Default world", out / "world", world_note)
+    lines += section("CounterFact world", out / "counterfact", cf_note)
+    lines += PUBLISHED.read_text(encoding="utf-8").splitlines()
+    (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    console.print(f"wrote {ROOT / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
