@@ -405,6 +405,60 @@ def bench(
         console.print((out / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "world:default",
+    method: Annotated[str | None, typer.Option(help="Method of a new store (an existing store keeps its own).")] = None,
+    store: StoreOpt = Path("edits.db"),
+    host: Annotated[str, typer.Option(help="Address to listen on; a non-loopback one needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[str | None, typer.Option(envvar="EDITBANK_TOKEN", show_default=False,
+                                              help="Bearer token of the mutating endpoints (prefer the "
+                                                   "EDITBANK_TOKEN variable: arguments show in ps). On loopback "
+                                                   "without one, a random token is made and printed.")] = None,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a completion waits for a running edit "
+                                                     "before 503.")] = 10.0,
+    hp: Annotated[list[str] | None, typer.Option("--hp", help="Hyperparameter key=value (new store).")] = None,
+) -> None:
+    """Serve the edited model over HTTP: completions, edits and undos live, and a web page at /."""
+    import secrets
+
+    try:
+        import uvicorn
+
+        from .serve import ServeConfig, create_app
+    except ImportError:
+        _fail("editbank serve needs FastAPI and uvicorn: pip install 'editbank[serve]'")
+    if not token and not _loopback(host):
+        _fail(f"refusing to listen on {host} without a token: give --token or set EDITBANK_TOKEN")
+    if token is not None and len(token) < 16:
+        _fail("the token must be at least 16 characters")
+    made = token is None
+    token = token or secrets.token_urlsafe(24)
+    ed = _open(model, store, method or ("sola" if not store.exists() else None), hp)
+    try:
+        app_ = create_app(ed, ServeConfig(token=token, max_body=max_body, read_timeout=read_timeout))
+        console.print(f"serving {ed.method.name} edits from {store} on http://{host}:{port}/ "
+                      f"({len(ed.edits('active'))} active edits)", soft_wrap=True)
+        if made:
+            console.print(f"token for edits and undos (this run only): {token}", soft_wrap=True)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        ed.close()
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
