@@ -1,0 +1,92 @@
+"""End to end through the web page in a real browser (Debian's Chromium driven by Selenium): ask, edit, undo."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("selenium")
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="Chromium and ChromeDriver are not installed: run scripts/install_browser.sh (apt chromium chromium-driver)",
+)
+
+TOKEN = "browser-test-token-0123456789"
+
+
+@pytest.fixture
+def server(small_world, tmp_path):
+    import uvicorn
+
+    from editbank import Editor
+    from editbank.serve import ServeConfig, create_app
+
+    ed = Editor.open(small_world.path, method="sola", store=tmp_path / "s.db")
+    srv = uvicorn.Server(uvicorn.Config(create_app(ed, ServeConfig(token=TOKEN)), host="127.0.0.1", port=0,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield ed, f"http://127.0.0.1:{port}/"
+    srv.should_exit = True
+    thread.join(10)
+    ed.close()
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_edit_ask_and_undo_through_the_page(server, browser, world_requests):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ed, url = server
+    r = world_requests[0]
+    wait = WebDriverWait(browser, 30)
+    el = lambda i: browser.find_element(By.ID, i)  # noqa: E731
+    browser.get(url)
+
+    def ask() -> str:
+        el("ask").click()
+        wait.until(lambda d: el("answer").text not in ("", "…") or el("error").text)
+        assert not el("error").text
+        return el("answer").text.strip()
+
+    el("prompt").send_keys(r.prompt)
+    before = ask()
+    assert before and not before.startswith(r.target.strip())
+    el("edit-prompt").send_keys(r.prompt)
+    el("edit-target").send_keys(r.target.strip())
+    el("edit-subject").send_keys(r.subject)
+    el("token").send_keys(TOKEN)
+    el("apply").click()
+    wait.until(lambda d: el("after").text or el("error").text)
+    assert not el("error").text
+    assert el("before").text.strip() == before and el("after").text.strip().startswith(r.target.strip())
+    rows = lambda: browser.find_elements(By.CSS_SELECTOR, "#edits tr")  # noqa: E731
+    wait.until(lambda d: len(rows()) == 1)
+    assert "active" in rows()[0].text and ed.edits("active")[0].request.prompt == r.prompt
+    assert ask().startswith(r.target.strip())
+    browser.find_element(By.CSS_SELECTOR, "button.undo").click()
+    wait.until(lambda d: "reverted" in rows()[0].text)
+    assert ed.edits()[0].status == "reverted"
+    assert ask() == before
