@@ -265,12 +265,19 @@ def export_cmd(
 def import_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder written by `editbank export`.")],
     store: StoreOpt = Path("edits.db"),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Refuse an export made for another model "
+                                              "than this one.")] = None,
 ) -> None:
     """Create a store from an exported folder."""
     from .store import EditStore
 
     try:
-        EditStore.import_folder(folder, store).close()
+        fingerprint = None
+        if model is not None:
+            from .models.loading import load_model, model_fingerprint
+
+            fingerprint = model_fingerprint(load_model(_resolve_model(model))[0])
+        EditStore.import_folder(folder, store, fingerprint=fingerprint).close()
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     console.print(f"imported {folder} into {store}")

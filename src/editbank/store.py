@@ -8,6 +8,7 @@ the model knows.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Collection, Iterator
@@ -335,45 +336,82 @@ class EditStore:
             "state_meta": None if state is None else state[1],
             "snapshots": snaps,
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        tmp = out / "manifest.json.tmp"  # written last and renamed: a folder without it is no export
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out / "manifest.json")
         return out
 
     @classmethod
-    def import_folder(cls, folder: str | Path, path: str | Path | None) -> EditStore:
-        """Create a store at `path` from a folder written by `export`."""
+    def import_folder(cls, folder: str | Path, path: str | Path | None,
+                      fingerprint: str | None = None) -> EditStore:
+        """Create a store at `path` from a folder written by `export`. Only files inside the folder are read;
+        an export of another schema, or (given `fingerprint`) made for another model, is refused."""
         src = Path(folder)
         try:
             manifest = json.loads((src / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{src} is not an exported editbank store: {exc}") from None
-        if manifest.get("format") != "editbank-store" or manifest.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{src} is not an editbank store export of schema {SCHEMA_VERSION}")
+        if not isinstance(manifest, dict) or manifest.get("format") != "editbank-store":
+            raise ValueError(f"{src} is not an exported editbank store (manifest.json has no format marker)")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{src} is an editbank store export of schema {manifest.get('schema_version')!r}; this "
+                             f"editbank reads schema {SCHEMA_VERSION}")
+        theirs = (manifest.get("meta") or {}).get("fingerprint")
+        if fingerprint is not None and theirs is not None and theirs != fingerprint:
+            raise ValueError(f"{src} was exported for another model (fingerprint {str(theirs)[:12]}…, this model is "
+                             f"{fingerprint[:12]}…)")
+        for snap in manifest.get("snapshots") or []:
+            if not isinstance(snap, dict) or type(snap.get("after_edit")) is not int:
+                raise ValueError(f"{src}: manifest snapshot entries need an integer after_edit, got {snap!r}")
+        _inside(src, "artifacts.safetensors")
+        fresh = path is not None and not Path(path).exists()
         store = cls(path)
-        if store.count() or store.get_meta("fingerprint") is not None:
+        try:
+            if store.count() or store.get_meta("fingerprint") is not None:
+                raise ValueError(f"store {path} already holds edits; import into a new file")
+            store._import(src, manifest)
+        except BaseException as exc:
             store.close()
-            raise ValueError(f"store {path} already holds edits; import into a new file")
-        arts = bytes_to_tensors((src / "artifacts.safetensors").read_bytes())
-        with store.transaction():
+            if fresh:  # a failed import leaves no file behind
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            if isinstance(exc, (ValueError, OSError)) or not isinstance(exc, Exception):
+                raise
+            raise ValueError(f"{src} is a malformed editbank store export: {type(exc).__name__}: {exc}") from None
+        return store
+
+    def _import(self, src: Path, manifest: dict[str, Any]) -> None:
+        arts = bytes_to_tensors(_inside(src, "artifacts.safetensors").read_bytes())
+        with self.transaction():
             for k, v in manifest["meta"].items():
-                store.set_meta(k, v)
+                self.set_meta(k, v)
             for e in manifest["edits"]:
-                store._db.execute(
+                self._db.execute(
                     "INSERT INTO edits(id, batch, request, method, status, created, updated, stats) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (e["id"], e["batch"], json.dumps(EditRequest.from_dict(e["request"]).to_dict()), e["method"],
                      e["status"], e["created"], e["updated"], json.dumps(e["stats"])),
                 )
                 prefix = f"{e['id']}/"
-                store.put_artifacts(e["id"], {k[len(prefix):]: v for k, v in arts.items() if k.startswith(prefix)})
+                self.put_artifacts(e["id"], {k[len(prefix):]: v for k, v in arts.items() if k.startswith(prefix)})
             if manifest["state_meta"] is not None:
-                store.put_state(bytes_to_tensors((src / "state.safetensors").read_bytes()), manifest["state_meta"])
+                state = bytes_to_tensors(_inside(src, "state.safetensors").read_bytes())
+                self.put_state(state, manifest["state_meta"])
             for snap in manifest["snapshots"]:
-                data = bytes_to_tensors((src / f"snapshot-{snap['after_edit']}.safetensors").read_bytes())
-                store.put_snapshot(snap["after_edit"], data, snap["meta"])
-        return store
+                data = bytes_to_tensors(_inside(src, f"snapshot-{snap['after_edit']}.safetensors").read_bytes())
+                self.put_snapshot(snap["after_edit"], data, snap["meta"])
 
 
 _STATE_FORMAT = "__editbank_state_format__"
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """folder/name, refused if it resolves outside the folder (a link or a crafted name)."""
+    root = folder.resolve()
+    target = (folder / name).resolve()
+    if root != target.parent and root not in target.parents:
+        raise ValueError(f"{folder}: {name} points outside the export folder")
+    return target
 
 
 def _split(script: str) -> list[str]:
