@@ -108,8 +108,11 @@ def test_a_bench_killed_midway_resumes_on_rerun(small_world, tmp_path):
     assert 5 <= killed_at < 40, "the kill must land midway"
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    ends = [t["end"] for t in read_jsonl(timing)]
-    assert ends == list(range(1, 41)), "the rerun went on from the store: no edit written twice or skipped"
+    rows = read_jsonl(timing)
+    ends = [t["end"] for t in rows]
+    assert ends == sorted(set(ends)) and ends[-1] == 40 and sum(t["n"] for t in rows) == 40, \
+        "the rerun went on from the store: no edit written twice or skipped"
+    assert len(ends) >= 39  # every call timed (at most one lost to the kill, between its commit and its row)
     assert sorted(r["T"] for r in read_jsonl(out / "results.jsonl")) == [2, 40]
     assert json.loads(done.stdout)["table"][-1]["T"] == 40
 

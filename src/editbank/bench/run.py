@@ -215,6 +215,9 @@ class Cell:
             n = 0
         elif n:
             self.say(f"{self.method} seed {self.seed}: resuming after {n} of {self.ts[-1]} edits")
+            timed = max((r["end"] for r in read_jsonl(self.dir / "timing.jsonl")), default=0)
+            if timed < n:  # killed between a call's commit and its timing row: its seconds are unknown
+                append_jsonl(self.dir / "timing.jsonl", [{"end": n, "n": n - timed, "seconds": None}])
         try:
             self._stream(ed, n, evals, retention)
         finally:
@@ -241,8 +244,10 @@ class Cell:
                 n = end
                 self._checkpoint(ed, n, evals, retention)
 
-    def _edit_seconds(self, t: int) -> float:
-        return sum(r["seconds"] for r in read_jsonl(self.dir / "timing.jsonl") if r["end"] <= t)
+    def _edit_seconds(self, t: int) -> float | None:
+        """Seconds the first t edits took (None if a kill lost one call's timing)."""
+        secs = [r["seconds"] for r in read_jsonl(self.dir / "timing.jsonl") if r["end"] <= t]
+        return None if None in secs else sum(secs)
 
     def _checkpoint(self, ed, t: int, evals: set[int], retention: set[int]) -> None:
         from ..evaluate.metrics import evaluate, score_locality, score_pairs
@@ -265,7 +270,7 @@ class Cell:
             seconds = self._edit_seconds(t)
             row = {**self.key, "T": t, "protocol": protocol, "n": t,
                    **{k: rep[k] for k in (*METRICS, "portability")}, "edit_seconds": seconds,
-                   "seconds_per_edit": seconds / t}
+                   "seconds_per_edit": None if seconds is None else seconds / t}
             row["OP"] = op_score(row)
             append_jsonl(self.out / "results.jsonl", [row])
             self.say(f"{self.method} seed {self.seed} T={t}: " + ", ".join(
