@@ -132,13 +132,15 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
                 ids = editor.generate_ids(prompts, body.max_tokens, **kw)
             except ValueError as exc:
                 raise HTTPException(422, str(exc)) from None
+            # the tokenizer is used under the guard too: a Rust tokenizer shared across threads can refuse a call
+            texts = [editor.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+            n_prompt = sum(len(editor.tokenizer(p)["input_ids"]) for p in prompts)
         choices, used = [], 0
-        for i, row in enumerate(ids):
-            text, stopped = _cut(editor.tokenizer.decode(row, skip_special_tokens=True), stops)
+        for i, (row, full) in enumerate(zip(ids, texts)):
+            text, stopped = _cut(full, stops)
             used += len(row)
             reason = "stop" if stopped or len(row) < body.max_tokens else "length"
             choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
-        n_prompt = sum(len(editor.tokenizer(p)["input_ids"]) for p in prompts)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": config.name, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
@@ -160,11 +162,11 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
     @app.post("/v1/edits", status_code=201, dependencies=[Depends(require_token)])
     def post_edits(body: EditIn | Annotated[list[EditIn], Field(min_length=1, max_length=64)]) -> dict[str, Any]:
         items = [body] if isinstance(body, EditIn) else body
-        try:
-            reqs = [editor.validate(b.model_dump()) for b in items]
-        except (ValueError, TypeError) as exc:  # well-formed, but not an edit this model and method can take
-            raise HTTPException(400, str(exc)) from None
         with guard.write():
+            try:
+                reqs = [editor.validate(b.model_dump()) for b in items]
+            except (ValueError, TypeError) as exc:  # well-formed, but not an edit this model and method can take
+                raise HTTPException(400, str(exc)) from None
             try:
                 edits = editor.edit(reqs)
             except (ValueError, TypeError) as exc:
