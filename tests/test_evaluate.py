@@ -145,3 +145,13 @@ def test_prob_preference_needs_the_true_object(grace, world_requests):
         grace.evaluate([world_requests[0], bare], protocol="prob_preference")
     with pytest.raises(ValueError, match="prob_preference"):
         score_pairs(grace, [(req.prompt, req.target)], "prob_preference")
+
+
+def test_run_stream_takes_prob_preference(grace, world_requests):
+    from editbank.evaluate import run_stream
+
+    reqs = world_requests[:4]
+    stream = run_stream(grace, reqs, protocol="prob_preference")
+    assert stream["protocol"] == "prob_preference" and stream["final"]["reliability"] == 1.0
+    with pytest.raises(ValueError, match="eval_every"):
+        run_stream(grace, reqs, protocol="prob_preference", eval_every=2)

@@ -42,9 +42,12 @@ def run_stream(
     check_protocol(protocol)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if eval_every and protocol == "prob_preference":
+        raise ValueError("eval_every scores bare (prompt, answer) pairs, which prob_preference cannot: "
+                         "use greedy_exact_match or teacher_forced_token_acc for the retention matrix")
     requests = list(requests)
     probes = [p for r in requests for p in r.locality]
-    if probes:
+    if probes and protocol != "prob_preference":
         score_locality(editor, probes, protocol)  # caches the pre-edit predictions before editing
     edits: list[Edit] = []
     retention: list[dict[str, Any]] = []
