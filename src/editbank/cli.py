@@ -368,6 +368,8 @@ def bench(
                                                "prob_preference.")] = "greedy_exact_match",
     batch: Annotated[int | None, typer.Option(help="Requests per editor call (default: per method).")] = None,
     undo_fraction: Annotated[float, typer.Option(help="Undo this share of the edits at the largest T.")] = 0.0,
+    undo_methods: Annotated[str | None, typer.Option(help="Comma-separated methods the rollback runs for "
+                                                          "(default: all; replaying methods take long).")] = None,
     eval_every: Annotated[int, typer.Option(help="Periodic schedule: score every edit so far each this many "
                                                  "edits (retention heatmap); 0: off.")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model to edit (default: the world's; "
@@ -402,6 +404,7 @@ def bench(
         cfg = BenchConfig(methods=names, data=data, edits=[int(x) for x in edits.split(",") if x.strip()],
                           seeds=[int(x) for x in seeds.split(",") if x.strip()], protocol=protocol, batch=batch,
                           undo_fraction=undo_fraction, eval_every=eval_every,
+                          undo_methods=[m.strip() for m in undo_methods.split(",")] if undo_methods else None,
                           model=_resolve_model(model) if model else None, hparams=per, presets=not no_presets)
         summary = run_bench(cfg, out, device=device, progress=not json_out, console=None if json_out else console)
     except (BenchError, ValueError, TypeError, OSError) as exc:

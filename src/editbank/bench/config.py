@@ -36,6 +36,7 @@ class BenchConfig:
     protocol: str = "greedy_exact_match"
     batch: int | None = None  # requests per editor call (None: per method, BATCH)
     undo_fraction: float = 0.0
+    undo_methods: list[str] | None = None  # the methods the rollback runs for (None: all)
     eval_every: int = 0  # the periodic schedule: every this many edits, score every edit so far (0: off)
     model: str | None = None  # the model to edit for dataset data (default: the world's own model)
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, over the presets
@@ -68,6 +69,8 @@ class BenchConfig:
             raise BenchError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.protocol == "prob_preference" and self.eval_every:
             raise BenchError("the periodic schedule (eval_every) scores bare pairs: use another protocol")
+        if self.undo_methods is not None and (bad := [m for m in self.undo_methods if m not in self.methods]):
+            raise BenchError(f"undo_methods {bad} are not among the methods {self.methods}")
         stray = [m for m in self.hparams if m not in self.methods]
         if stray:
             raise BenchError(f"hyperparameters given for {stray}, which is not among the methods {self.methods}")

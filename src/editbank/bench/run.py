@@ -181,7 +181,8 @@ class Cell:
         every = self.cfg.eval_every
         evals = {t for t in self.ts if t not in done}
         retention = {p for p in self.points if every and (p % every == 0 or p == self.ts[-1]) and p not in steps}
-        undo = self.cfg.undo_fraction > 0 and not self._mine("undo.jsonl")
+        wanted = self.cfg.undo_methods is None or self.method in self.cfg.undo_methods
+        undo = wanted and self.cfg.undo_fraction > 0 and not self._mine("undo.jsonl")
         return evals, retention, undo
 
     def _open(self, store: Path):
