@@ -32,10 +32,10 @@ from editbank.evaluate import evaluate, rollback_eval, run_stream
 from editbank.tokens import make_batch
 
 # the built-in worlds' settings (editbank.bench.config.WORLD_PRESETS, where they are explained): Adam at lr 0.03,
-# three corpus prefixes, key routing with a cosine gate of 0.9, one joint batch per shard (WISE save 8 / merge 16 with
-# calls of 8, REPAIR save 4 / merge 12 with its batches of 4), REPAIR's distillation weight 0.1.
+# three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch per shard (WISE
+# save 8 / merge 16 with calls of 8, REPAIR save 4 / merge 12 with its batches of 4), REPAIR's distillation weight 0.1.
 # "(paper routing)" rows keep the paper's top-1 by score.
-PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0}
+PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
 WISE_HP, REPAIR_HP = WORLD_PRESETS["wise"], WORLD_PRESETS["repair"]
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wise": ("wise", WISE_HP),
