@@ -56,12 +56,13 @@ def browser():
 
 
 def test_edit_ask_and_undo_through_the_page(server, browser, world_requests):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     ed, url = server
     r = world_requests[0]
-    wait = WebDriverWait(browser, 30)
+    wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
     el = lambda i: browser.find_element(By.ID, i)  # noqa: E731
     browser.get(url)
 
@@ -82,11 +83,13 @@ def test_edit_ask_and_undo_through_the_page(server, browser, world_requests):
     wait.until(lambda d: el("after").text or el("error").text)
     assert not el("error").text
     assert el("before").text.strip() == before and el("after").text.strip().startswith(r.target.strip())
-    rows = lambda: browser.find_elements(By.CSS_SELECTOR, "#edits tr")  # noqa: E731
-    wait.until(lambda d: len(rows()) == 1)
-    assert "active" in rows()[0].text and ed.edits("active")[0].request.prompt == r.prompt
+    # the list is re-rendered on every refresh, so read it in one script call (no stale element references)
+    table = lambda: browser.execute_script(  # noqa: E731
+        "return [...document.querySelectorAll('#edits tr')].map(tr => tr.innerText)")
+    wait.until(lambda d: len(table()) == 1 and "active" in table()[0])
+    assert ed.edits("active")[0].request.prompt == r.prompt
     assert ask().startswith(r.target.strip())
     browser.find_element(By.CSS_SELECTOR, "button.undo").click()
-    wait.until(lambda d: "reverted" in rows()[0].text)
+    wait.until(lambda d: "reverted" in table()[0])
     assert ed.edits()[0].status == "reverted"
     assert ask() == before
