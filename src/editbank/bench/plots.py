@@ -41,9 +41,10 @@ def write_plots(out: Path, cfg: BenchConfig, summary: dict[str, Any]) -> list[st
         if key != "seconds_per_edit":
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0].legend(title="method")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="method", loc="center right")
     fig.suptitle(f"{summary['data']}: scores on the final model ({cfg.protocol})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
     fig.savefig(out / "plots" / "metrics.png", dpi=110)
     plt.close(fig)
     written.append("plots/metrics.png")
