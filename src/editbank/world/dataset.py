@@ -14,7 +14,8 @@ from typing import Any
 
 from ..requests import EditRequest, normalize_target
 
-# model and training per number of pairs (the large world's shape, wider vocabulary for real text)
+# model, training and tokenizer of every dataset world (wider than the large world, with a vocabulary for real text);
+# override them with dataset_spec(..., model=..., train=..., tokenizer=...)
 MODEL = {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 683, "max_position_embeddings": 128}
 TRAIN = {"steps": 6000, "batch_size": 64, "lr": 1e-3, "warmup": 200, "eval_every": 250, "stop_at": 1.0}
 TOKENIZER = {"vocab_size": 4096}
