@@ -253,6 +253,21 @@ def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_
     off.close()
 
 
+def test_feedback_checks_every_edit_of_a_memory_the_call_merged(small_world, world_requests, tmp_path):
+    reqs = world_requests[:4]
+    ed = open_editor(small_world, tmp_path, method="repair", n_iter=2, save_freq=2, merge_freq=4, batch_size=2,
+                     distillation=False, similarity_batching=False, max_retries=0)
+    checked: list[list[int]] = []
+    real = ed.method.check
+    ed.method.check = lambda ids: checked.append(list(ids)) or real(ids)
+    first = [e.id for e in ed.edit(reqs[:2])]
+    second = [e.id for e in ed.edit(reqs[2:])]  # fills the second shard and merges both
+    assert len(ed.method.groups) == 1
+    assert set(checked[0]) == set(first)
+    assert set(checked[-1]) == set(first) | set(second), "the first shard's edits went through the merge too"
+    ed.close()
+
+
 def test_feedback_keeps_a_reintegration_only_if_more_edits_pass(small_world, world_requests, tmp_path):
     reqs = world_requests[:8]
     hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0)

@@ -1,7 +1,7 @@
 """REPAIR (arXiv 2510.01879): WISE plus four mechanisms, each behind its own flag.
 
-1. `error_feedback` (closed loop): after a call's edits are written, they and the other edits of the shards they
-   went into are checked (greedy exact match of the
+1. `error_feedback` (closed loop): after a call's edits are written, they, the other edits of the shards they
+   went into and every edit of a memory the call merged are checked (greedy exact match of the
    target, computed as "argmax right at every target position" under teacher forcing with the prompt's routing,
    which is the same test in one forward). Failures join an error pool. With r_i the share of shard i's edits in
    the pool, when max r_i > `prune_threshold` or the pool holds more than `pool_threshold` edits, the worst
@@ -250,6 +250,7 @@ class Repair(Wise):
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         self._register(items)
         pending, bounced, losses = [it.id for it in items], set(), {}
+        merged_from = len(self.groups)
         while pending:
             batch, *rest = self._batches(pending)
             pending = [e for b in rest for e in b]
@@ -263,10 +264,12 @@ class Repair(Wise):
             self._after_write(len(batch) - len(back))
         info: dict[str, Any] = {"bounced": len(bounced)}
         if self.hparams.error_feedback:
-            # the call's edits and every edit of the shards it wrote into (writing is what breaks them)
+            # the call's edits, every edit of the shards it wrote into and of the memories it merged (writing and
+            # merging are what break them)
             ids = [it.id for it in items]
-            ids += [e for s in self.shards if s.history and any(i in s.history[-1] for i in ids)
-                    for e in s.members if e not in ids]
+            ids += [e for s in self.shards if (s.history and any(i in s.history[-1] for i in ids))
+                    or (s.group is not None and s.group >= merged_from) for e in s.members if e not in ids]
+            ids = list(dict.fromkeys(ids))
             info.update(self._feedback(ids))
         return [{**self._edit_stats(it.id, losses[it.id]), **info} for it in items]
 
