@@ -78,10 +78,10 @@ def main() -> None:
                   "T is capped there). Every method runs with the world settings recorded in params.json.")
     cf_note = ("A world trained on the original facts of CounterFact's EasyEdit validation split (1,919 records: "
                "each prompt and rephrase with its true answer, each neighbourhood prompt with its own answer; "
-               "`editbank world build --dataset counterfact:PATH`), then edited with the records' `target_new`. WISE and REPAIR are not in this run: at 1-4 s per edit on a CPU "
-               "they did not fit the session that produced it. Generalization is low for the routed methods (SoLA, "
-               "GRACE) because most CounterFact rephrases open with an unrelated sentence, which moves the key away "
-               "from the edit's.")
+               "`editbank world build --dataset counterfact:PATH`), then edited with the records' `target_new`. "
+               "WISE and REPAIR are not in this run: at 1-4 s per edit on a CPU they did not fit the session that "
+               "produced it. Generalization is low for the routed methods (SoLA, GRACE) because most CounterFact "
+               "rephrases open with an unrelated sentence, which moves the key away from the edit's.")
     lines = ["# Results", "",
              "Regenerate with `python scripts/results.py` (resumable; docs/bench.md explains the run directories). "
              "Every number comes from the run directories under `results/`; nothing here is typed by hand except "
