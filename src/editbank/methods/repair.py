@@ -269,7 +269,6 @@ class Repair(Wise):
             ids = [it.id for it in items]
             ids += [e for s in self.shards if (s.history and any(i in s.history[-1] for i in ids))
                     or (s.group is not None and s.group >= merged_from) for e in s.members if e not in ids]
-            ids = list(dict.fromkeys(ids))
             info.update(self._feedback(ids))
         return [{**self._edit_stats(it.id, losses[it.id]), **info} for it in items]
 
