@@ -43,6 +43,21 @@ def test_wise_writes_edits_and_leaves_most_probes_alone(small_world, world_reque
     ed.close()
 
 
+def test_a_call_larger_than_a_shard_fills_shards_in_order(small_world, world_requests, tmp_path):
+    reqs = world_requests[:6]
+    a = open_editor(small_world, tmp_path, name="a.db", save_freq=2, merge_freq=4)
+    a.edit(reqs)
+    assert [s.members for s in a.method.shards] == [[e.id for e in a.edits()][i : i + 2] for i in (0, 2, 4)]
+    b = open_editor(small_world, tmp_path, name="b.db", save_freq=2, merge_freq=4)
+    for i in (0, 2, 4):
+        b.edit(reqs[i : i + 2])
+    assert len(a.method.groups) == len(b.method.groups) == 1
+    for p in probes_of(reqs):
+        torch.testing.assert_close(logits_of(a, p), logits_of(b, p), rtol=0, atol=1e-4)
+    a.close()
+    b.close()
+
+
 def test_undo_in_the_open_shard_equals_never_writing_it(small_world, world_requests, tmp_path):
     reqs = world_requests[:4]
     a = open_editor(small_world, tmp_path, name="a.db", save_freq=10, merge_freq=20)

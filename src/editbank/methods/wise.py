@@ -18,7 +18,8 @@ with act_margin = [alpha, beta, gamma] and a_irr the activation of an irrelevant
 averaged over `n_irrelevant` of them). Only the entries of the
 shard's Bernoulli(`mask_ratio`) mask move, and D is clamped to +-`norm_constraint` elementwise after each step.
 
-Sharding and merging: a shard closes after `save_freq` edits and a new one (its own mask) opens; every
+Sharding and merging: a shard closes after `save_freq` edits and a new one (its own mask) opens (a call that
+would overflow the open shard fills it and goes on into the next, in order, one joint batch per shard); every
 `merge_freq` edits the closed shards are merged (`merge_alg`, TIES by default, density `densities`). Retrieve mode
 keeps each merge as its own memory; Merge mode folds each merge into one memory.
 
@@ -490,10 +491,15 @@ class Wise(OneModuleHook, Method):
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         self._register(items)
-        shard = self.open_shard
-        loss = self._write(shard, [it.id for it in items])
-        self._after_write(len(items))
-        return [self._edit_stats(it.id, loss) for it in items]
+        hp, losses, ids = self.hparams, {}, [it.id for it in items]
+        while ids:  # one joint batch per shard: a call that overflows the open shard goes on into the next, in order
+            shard = self.open_shard
+            room = min(hp.save_freq - len(shard.members), hp.merge_freq - self.count % hp.merge_freq)
+            chunk, ids = ids[: max(room, 1)], ids[max(room, 1) :]
+            loss = self._write(shard, chunk)
+            losses.update(dict.fromkeys(chunk, loss))
+            self._after_write(len(chunk))
+        return [self._edit_stats(it.id, losses[it.id]) for it in items]
 
     def _edit_stats(self, edit_id: int, loss: float) -> dict[str, Any]:
         deltas, eps = self.stack()
