@@ -16,6 +16,7 @@ import json
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +81,8 @@ def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: boo
         if final:
             fig["latency_ratio"] = latency_ratio(ed, [r.prompt for r in reqs[:32]])
         ed.close()
+        print(f"{name} T={t}: " + " ".join(f"{k} {v:.3f}" for k, v in fig.items() if isinstance(v, float)),
+              file=sys.stderr, flush=True)  # the scores before the (slow) undo figures
         if final and t >= 10 and args.undo_fraction > 0:
             fig["undo"] = {}
             for mode in args.undo_modes.split(","):  # each mode undoes the same edits on its own copy of the store

@@ -309,6 +309,10 @@ def test_similarity_batching_groups_similar_features(small_world, world_requests
     batches = m._batches([0, 1, 2, 3, 4])
     assert all(set(b) <= {0, 2, 4} or set(b) <= {1, 3} for b in batches), batches
     assert [1, 3] in [sorted(b) for b in batches] and sorted(map(len, batches)) == [1, 2, 2]
+    m.hparams.batching = "spread"
+    spread = m._batches([0, 1, 2, 3, 4])
+    assert sorted(map(len, spread)) == [1, 2, 2] and sorted(e for b in spread for e in b) == [0, 1, 2, 3, 4]
+    assert all(len(set(b) & {0, 2, 4}) <= 1 for b in spread if len(b) == 2), spread  # one of each group
     m.hparams.similarity_batching = False
     assert m._batches([0, 1, 2, 3, 4]) == [[0, 1], [2, 3], [4]]
     ed.close()
