@@ -28,14 +28,14 @@ from rich.console import Console
 from rich.table import Table
 
 from editbank import Editor, World
-from editbank.bench.config import WORLD_PRESETS
+from editbank.bench.config import BATCH, WORLD_PRESETS
 from editbank.evaluate import evaluate, rollback_eval, run_stream
 from editbank.tokens import make_batch
 
 # the built-in worlds' settings (editbank.bench.config.WORLD_PRESETS, where they are explained): Adam at lr 0.03,
-# three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch per shard (WISE
-# save 8 / merge 16 with calls of 8, REPAIR save 4 / merge 12 with its batches of 4), REPAIR's distillation weight 0.1.
-# "(paper routing)" rows keep the paper's top-1 by score.
+# three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch of 8 per shard, two
+# shards per merge; REPAIR with WISE's margins, distillation weight 0.1 and "spread" batching of calls of 32.
+# "(paper routing)" rows keep the paper's top-1 by score; "repair (similar batching)" is the paper's grouping.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
 WISE_HP, REPAIR_HP = WORLD_PRESETS["wise"], WORLD_PRESETS["repair"]
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -44,6 +44,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wise (paper routing)": ("wise", {**WISE_HP, **PAPER_ROUTING}),
     "repair (paper routing)": ("repair", {**REPAIR_HP, **PAPER_ROUTING}),
     "repair -feedback": ("repair", {**REPAIR_HP, "error_feedback": False}),
+    "repair (similar batching)": ("repair", {**REPAIR_HP, "batching": "similar"}),
     "repair -batching": ("repair", {**REPAIR_HP, "similarity_batching": False}),
     "repair -distillation": ("repair", {**REPAIR_HP, "distillation": False}),
     "repair -loss-aware merge": ("repair", {**REPAIR_HP, "loss_aware_merge": False}),  # equal weights
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument("--T", default="1,10,100", help="comma-separated stream lengths")
     ap.add_argument("--ablation-T", type=int, default=100, help="T of REPAIR's ablation (0: none)")
     ap.add_argument("--configs", default="wise,repair", help="configs of the main table")
-    ap.add_argument("--batch", type=int, default=8, help="requests per editor call")
+    ap.add_argument("--batch", type=int, default=BATCH["repair"], help="requests per editor call")
     ap.add_argument("--undo-fraction", type=float, default=0.1, help="share of the edits undone at the end (0: none)")
     ap.add_argument("--undo-modes", default="retrain,retrain+tombstone,tombstone",
                     help="undo modes measured, each on a copy of the final store")

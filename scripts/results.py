@@ -75,7 +75,9 @@ def main() -> None:
         if name in chosen:
             run_bench(cfg, out / name, device=args.device, console=console)
     world_note = ("The built-in default world: a 3-layer x 128 Llama trained on 500 invented facts (450 editable; "
-                  "T is capped there). Every method runs with the world settings recorded in params.json.")
+                  "T is capped there). Every method runs with the world settings recorded in params.json. WISE and "
+                  "REPAIR's presets changed after this run (docs/methods/wise_repair.md), so `--runs world` needs a "
+                  "fresh `--out` (a run directory refuses other parameters).")
     cf_note = ("A world trained on the original facts of CounterFact's EasyEdit validation split (1,919 records: "
                "each prompt and rephrase with its true answer, each neighbourhood prompt with its own answer; "
                "`editbank world build --dataset counterfact:PATH`), then edited with the records' `target_new`. "

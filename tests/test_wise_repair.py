@@ -309,10 +309,14 @@ def test_similarity_batching_groups_similar_features(small_world, world_requests
     batches = m._batches([0, 1, 2, 3, 4])
     assert all(set(b) <= {0, 2, 4} or set(b) <= {1, 3} for b in batches), batches
     assert [1, 3] in [sorted(b) for b in batches] and sorted(map(len, batches)) == [1, 2, 2]
-    m.hparams.batching = "spread"
-    spread = m._batches([0, 1, 2, 3, 4])
-    assert sorted(map(len, spread)) == [1, 2, 2] and sorted(e for b in spread for e in b) == [0, 1, 2, 3, 4]
-    assert all(len(set(b) & {0, 2, 4}) <= 1 for b in spread if len(b) == 2), spread  # one of each group
+    m.hparams.batching = "spread"  # the same batch sizes, each batch one of {0, 2, 4} and one of {1, 3, 5}
+    m.acts[5] = v + 0.05 * u
+    spread = m._batches([0, 1, 2, 3, 4, 5])
+    assert sorted(e for b in spread for e in b) == [0, 1, 2, 3, 4, 5]
+    assert list(map(len, spread)) == [2, 2, 2] and all(len(set(b) & {0, 2, 4}) == 1 for b in spread), spread
+    m.hparams.batch_size = 4  # sizes [4, 1] as in the similar batches: a shard still gets save_freq edits
+    assert list(map(len, m._batches([0, 1, 2, 3, 4]))) == [4, 1]
+    m.hparams.batch_size = 2
     m.hparams.similarity_batching = False
     assert m._batches([0, 1, 2, 3, 4]) == [[0, 1], [2, 3], [4]]
     ed.close()

@@ -106,11 +106,11 @@ class Repair(Wise):
         similar = self._similar_batches(sim, b)
         if self.hparams.batching == "similar":
             return [[ids[k] for k in batch] for batch in similar]
-        # "spread": the same number of batches; each edit, taken group by group, joins the batch with room whose
+        # "spread": batches of the same sizes; each edit, taken group by group, joins the batch with room whose
         # members it is least similar to
         out: list[list[int]] = [[] for _ in similar]
         for k in [k for batch in similar for k in batch]:
-            room = [j for j, batch in enumerate(out) if len(batch) < b]
+            room = [j for j, batch in enumerate(out) if len(batch) < len(similar[j])]
             j = min(room, key=lambda j: max((float(sim[k, m]) for m in out[j]), default=-2.0))
             out[j].append(k)
         return [[ids[k] for k in batch] for batch in out]
