@@ -5,7 +5,7 @@ evaluates all edits on the final model with greedy exact match. OP is the geomet
 generalization and locality. The largest T of each method is then timed (inference latency against the base
 model, interleaved) and 10% of its edits are undone, once per undo mode, each on its own copy of the final store.
 
-    python benchmarks/wise_repair.py --T 1,10,100,450 --ablation-T 450 [--undo-modes retrain,tombstone]
+    python benchmarks/wise_repair.py --size large --T 1,10,100,1000 --ablation-T 1000 [--undo-modes tombstone]
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def main() -> None:
     jobs = [(c, t, t == ts[-1]) for c in args.configs.split(",") for t in ts]
     if args.ablation_T:
         jobs += [(c, args.ablation_T, False) for c in CONFIGS if c.startswith("repair -")]
+        jobs.append(("repair (similar batching)", args.ablation_T, False))
     figs = []
     for name, t, final in jobs:
         t0 = time.perf_counter()
