@@ -13,9 +13,9 @@
 2. `similarity_batching`: the call's edits are grouped by cosine similarity of their features (the edited
    layer's input at the last prompt token): seed = the edit with the highest mean similarity to the others,
    batch = it and its `batch_size` - 1 nearest; repeat on the rest. Off: batches of `batch_size` in order.
-   `batching="spread"` (ours) deals those similar groups out round-robin over the same number of batches, so
-   similar edits land in different shards: in one joint batch they interfere (measured at T = 1000 with calls of
-   32: "similar" lost 0.02 reliability and locality against batches in order).
+   `batching="spread"` (ours) keeps those batches' sizes but puts each edit, group by group, into the batch with
+   room whose members it is least similar to, so similar edits land in different shards: in one joint batch they
+   interfere (large world, T = 1000, calls of 32: reliability 0.871 grouped, 0.892 in order, 0.909 spread).
 3. `distillation` (in-batch): the seed is the teacher; with o_i the edited layer's output at the last prompt
    token, L_KD = kd_weight * mean(1 - cos(o_i, o_0)) + kd_mse * mean ||o_i - mean(o)||^2
    (+ kd_logit_weight * KL of the next-token distributions at temperature kd_temperature). After training, members
