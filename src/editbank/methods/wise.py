@@ -494,8 +494,8 @@ class Wise(OneModuleHook, Method):
         hp, losses, ids = self.hparams, {}, [it.id for it in items]
         while ids:  # one joint batch per shard: a call that overflows the open shard goes on into the next, in order
             shard = self.open_shard
-            room = min(hp.save_freq - len(shard.members), hp.merge_freq - self.count % hp.merge_freq)
-            chunk, ids = ids[: max(room, 1)], ids[max(room, 1) :]
+            room = max(1, min(hp.save_freq - len(shard.members), hp.merge_freq - self.count % hp.merge_freq))
+            chunk, ids = ids[:room], ids[room:]
             loss = self._write(shard, chunk)
             losses.update(dict.fromkeys(chunk, loss))
             self._after_write(len(chunk))
