@@ -20,7 +20,7 @@ from editbank.tokens import make_batch
 
 N_REQUESTS = 40
 CHILD = textwrap.dedent("""
-    import random, shutil, sys
+    import random, shutil, sys, time
     from pathlib import Path
     from editbank import Editor, World
     world, method, store, log = sys.argv[1:5]
@@ -29,6 +29,15 @@ CHILD = textwrap.dedent("""
     def mark(s):
         with open(log, "a") as f:
             f.write(s + "\\n")
+    class Slow:  # a short random pause before each store statement widens every operation, so the parent's kill
+        def __init__(self, db):  # lands inside it, at a random statement, even when the operation itself is fast
+            self.db, self.rng = db, random.Random()
+        def execute(self, *a):
+            time.sleep(self.rng.uniform(0.002, 0.02))
+            return self.db.execute(*a)
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+    ed.store._db = Slow(ed.store._db)
     mark("ready")
     rng = random.Random(len(ed.edits()))
     i = len(ed.edits())
