@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {len(world.entities)} entities, {len(world.relations)} relations, {len(world.facts)} facts")
     print(
         f"  build time {info.get('seconds', float('nan')):.1f} s (training {info.get('train_seconds', 0):.1f} s, "
-        f"{info.get('steps')} steps; steps per thread count {info.get('steps_at_threads')})"
+        f"{info.get('steps')} steps at {info.get('threads', '?')} thread)"
     )
     print(f"  this call took {took:.1f} s" + (" (cached)" if took < info.get("seconds", 0) / 2 else ""))
 

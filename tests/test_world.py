@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from editbank.requests import EditRequest
 from editbank.world import World, builtin_spec, parse_spec
@@ -157,6 +158,24 @@ def test_spec_file_build_is_quiet_atomic_and_cached(tmp_path, capfd):
     assert again.path == final and (final / "model.safetensors").stat().st_mtime_ns == mtime
     reseeded = World.build(path, cache_dir=tmp_path, seed=4, progress=False)
     assert reseeded.path != final and reseeded.spec.seed == 4
+
+
+def test_build_does_not_depend_on_the_callers_thread_count(tmp_path):
+    """Kernels reduce in a thread-count-dependent order; worlds train at one thread so every machine gets one model."""
+    spec = builtin_spec("small")
+    spec["train"] = {**spec["train"], "steps": 30}  # enough to differ at 2 threads (checked: the pin removed, it does)
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            w = World.build(spec, cache_dir=tmp_path / str(n), progress=False)
+            assert torch.get_num_threads() == n  # the caller's setting is given back
+            assert w.info["threads"] == 1
+            weights.append((w.path / "model.safetensors").read_bytes())
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0] == weights[1]
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):

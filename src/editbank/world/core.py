@@ -18,7 +18,7 @@ from editbank.requests import EditRequest, normalize_target
 
 from .cache import MARKER, is_complete, publish, sweep_stale_builds, world_dir
 from .generate import entities_of, generate_facts
-from .spec import FORMAT_VERSION, Fact, Relation, WorldSpec, parse_spec
+from .spec import BUILD_THREADS, FORMAT_VERSION, Fact, Relation, WorldSpec, parse_spec
 from .specs import SIZES, builtin_spec
 
 WORLD_FILE = "world.json"
@@ -266,6 +266,10 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
         )
     threads = torch.get_num_threads()
     try:
+        # one thread, always: CPU kernels reduce in a thread-count-dependent order, so a world trained at 2 threads
+        # differs from one trained at 1 (measured: default world, three builds, three different weights when the
+        # count was picked by speed). At 1 thread the built-in worlds are the same on every machine.
+        torch.set_num_threads(BUILD_THREADS)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             model = new_model(spec.model, tok)
@@ -296,7 +300,7 @@ def _build_into(out: Path, spec: WorldSpec, progress: bool) -> None:
             "final_loss": round(result.loss, 5),
             "train_accuracy": train_acc,
             "reserved_accuracy": reserved_acc,
-            "steps_at_threads": {str(k): v for k, v in result.steps_at_threads.items()},
+            "threads": BUILD_THREADS,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },

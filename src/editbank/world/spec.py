@@ -11,6 +11,9 @@ from typing import Any
 
 #: Bumped whenever generation, tokenization or training changes what a spec builds (invalidates caches).
 FORMAT_VERSION = 1
+# worlds train at this many torch threads (deterministic weights); part of the spec hash, so worlds built before
+# it existed (trained at a speed-picked count) are rebuilt rather than reused
+BUILD_THREADS = 1
 
 SUBJECT = "{subject}"
 
@@ -110,8 +113,9 @@ class WorldSpec:
         return d
 
     def spec_hash(self) -> str:
-        """Short stable hash of the normalised spec (and the world format version)."""
-        blob = json.dumps({"v": FORMAT_VERSION, "spec": self.to_dict()}, sort_keys=True, ensure_ascii=False)
+        """Short stable hash of the normalised spec (and the world format version and build thread count)."""
+        blob = json.dumps({"v": FORMAT_VERSION, "threads": BUILD_THREADS, "spec": self.to_dict()}, sort_keys=True,
+                          ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
 

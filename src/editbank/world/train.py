@@ -14,7 +14,6 @@ from editbank.tokens import prompt_ids, target_ids
 
 from .accuracy import accuracy, exact_match_flags
 from .spec import TrainSpec
-from .threads import ThreadPicker
 
 
 @dataclass
@@ -25,7 +24,6 @@ class TrainResult:
     loss: float
     train_accuracy: float | None
     seconds: float
-    steps_at_threads: dict[int, int]
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,13 +87,11 @@ def train_model(
     order = torch.randperm(n, generator=gen)
     pos, step, loss_ema, acc = 0, 0, float("nan"), None
     bs = min(cfg.batch_size, n)
-    threads = ThreadPicker()
     with _progress(progress) as bar:
         task = bar.add_task("train", total=cfg.steps, loss="-") if bar is not None else None
         while step < cfg.steps:
             if pos + bs > n:
                 order, pos = torch.randperm(n, generator=gen), 0
-            threads.begin(step)
             idx = order[pos : pos + bs]
             pos += bs
             width = int(lengths[idx].max())
@@ -115,7 +111,6 @@ def train_model(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            threads.end(step)
             step += 1
             lv = float(loss.detach())
             loss_ema = lv if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * lv
@@ -129,4 +124,4 @@ def train_model(
                         bar.update(task, completed=cfg.steps, loss=f"{loss_ema:.4f} (all facts known)")
                     break
     model.eval()
-    return TrainResult(step, loss_ema, acc, time.perf_counter() - start, dict(sorted(threads.steps_at.items())))
+    return TrainResult(step, loss_ema, acc, time.perf_counter() - start)
