@@ -37,7 +37,10 @@ def section(title: str, run: Path, note: str) -> list[str]:
     lines += score_table(summary)
     if summary["rollback"]:
         lines += ["", "Undo of a random 10% at the largest T (restored: share of undone edits back to the unedited "
-                  "model's predictions; kept change: largest move of the kept edits' scores):", "",
+                  "model's predictions; kept change: largest move of the kept edits' scores). Restored below 1 means a "
+                  "kept edit answers an undone prompt; the model still equals one that never received the undone "
+                  "edit (on the default world at T = 450 SoLA's one miss is 'The currency of Broushos is the', "
+                  "which the kept edit 'Fegopam\'s money is the -> pell' answers with the same target):", "",
                   "| method | undone | restored | largest kept change |", "|---|---:|---:|---:|"]
         for u in summary["rollback"]:
             lines.append(f"| {u['method']} | {fmt(u['undone'], 0)} | {fmt(u['restored'])} | "
@@ -75,9 +78,8 @@ def main() -> None:
         if name in chosen:
             run_bench(cfg, out / name, device=args.device, console=console)
     world_note = ("The built-in default world: a 3-layer x 128 Llama trained on 500 invented facts (450 editable; "
-                  "T is capped there). Every method runs with the world settings recorded in params.json. WISE and "
-                  "REPAIR's presets changed after this run (docs/methods/wise_repair.md), so `--runs world` needs a "
-                  "fresh `--out` (a run directory refuses other parameters).")
+                  "T is capped there), trained at one thread so every machine builds the same model. Every method runs "
+                  "with the world settings recorded in params.json.")
     cf_note = ("A world trained on the original facts of CounterFact's EasyEdit validation split (1,919 records: "
                "each prompt and rephrase with its true answer, each neighbourhood prompt with its own answer; "
                "`editbank world build --dataset counterfact:PATH`), then edited with the records' `target_new`. "
