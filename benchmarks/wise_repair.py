@@ -48,6 +48,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair -batching": ("repair", {**REPAIR_HP, "similarity_batching": False}),
     "repair -distillation": ("repair", {**REPAIR_HP, "distillation": False}),
     "repair -loss-aware merge": ("repair", {**REPAIR_HP, "loss_aware_merge": False}),  # equal weights
+    "repair +merge fit": ("repair", {**REPAIR_HP, "merge_fit": True}),
+    "repair +merge fit -feedback": ("repair", {**REPAIR_HP, "merge_fit": True, "error_feedback": False}),
 }
 METRICS = ("reliability", "generalization", "locality")
 

@@ -76,11 +76,13 @@ def state_tensors(ed: Editor) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in ed.method.state_dict()[0].items()}
 
 
-@pytest.mark.parametrize("method, retrieve", [("wise", True), ("wise", False), ("repair", True)])
+@pytest.mark.parametrize("method, retrieve, extra", [("wise", True, {}), ("wise", False, {}), ("repair", True, {}),
+                                                    ("repair", True, {"merge_fit": True}),
+                                                    ("repair", False, {"merge_fit": True})])
 def test_undo_after_merges_is_a_pure_recomputation_and_persists(small_world, world_requests, tmp_path, method,
-                                                                retrieve):
+                                                                retrieve, extra):
     reqs = world_requests[:8]
-    ed = open_editor(small_world, tmp_path, method=method, save_freq=2, merge_freq=4, retrieve=retrieve)
+    ed = open_editor(small_world, tmp_path, method=method, save_freq=2, merge_freq=4, retrieve=retrieve, **extra)
     with ed.unedited():
         base = {r.prompt: logits_of(ed, r).argmax(-1) for r in reqs}
     edits = [ed.edit(r) for r in reqs]
@@ -99,7 +101,7 @@ def test_undo_after_merges_is_a_pure_recomputation_and_persists(small_world, wor
         assert torch.equal(logits_of(ed, reqs[1]).argmax(-1), base[reqs[1].prompt])
     expected = {p: logits_of(ed, p) for p in probes_of(reqs)}
     ed.close()
-    again = open_editor(small_world, tmp_path, method=method, save_freq=2, merge_freq=4, retrieve=retrieve)
+    again = open_editor(small_world, tmp_path, method=method, save_freq=2, merge_freq=4, retrieve=retrieve, **extra)
     for p, v in expected.items():
         assert torch.equal(logits_of(again, p), v), "the reopened store must give the same model"
     again.undo(edits[6].id)  # and undo keeps working after a reopen
@@ -298,6 +300,24 @@ def test_feedback_keeps_a_reintegration_only_if_more_edits_pass(small_world, wor
             assert torch.equal(v, state_tensors(keep)[k]), k
     off.close()
     keep.close()
+
+
+def test_merge_fit_refits_a_merge_that_loses_its_edits(small_world, world_requests, tmp_path):
+    reqs = world_requests[:8]
+    hp = dict(save_freq=4, merge_freq=8, error_feedback=False)
+    off = open_editor(small_world, tmp_path, method="repair", name="off.db", **hp)
+    on = open_editor(small_world, tmp_path, method="repair", name="on.db", merge_fit=True, **hp)
+    off.edit(reqs)
+    on.edit(reqs)
+    ids = [e for s in on.method.shards if s.group == 0 for e in s.members]
+    assert len(ids) == 8 and len(on.method.groups) == 1
+    assert not all(off.method.check_memory(off.method.merged[0], ids)), "the plain merge must lose an edit here"
+    assert all(on.method.check_memory(on.method.merged[0], ids))
+    assert sum(on.method.check(ids)) > sum(off.method.check(ids))  # and the routed model answers them
+    for a, b in zip(off.method.shards, on.method.shards):  # the shards are the same: only the merge is refit
+        assert torch.equal(a.delta, b.delta)
+    off.close()
+    on.close()
 
 
 def test_similarity_batching_groups_similar_features(small_world, world_requests, tmp_path):

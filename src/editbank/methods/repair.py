@@ -1,4 +1,4 @@
-"""REPAIR (arXiv 2510.01879): WISE plus four mechanisms, each behind its own flag.
+"""REPAIR (arXiv 2510.01879): WISE plus the paper's four mechanisms and one of ours, each behind its own flag.
 
 1. `error_feedback` (closed loop): after a call's edits are written, they, the other edits of the shards they
    went into and every edit of a memory the call merged are checked (greedy exact match of the
@@ -24,6 +24,11 @@
 4. `loss_aware_merge`: shard weights w_i = softmax(-merge_temperature * L_i) in the merge, with L_i the shard's
    mean training loss (off: equal weights). Frequent merging is the default cadence (`save_freq` 5,
    `merge_freq` 15 as in the paper's code).
+5. `merge_fit` (ours, off by default; on in the world presets): merging is where edits are lost (large world,
+   T = 256: every one of the 20 edits failing at the end was routed to its own memory, a merged one, which did not
+   produce its target). After each merge the merged memory alone is checked on its edits; if any fails, it is refit
+   on all of them jointly from the merged weights (n_iter steps, the full mask, REPAIR's losses). The refit is a
+   function of the group's shards and edits, so a merge recomputed after an undo redoes it and undo stays exact.
 
 Undo works as in WISE: every shard (a re-initialised one too) is a function of its seed, init noise and training
 history, so the edit leaves every history and those shards are retrained; it also leaves the error pool.
@@ -58,6 +63,7 @@ class RepairHparams(WiseHparams):
     pool_threshold: int = 8  # ... or when the error pool holds more edits than this
     max_retries: int = 2  # reintegrations per call at most
     keep_if_better: bool = True  # undo a reintegration that leaves fewer of the edits it touched passing
+    merge_fit: bool = False  # ours: refit a merged memory that fails one of its own edits (see the module doc)
     reinit_sigma: float = 1e-3
     # batching and distillation
     batch_size: int = 4
@@ -188,12 +194,9 @@ class Repair(Wise):
     def _final_kd(self, d: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor:
         """Each member's KD loss under the trained D (reusing the batch the training used)."""
         batch = inp["batch"]
-        self._train_delta = d
-        try:
+        with self._applied(d):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            return self._kd_terms(logits, inp).cpu()
-        finally:
-            self._train_delta = None
+        return self._kd_terms(logits, inp).cpu()
 
     # -- closed-loop error feedback -------------------------------------------------------------------
     def _owner(self, edit_id: int) -> int | None:
@@ -292,6 +295,17 @@ class Repair(Wise):
                     or (s.group is not None and s.group >= merged_from) for e in s.members if e not in ids]
             info.update(self._feedback(ids))
         return [{**self._edit_stats(it.id, losses[it.id]), **info} for it in items]
+
+    def _merge_group(self, gi: int) -> torch.Tensor:
+        """The merge, then (merge_fit) a joint refit of the merged memory on its edits when it fails one of them."""
+        merged = super()._merge_group(gi)
+        if not self.hparams.merge_fit:
+            return merged
+        groups = {gi} if self.hparams.retrieve else set(range(gi + 1))  # Merge mode: each fold holds the earlier
+        ids = [e for s in self.shards if s.group in groups for e in s.members]
+        if not ids or all(self.check_memory(merged, ids)):
+            return merged
+        return self._fit(merged, torch.ones_like(merged, dtype=torch.bool), self._batch_inputs(ids))[0]
 
     def _merge_weights(self, shards: list[Shard]) -> list[float]:
         if not self.hparams.loss_aware_merge:

@@ -42,9 +42,11 @@ Hyperparameter names follow EasyEdit's WISE YAML so such files port over.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,19 +257,36 @@ class Wise(OneModuleHook, Method):
         """The memory each prompt uses (-1: none), as a forward pass over it would decide."""
         return self.route_rows(*self.activations(prompts, with_keys=True))
 
-    @torch.no_grad()
     def check(self, ids: list[int]) -> list[bool]:
         """Greedy exact match of each edit's target on the current (routed) model."""
+        return self._check(ids, None)
+
+    def check_memory(self, delta: torch.Tensor, ids: list[int]) -> list[bool]:
+        """Greedy exact match of each edit's target with the memory `delta` alone added to every row (no routing)."""
+        return self._check(ids, delta)
+
+    @torch.no_grad()
+    def _check(self, ids: list[int], delta: torch.Tensor | None) -> list[bool]:
         if not ids:
             return []
         reqs = [self.requests[e] for e in ids]
         batch = make_batch(self.tokenizer, [(r.prompt, r.target) for r in reqs], device=self.device)
-        with self.routing(Route(query_index=batch.query_index)):
+        ctx = self.routing(Route(query_index=batch.query_index)) if delta is None else self._applied(delta)
+        with ctx:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         pred = logits[:, :-1].argmax(-1)
         labels = batch.labels[:, 1:]
         wrong = ((pred != labels) & (labels != -100)).any(dim=1)
         return (~wrong).tolist()
+
+    @contextlib.contextmanager
+    def _applied(self, delta: torch.Tensor) -> Iterator[None]:
+        """The side-memory hook adds x @ delta^T to every row (training, and checking one memory)."""
+        self._train_delta = delta
+        try:
+            yield
+        finally:
+            self._train_delta = None
 
     # -- the side-memory hook -----------------------------------------------------------------------
     def _hook(self, module, inputs, output):
@@ -389,8 +408,7 @@ class Wise(OneModuleHook, Method):
         d = delta.clone().requires_grad_(True)
         opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)([d], lr=hp.edit_lr)
         loss_value = float("inf")
-        self._train_delta = d
-        try:
+        with self._applied(d):
             for _ in range(hp.n_iter):
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
@@ -409,8 +427,6 @@ class Wise(OneModuleHook, Method):
                 opt.step()
                 with torch.no_grad():
                     d.clamp_(-hp.norm_constraint, hp.norm_constraint)
-        finally:
-            self._train_delta = None
         return d.detach(), loss_value
 
     def _write(self, shard: Shard, ids: list[int]) -> float:
