@@ -34,7 +34,8 @@ from editbank.tokens import make_batch
 
 # the built-in worlds' settings (editbank.bench.config.WORLD_PRESETS, where they are explained): Adam at lr 0.03,
 # three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch of 8 per shard, two
-# shards per merge; REPAIR with WISE's margins, distillation weight 0.1 and "spread" batching of calls of 32.
+# shards per merge; REPAIR with WISE's margins, distillation weight 0.1, "spread" batching of calls of 32 and
+# merge_fit.
 # "(paper routing)" rows keep the paper's top-1 by score; "repair (similar batching)" is the paper's grouping.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
 WISE_HP, REPAIR_HP = WORLD_PRESETS["wise"], WORLD_PRESETS["repair"]
@@ -48,8 +49,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair -batching": ("repair", {**REPAIR_HP, "similarity_batching": False}),
     "repair -distillation": ("repair", {**REPAIR_HP, "distillation": False}),
     "repair -loss-aware merge": ("repair", {**REPAIR_HP, "loss_aware_merge": False}),  # equal weights
-    "repair +merge fit": ("repair", {**REPAIR_HP, "merge_fit": True}),
-    "repair +merge fit -feedback": ("repair", {**REPAIR_HP, "merge_fit": True, "error_feedback": False}),
+    "repair -merge fit": ("repair", {**REPAIR_HP, "merge_fit": False}),
 }
 METRICS = ("reliability", "generalization", "locality")
 
