@@ -1,10 +1,12 @@
-"""Regenerate RESULTS.md: `editbank bench` on the default world and on a CounterFact world, plus published rows.
+"""Regenerate RESULTS.md: `editbank bench` on the held-out suite, the ZsRE and CounterFact worlds and the dev world.
 
-    python scripts/results.py                       # every landed method; resumes the runs under results/
-    python scripts/results.py --counterfact PATH    # default: ../shared/data/easyedit_counterfact-val.json
+    python scripts/results.py                       # every run; resumes the run directories under results/
+    python scripts/results.py --runs suite,zsre     # only these runs (the others' sections are kept)
+    python scripts/results.py --shard 0/4           # one share of the chosen runs' cells (a job array)
 
-Each benchmark is an ordinary resumable run directory (results/world, results/counterfact); rerunning the command
-after an interruption goes on where it stopped, and rerunning it when both are complete only rewrites RESULTS.md.
+Each benchmark is an ordinary resumable run directory (results/world, results/suite, results/zsre, ...); rerunning
+the command after an interruption goes on where it stopped, and rerunning it when all are complete only rewrites
+RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from rich.console import Console
 
 from editbank.bench import BenchConfig, run_bench
-from editbank.bench.report import fmt, score_table
+from editbank.bench.report import fmt, mean_table, score_table
+from editbank.bench.run import parse_shard
 from editbank.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,23 +27,25 @@ ORDER = ("sola", "grace", "ft", "wise", "repair", "rome", "memit", "alphaedit", 
 PUBLISHED = ROOT / "scripts" / "published.md"
 
 
-def section(title: str, run: Path, note: str) -> list[str]:
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    params = json.loads((run / "params.json").read_text(encoding="utf-8"))
+def _env_line(summary: dict, params: dict, run: Path) -> str:
     sessions = [json.loads(x) for x in (run / "sessions.jsonl").read_text(encoding="utf-8").splitlines()]
     env = sessions[-1]
-    lines = [f"## {title}", "", note, "",
-             f"Data: {summary['data']}. Protocol: `{summary['protocol']}` on every number. Schedule: "
-             f"{params['schedule']}. Seeds: {', '.join(map(str, summary['seeds']))}. Run on torch {env['torch']}, "
-             f"{env['device']}, {env['threads']} threads ({env['cuda'] or 'CPU'}). Run directory: "
-             f"`{run.relative_to(ROOT)}` (`params.json` holds every resolved hyperparameter).", ""]
+    return (f"Data: {summary['data']}. Protocol: `{summary['protocol']}` on every number. Schedule: "
+            f"{params['schedule']}. Seeds: {', '.join(map(str, summary['seeds']))}. Run on torch {env['torch']}, "
+            f"{env['device']}, {env['threads']} threads ({env['cuda'] or 'CPU'}). Run directory: "
+            f"`{run.relative_to(ROOT)}` (`params.json` holds every resolved hyperparameter).")
+
+
+def section(title: str, run: Path, note: str, level: str = "##") -> list[str]:
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    params = json.loads((run / "params.json").read_text(encoding="utf-8"))
+    lines = [f"{level} {title}", "", note, "", _env_line(summary, params, run), ""]
     lines += score_table(summary)
     if summary["rollback"]:
         lines += ["", "Undo of a random 10% at the largest T (restored: share of undone edits back to the unedited "
                   "model's predictions; kept change: largest move of the kept edits' scores). Restored below 1 means a "
                   "kept edit answers an undone prompt; the model still equals one that never received the undone "
-                  "edit (on the default world at T = 450 SoLA's one miss is 'The currency of Broushos is the', "
-                  "which the kept edit 'Fegopam\'s money is the -> pell' answers with the same target):", "",
+                  "edit:", "",
                   "| method | undone | restored | largest kept change |", "|---|---:|---:|---:|"]
         for u in summary["rollback"]:
             lines.append(f"| {u['method']} | {fmt(u['undone'], 0)} | {fmt(u['restored'])} | "
@@ -50,55 +55,135 @@ def section(title: str, run: Path, note: str) -> list[str]:
     return lines + [""]
 
 
+def suite_section(run: Path, note: str) -> list[str]:
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    lines = ["## Held-out test worlds (the suite)", "", note, "",
+             f"Protocol: `{summary['protocol']}` on every number. Seeds: {', '.join(map(str, summary['seeds']))}. "
+             f"Run directory: `{run.relative_to(ROOT)}` (one ordinary run directory per world). Mean ± sample standard "
+             f"deviation over the {len(summary['parts'])} worlds; \"all (a-b)\" is every editable fact of each world "
+             "(a to b edits).", ""]
+    lines += mean_table(summary["table"])
+    for name in summary["parts"]:
+        lines += [""] + section(f"{name}", run / name, WORLD_NOTES.get(name, ""), level="###")
+    return lines + [""]
+
+
+def not_run(title: str, name: str, note: str) -> list[str]:
+    return [f"## {title}", "", note, "", "Not in this version of RESULTS.md: `python scripts/results.py "
+            f"--runs {name}` produces this section.", ""]
+
+
+WORLD_NOTES = {
+    "test-questions": "Every prompt a question; 8 relations, 3 facts per subject; 4 layers x 96.",
+    "test-context": "CounterFact-like prompts that open with an unrelated sentence (long prompts); 5 relations, 4 "
+                    "facts per subject, multi-token objects; 4 layers x 160.",
+    "test-dense": "Plain statements; every subject has all 6 relations (most interference); objects that share "
+                  "their first tokens; 2 layers x 192.",
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(m for m in ORDER if m in METHODS), help="world run")
-    ap.add_argument("--edits", default="1,10,100,1000", help="world run (capped at the world's 450 facts)")
+    ap.add_argument("--methods", default=",".join(m for m in ORDER if m in METHODS), help="dev world and suite runs")
+    ap.add_argument("--edits", default="1,10,100,1000", help="capped at each world's editable facts")
     ap.add_argument("--undo-methods", default="sola,grace,wise,repair",
-                    help="world run: methods whose rollback is measured (the others replay every later edit)")
-    ap.add_argument("--cf-methods", default="sola,grace,ft,rome,memit,alphaedit,metake",
-                    help="CounterFact run (WISE/REPAIR take 2-4 s per edit on a CPU)")
-    ap.add_argument("--cf-edits", default="1,10,100,1000")
+                    help="dev world run: methods whose rollback is measured (the others replay every later edit)")
+    ap.add_argument("--dataset-methods", default="sola,grace,ft,rome,memit,alphaedit,metake",
+                    help="CounterFact and ZsRE runs at --dataset-edits")
+    ap.add_argument("--dataset-edits", default="1,10,100,1000")
+    ap.add_argument("--slow-methods", default="wise,repair",
+                    help="CounterFact and ZsRE runs at --slow-edits (1-4 s per edit on a CPU)")
+    ap.add_argument("--slow-edits", default="1,10,100")
     ap.add_argument("--counterfact", default=str(ROOT.parent / "shared" / "data" / "easyedit_counterfact-val.json"))
-    ap.add_argument("--runs", default="world,counterfact", help="which runs to (re)do; the others' sections say so")
+    ap.add_argument("--zsre", default=str(ROOT.parent / "shared" / "data" / "zsre_mend_train-1k.json"))
+    ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise",
+                    help="which runs to (re)do; the others' sections are kept from their run directories")
+    ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     console = Console()
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     out = Path(args.out)
+    names = lambda text: text.split(",")  # noqa: E731
     runs = {
-        "world": BenchConfig(methods=args.methods.split(","), data="world", edits=ints(args.edits), undo_fraction=0.1,
-                             undo_methods=args.undo_methods.split(","), eval_every=50),
-        "counterfact": BenchConfig(methods=args.cf_methods.split(","), data=f"counterfact:{args.counterfact}",
-                                   edits=ints(args.cf_edits)),
+        "world": BenchConfig(methods=names(args.methods), data="world", edits=ints(args.edits), undo_fraction=0.1,
+                             undo_methods=names(args.undo_methods), eval_every=50),
+        "suite": BenchConfig(methods=names(args.methods), data="suite", edits=ints(args.edits)),
+        "counterfact": BenchConfig(methods=names(args.dataset_methods), data=f"counterfact:{args.counterfact}",
+                                   edits=ints(args.dataset_edits)),
+        "counterfact-wise": BenchConfig(methods=names(args.slow_methods), data=f"counterfact:{args.counterfact}",
+                                        edits=ints(args.slow_edits)),
+        "zsre": BenchConfig(methods=names(args.dataset_methods), data=f"zsre:{args.zsre}",
+                            edits=ints(args.dataset_edits)),
+        "zsre-wise": BenchConfig(methods=names(args.slow_methods), data=f"zsre:{args.zsre}",
+                                 edits=ints(args.slow_edits)),
     }
     chosen = args.runs.split(",")
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown:
+        ap.error(f"unknown run(s) {unknown}; choose from {sorted(runs)}")
+    shard = parse_shard(args.shard)
     for name, cfg in runs.items():
         if name in chosen:
-            run_bench(cfg, out / name, device=args.device, console=console)
-    world_note = ("The built-in default world: a 3-layer x 128 Llama trained on 500 invented facts (450 editable; "
-                  "T is capped there), trained at one thread so every machine builds the same model. Every method runs "
-                  "with the world settings recorded in params.json.")
+            run_bench(cfg, out / name, device=args.device, console=console, shard=shard)
+    if args.shard is not None:
+        return
+    write_results(out)
+    console.print(f"wrote {ROOT / 'RESULTS.md'}")
+
+
+TUNING = ("**What was tuned where.** The default world is the dev world: every default and every world preset "
+          "(`editbank.bench.config.WORLD_PRESETS`: WISE's and REPAIR's optimiser, prefixes, key router and shard "
+          "sizes; SoLA's alpha quantile and whitening; the locate methods' layers and steps) was chosen on it, and on "
+          "nothing else. The held-out test worlds and the dataset worlds were built after those choices and run with "
+          "the same code and presets, untouched. No method sees an evaluation prompt: a world's calibration subjects "
+          "(20%) feed the corpus and the key statistics and are never edited or probed; a dataset run holds 10% of the "
+          "records out for its corpus (`editbank.leaks`), and `editbank bench` refuses a run whose corpus holds a "
+          "rephrase or probe. **WISE and REPAIR route by key** in every row here (`route_by: key` on layer 0's input "
+          "with a cosine gate of 0.9): that router is ours, not the papers' (they route by the activation score).")
+
+
+def write_results(out: Path) -> None:
+    world_note = ("**Dev world.** The built-in default world: a 3-layer x 128 Llama trained on 500 invented facts "
+                  "(350 editable: 20% of the subjects are its calibration part and 10% its locality controls; T is "
+                  "capped there), trained at one thread so every machine builds the same model. Every preset was "
+                  "chosen here, so these figures are optimistic; the held-out sections below are the ones to quote.")
+    suite_note = ("Three built-in worlds no preset was chosen on (`editbank.world.test_specs`, `World.build(name)`), "
+                  "each different from the dev world in what matters for editing: template style, prompt length and "
+                  "an unrelated opening sentence, multi-token objects with shared first tokens, facts per subject, "
+                  "relation count, width and depth. `editbank bench --data suite` runs them.")
     cf_note = ("A world trained on the original facts of CounterFact's EasyEdit validation split (1,919 records: "
                "each prompt and rephrase with its true answer, each neighbourhood prompt with its own answer; "
                "`editbank world build --dataset counterfact:PATH`), then edited with the records' `target_new`. "
-               "WISE and REPAIR are not in this run: at 1-4 s per edit on a CPU they did not fit the session that "
-               "produced it. Generalization is low for the routed methods (SoLA, GRACE) because most CounterFact "
-               "rephrases open with an unrelated sentence, which moves the key away from the edit's.")
+               "192 records are held out of the run as its calibration slice. Generalization is low for the routed "
+               "methods (SoLA, GRACE) because most CounterFact rephrases open with an unrelated sentence, which moves "
+               "the key away from the edit's.")
+    zsre_note = ("A world trained on ZsRE's questions with their original answers (`zsre_mend_train-1k.json`, the "
+                 "standard benchmark of WISE, GRACE and REPAIR: each question and its rephrase with the record's "
+                 "answer, each NQ locality question with its own; `editbank world build --dataset zsre:PATH`), then "
+                 "edited with the records' `alt`. 100 records are held out of the run as its calibration slice.")
+    slow = "WISE and REPAIR (1-4 s per edit on a CPU) at T up to 100, in their own run directory."
     lines = ["# Results", "",
-             "Regenerate with `python scripts/results.py` (resumable; docs/bench.md explains the run directories). "
-             "Every number comes from the run directories under `results/`; nothing here is typed by hand except "
-             "the published reference rows at the end, which are the papers' own numbers on their models.", ""]
-    for name, title, note in (("world", "Default world", world_note), ("counterfact", "CounterFact world", cf_note)):
+             "Regenerate with `python scripts/results.py` (resumable; docs/bench.md explains the run directories; "
+             "`--shard I/N` spreads the cells over machines). Every number comes from the run directories under "
+             "`results/`; nothing here is typed by hand except the published reference rows at the end, which are "
+             "the papers' own numbers on their models.", "", TUNING, ""]
+    if (out / "suite" / "summary.json").exists():
+        lines += suite_section(out / "suite", suite_note)
+    else:
+        lines += not_run("Held-out test worlds (the suite)", "suite", suite_note)
+    for name, title, note in (("zsre", "ZsRE world (held out)", zsre_note),
+                              ("zsre-wise", "ZsRE world: WISE and REPAIR (held out)", slow),
+                              ("counterfact", "CounterFact world (held out)", cf_note),
+                              ("counterfact-wise", "CounterFact world: WISE and REPAIR (held out)", slow),
+                              ("world", "Default world (dev: the presets were chosen here)", world_note)):
         if (out / name / "summary.json").exists():  # a run done earlier keeps its section
             lines += section(title, out / name, note)
         else:
-            lines += [f"## {title}", "", note, "", "Not in this version of RESULTS.md: `python scripts/results.py` "
-                      f"(or `--runs {name}`) produces this section.", ""]
+            lines += not_run(title, name, note)
     lines += PUBLISHED.read_text(encoding="utf-8").splitlines()
     (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    console.print(f"wrote {ROOT / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":

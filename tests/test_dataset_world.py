@@ -46,8 +46,8 @@ def cf_world(cf_file, tmp_path_factory):
 
 def test_a_dataset_world_knows_the_original_facts(cf_world):
     assert cf_world.info["train_accuracy"] >= 0.9
-    prompts = cf_world.fact_prompts()
-    assert "The capital of Velmora is" in prompts and "Velmora has its capital in" in prompts
+    # a dataset world has no calibration part of its own: its runs hold records out (editbank.leaks)
+    assert cf_world.fact_prompts() == [] and cf_world.calibration_texts() == []
     assert dict(cf_world.queries("train"))["The river of Dunkarsk is called"] == " the Dunwa"
     with pytest.raises(ValueError, match="built from a dataset"):
         cf_world.edit_requests(n=2)
@@ -61,12 +61,14 @@ def test_bench_on_a_dataset_edits_facts_the_world_knew(cf_world, cf_file, tmp_pa
     before = ed.evaluate(reqs, protocol="prob_preference")
     ed.close()
     assert before["reliability"] <= 0.25, "before editing, the model prefers the true answers"
-    cfg = BenchConfig(methods=["grace"], data=f"counterfact:{cf_file}", model=str(cf_world.path), edits=[4, 8],
+    cfg = BenchConfig(methods=["grace"], data=f"counterfact:{cf_file}", model=str(cf_world.path),
+                      edits=[4, 8],  # 1 of 8 held out: T caps at 7
                       protocol="prob_preference")
     run_bench(cfg, tmp_path / "run", progress=False)
     rows = {r["T"]: r for r in read_jsonl(tmp_path / "run" / "results.jsonl")}
-    assert rows[8]["reliability"] == 1.0 and rows[8]["protocol"] == "prob_preference"
-    assert rows[8]["locality"] is not None
+    assert sorted(rows) == [4, 7]
+    assert rows[7]["reliability"] == 1.0 and rows[7]["protocol"] == "prob_preference"
+    assert rows[7]["locality"] is not None
 
 
 def test_specs_without_pairs_keep_their_hash_and_pairs_are_validated():

@@ -126,8 +126,10 @@ def test_routing_is_decided_per_sample(small_world, world_requests, tmp_path):
 
 def test_key_routing_sends_each_edit_to_the_memory_holding_it(small_world, world_requests, tmp_path):
     reqs = world_requests[:6]
+    # the world preset's training (three prefixes: with two, one of these six edits does not take on the small
+    # world's 28-prompt calibration corpus)
     ed = open_editor(small_world, tmp_path, save_freq=2, merge_freq=1000, route_by="key", optimizer="adam",
-                     edit_lr=0.03, n_iter=70)
+                     edit_lr=0.03, n_iter=70, n_prefixes=3)
     ed.edit(reqs[:2])
     ed.edit(reqs[2:4])
     ed.edit(reqs[4:])

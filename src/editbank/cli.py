@@ -361,7 +361,9 @@ def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. sola,grace,wise.")],
     out: Annotated[Path, typer.Option(help="The run directory; rerunning the same command there resumes.")],
     data: Annotated[str, typer.Option(help="world, world:SIZE, or FORMAT:PATH (zsre, counterfact, "
-                                           "wise_hallucination, wise_temporal, mquake, jsonl, auto).")] = "world",
+                                           "wise_hallucination, wise_temporal, mquake, jsonl, auto); suite (the "
+                                           "held-out test worlds) or a comma-separated list: each part into its "
+                                           "own subdirectory, with the mean and spread over parts.")] = "world",
     edits: Annotated[str, typer.Option(help="Comma-separated stream lengths T.")] = "1,10,100,1000",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; several give mean and spread.")] = "0",
     protocol: Annotated[str, typer.Option(help="greedy_exact_match, teacher_forced_token_acc or "
@@ -372,17 +374,26 @@ def bench(
                                                           "(default: all; replaying methods take long).")] = None,
     eval_every: Annotated[int, typer.Option(help="Periodic schedule: score every edit so far each this many "
                                                  "edits (retention heatmap); 0: off.")] = 0,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to edit (default: the world's; "
-                                              "required for dataset data).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to edit (default: the world's, "
+                                              "or for dataset data the dataset's own world).")] = None,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="METHOD.key=value (key=value with one method).")] = None,
     hparams: Annotated[list[str] | None, typer.Option("--hparams", help="METHOD=FILE: a YAML hyperparameter file "
                                                       "(EasyEdit files are translated).")] = None,
     no_presets: Annotated[bool, typer.Option("--no-presets", help="Do not apply the built-in world settings.")] = False,
     device: Annotated[str | None, typer.Option(help="torch device (default: where the model loads).")] = None,
+    shard: Annotated[str | None, typer.Option(help="I/N: run only the I-th of N shares of the cells (part, "
+                                                   "method, seed), 0 <= I < N, for a job array over machines that "
+                                                   "share --out; no report (rerun without it, or --report).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Run nothing: write the summary, tables and plots from "
+                                                          "what the cells (or shards) wrote.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Benchmark methods over stream lengths and seeds into a resumable run directory with tables and plots."""
+    """Benchmark methods over stream lengths and seeds into a resumable run directory with tables and plots.
+
+    Before it starts it checks that no calibration text (the corpus, a statistics file) is an evaluation prompt of
+    the run, and refuses a run that leaks."""
     from .bench import BenchConfig, BenchError, run_bench
+    from .bench.run import parse_shard
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     per: dict[str, dict[str, Any]] = {}
@@ -406,12 +417,15 @@ def bench(
                           undo_fraction=undo_fraction, eval_every=eval_every,
                           undo_methods=[m.strip() for m in undo_methods.split(",")] if undo_methods else None,
                           model=_resolve_model(model) if model else None, hparams=per, presets=not no_presets)
-        summary = run_bench(cfg, out, device=device, progress=not json_out, console=None if json_out else console)
+        if shard is not None and report:
+            raise BenchError("--shard runs cells and --report writes the summary: give one of them")
+        summary = run_bench(cfg, out, device=device, progress=not json_out, console=None if json_out else console,
+                            shard=parse_shard(shard), report_only=report)
     except (BenchError, ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
     if json_out:
         print(json.dumps(summary))
-    else:
+    elif shard is None:
         console.print((out / "results.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -500,7 +514,7 @@ def stats(
     try:
         layer_list = [int(x) for x in layers.split(",") if x.strip()]
         path = _resolve_model(model, progress=not json_out)
-        texts = World.load(path).fact_prompts() if (Path(path) / WORLD_FILE).is_file() else None
+        texts = (World.load(path).calibration_texts() or None) if (Path(path) / WORLD_FILE).is_file() else None
         m, tok = load_model(path)
         files = precompute(m, tok, layer_list, samples, texts, str(text_file) if text_file else None)
     except (ValueError, TypeError, OSError, IndexError) as exc:

@@ -60,10 +60,12 @@ class Editor:
         snapshot_every: int = 10,
         progress: bool = False,
         corpus: list[str] | None = None,
+        stats_corpus: list[str] | None = None,
         **hparams: Any,
     ) -> None:
-        if corpus is not None and not (isinstance(corpus, list) and all(isinstance(c, str) for c in corpus)):
-            raise TypeError("corpus must be a list of prompt strings")
+        for name, texts in (("corpus", corpus), ("stats_corpus", stats_corpus)):
+            if texts is not None and not (isinstance(texts, list) and all(isinstance(c, str) for c in texts)):
+                raise TypeError(f"{name} must be a list of prompt strings")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError("seed must be an int")
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
@@ -77,6 +79,7 @@ class Editor:
         try:
             self._setup(model, tokenizer, method, hparams)
             self.method.corpus = corpus
+            self.method.stats_corpus = stats_corpus
         except BaseException:
             self._release()
             if own_store:
@@ -132,12 +135,16 @@ class Editor:
         snapshot_every: int = 10,
         progress: bool = False,
         corpus: list[str] | None = None,
+        stats_corpus: list[str] | None = None,
         **hparams: Any,
     ) -> Editor:
         """Open an editor on a local model directory, a built World, or a model object (+ tokenizer).
 
         `corpus`: prompts about distinct facts, typical of the model's domain, for methods that calibrate on
-        them; a World (or a world's directory) supplies its own one-prompt-per-fact corpus.
+        them; a World (or a world's directory) supplies its calibration part (`World.fact_prompts()`), which no
+        `World.edit_requests` rephrase or probe is in. Never pass prompts you will evaluate on.
+        `stats_corpus`: texts the locate methods take key statistics from (default: `corpus`); a World supplies
+        every training prompt of its calibration part (`World.calibration_texts()`).
         """
         if method is not None:
             mbase.get_method(method)  # fail on an unknown method before loading anything
@@ -147,11 +154,13 @@ class Editor:
             from .world.core import WORLD_FILE, World
 
             if (Path(model) / WORLD_FILE).is_file():
-                corpus = World.load(model).fact_prompts()
+                world = World.load(model)
+                corpus = world.fact_prompts() or None  # a dataset world has none
+                stats_corpus = stats_corpus or world.calibration_texts() or None
         model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
         return cls(
             model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, progress=progress,
-            corpus=corpus, **hparams,
+            corpus=corpus, stats_corpus=stats_corpus, **hparams,
         )
 
     # -- context manager ----------------------------------------------------------------------
@@ -427,8 +436,13 @@ class Editor:
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, requests: list[EditRequest], protocol: str = "teacher_forced_token_acc", **kw: Any):
-        """Reliability / generalization / locality (/ portability, fluency) of `requests` on this model."""
+        """Reliability / generalization / locality (/ portability, fluency) of `requests` on this model.
+
+        Warns (`editbank.leaks.LeakWarning`) when a rephrase or probe it scores is in the method's corpus."""
         from .evaluate.metrics import evaluate
+        from .leaks import warn_leaks
+
+        warn_leaks([*(self.method.corpus or []), *(self.method.stats_corpus or [])], requests)
 
         return evaluate(self, requests, protocol=protocol, **kw)
 

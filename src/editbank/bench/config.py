@@ -36,7 +36,9 @@ BATCH: dict[str, int] = {"wise": 32, "repair": 32, "rome": 100, "memit": 100, "a
 @dataclass
 class BenchConfig:
     methods: list[str]
-    data: str = "world"  # "world", "world:SIZE" or "FORMAT:PATH" (any format load_requests reads)
+    # "world", "world:SIZE" or "FORMAT:PATH" (any format load_requests reads); "suite" (the held-out test worlds) or
+    # a comma-separated list of those runs each part into its own subdirectory
+    data: str = "world"
     edits: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
     seeds: list[int] = field(default_factory=lambda: [0])
     protocol: str = "greedy_exact_match"
@@ -80,13 +82,29 @@ class BenchConfig:
         stray = [m for m in self.hparams if m not in self.methods]
         if stray:
             raise BenchError(f"hyperparameters given for {stray}, which is not among the methods {self.methods}")
-        kind, _, rest = self.data.partition(":")
-        if kind != "world" and not rest:
-            raise BenchError(f"data must be 'world', 'world:SIZE' or 'FORMAT:PATH', got {self.data!r}")
+        for part in self.parts:
+            kind, _, rest = part.partition(":")
+            if kind != "world" and not rest:
+                raise BenchError(f"data must be 'world', 'world:SIZE', 'FORMAT:PATH', 'suite' or a comma-separated "
+                                 f"list of them, got {part!r}")
+        if len(set(self.parts)) != len(self.parts):
+            raise BenchError(f"a data part is named twice in {self.data!r}")
+
+    @property
+    def parts(self) -> list[str]:
+        """The data this run covers: 'suite' is every held-out test world; a comma-separated list, each item."""
+        from ..world.test_specs import SUITE
+
+        out: list[str] = []
+        for item in (x.strip() for x in self.data.split(",") if x.strip()):
+            out += [f"world:{name}" for name in SUITE] if item == "suite" else [item]
+        return out
 
     @property
     def world_size(self) -> str | None:
-        kind, _, rest = self.data.partition(":")
+        if len(self.parts) != 1:
+            return None
+        kind, _, rest = self.parts[0].partition(":")
         return (rest or "default") if kind == "world" else None
 
     def method_hparams(self, method: str) -> dict[str, Any]:
@@ -98,5 +116,7 @@ class BenchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["resolved"] = {m: {"hparams": self.method_hparams(m), "batch": self.method_batch(m)} for m in self.methods}
+        if len(self.parts) == 1:
+            d["resolved"] = {m: {"hparams": self.method_hparams(m), "batch": self.method_batch(m)}
+                             for m in self.methods}
         return d

@@ -1,7 +1,12 @@
-"""Append-only JSONL files that survive a kill: a torn last line is dropped on reading."""
+"""Append-only JSONL files that survive a kill: a torn last line is dropped on reading.
+
+Several processes may share one run directory (the shards of a sharded bench): every append and every read holds an
+exclusive lock on the file, so a reader never takes another writer's half-written line for a torn one.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -13,16 +18,29 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The complete rows of a JSONL file; a torn final line (a kill mid-write) is cut off the file."""
     if not path.exists():
         return []
-    raw = path.read_bytes()
+    with open(path, "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            return _read_locked(f)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_locked(f) -> list[dict[str, Any]]:
+    raw = f.read()
     rows, good = [], 0
     for line in raw.splitlines(keepends=True):
         if not line.endswith(b"\n"):
@@ -33,13 +51,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             break
         good += len(line)
     if good != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good)
+        f.truncate(good)
     return rows
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # shards may write the same file at once
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)

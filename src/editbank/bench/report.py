@@ -91,3 +91,68 @@ def write(out: Path, cfg: BenchConfig, data: str, ts: list[int]) -> dict[str, An
     plots = write_plots(out, cfg, summary)
     (out / "results.md").write_text(markdown(cfg, data, ts, summary, plots), encoding="utf-8")
     return summary
+
+
+def suite_table(cfg: BenchConfig, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (method, requested T) with the mean and spread over parts of each part's mean over seeds; a T a part
+    caps (its every editable fact) is that part's largest T, and the row's `T_range` says which Ts were pooled."""
+    table = []
+    for m in cfg.methods:
+        for t in cfg.edits:
+            rows, ts = [], []
+            for s in summaries:
+                t_part = min(t, s["available"])
+                hit = [r for r in s["table"] if r["method"] == m and r["T"] == t_part]
+                if hit:
+                    rows.append(hit[0])
+                    ts.append(t_part)
+            if len(rows) < len(summaries):
+                continue
+            means = {k: _stats([r[k]["mean"] if r[k] else None for r in rows]) for k in (*COLUMNS, "portability")}
+            table.append({"method": m, "T": t, "T_range": ts, "parts": len(rows), **means})
+    # a requested T above every part's size repeats the row below it: keep the first
+    out, seen = [], set()
+    for row in table:
+        key = (row["method"], tuple(row["T_range"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+def _t_label(row: dict[str, Any]) -> str:
+    lo, hi = min(row["T_range"]), max(row["T_range"])
+    return str(row["T"]) if lo == hi == row["T"] else f"all ({lo}-{hi})" if lo != hi else f"all ({lo})"
+
+
+def write_suite(out: Path, cfg: BenchConfig, parts: list[str], summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json and results.md of a multi-part run: each part's table, then the mean ± spread over parts."""
+    from .run import part_name
+
+    names = [part_name(p) for p in parts]
+    if len(summaries) < len(parts):
+        raise ValueError(f"{out}: {len(parts) - len(summaries)} part(s) have not run yet")
+    table = suite_table(cfg, summaries)
+    summary = {"parts": dict(zip(names, summaries)), "table": table, "protocol": cfg.protocol, "seeds": cfg.seeds,
+               "data": [s["data"] for s in summaries]}
+    write_json(out / "summary.json", summary)
+    lines = [f"# editbank bench: {', '.join(cfg.methods)} on {len(parts)} parts", "",
+             f"- protocol: `{cfg.protocol}`; OP is the geometric mean of reliability, generalization and locality",
+             f"- seeds: {', '.join(map(str, cfg.seeds))}; each part's score is its mean over seeds",
+             "- parts: " + "; ".join(f"`{n}` ({s['data']})" for n, s in zip(names, summaries)), "",
+             f"## Mean ± spread (sample standard deviation) over the {len(parts)} parts", ""]
+    lines += mean_table(table)
+    for name, s in zip(names, summaries):
+        lines += ["", f"## {name}: {s['data']}", ""] + score_table(s)
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return summary
+
+
+def mean_table(table: list[dict[str, Any]]) -> list[str]:
+    """The Markdown rows of a suite's mean-over-parts table."""
+    lines = ["| method | T | reliability | generalization | locality | OP | s/edit |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in table:
+        lines.append(f"| {row['method']} | {_t_label(row)} | " + " | ".join(
+            fmt(row[k], 2 if k == "seconds_per_edit" else 3) for k in COLUMNS) + " |")
+    return lines

@@ -9,6 +9,7 @@ first ones, and goes on from there.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import fcntl
 import platform
@@ -47,54 +48,75 @@ def op_score(row: dict[str, Any]) -> float | None:
 class Data:
     model: str
     corpus: list[str] | None
+    stats_corpus: list[str] | None  # the key statistics' texts (None: the corpus)
     available: int  # requests the data can supply per seed
     describe: str
     draw: Callable[[int, int], list[EditRequest]]  # (n, seed) -> the stream
 
 
 def load_data(cfg: BenchConfig, progress: bool) -> Data:
+    from ..leaks import calibration_corpus, calibration_split
     from ..world import World
 
     size = cfg.world_size
     if size is not None:
         world = World.build(size, progress=progress)
         n = len(world.editable_facts)
-        return Data(cfg.model or str(world.path), None, n, f"world '{world.name}' ({n} editable facts)",
-                    lambda k, seed: world.edit_requests(n=k, seed=seed))
+        return Data(cfg.model or str(world.path), world.fact_prompts(), world.calibration_texts(), n,
+                    f"world '{world.name}' ({n} editable facts)", lambda k, seed: world.edit_requests(n=k, seed=seed))
     from ..data import load_requests
     from ..world.dataset import build_dataset_world
 
     fmt, _, path = cfg.data.partition(":")
     try:
-        reqs = load_requests(path, format=None if fmt == "auto" else fmt)
+        records = load_requests(path, format=None if fmt == "auto" else fmt)
         # without --model: the dataset's own world, trained on its original facts (built once, cached)
         model = cfg.model or str(build_dataset_world(cfg.data, progress=progress).path)
     except (OSError, ValueError) as exc:
         raise BenchError(str(exc)) from None
-    if not reqs:
-        raise BenchError(f"--data {cfg.data}: no requests")
-    try:
-        World.load(model)
-        corpus = None  # a world model brings its own corpus
-    except (OSError, ValueError):
-        corpus = sorted({r.prompt for r in reqs})
+    if len(records) < 2:
+        raise BenchError(f"--data {cfg.data}: {len(records)} request(s); a run needs 2 or more (a share is held out "
+                         "for calibration)")
+    # a slice of the records is held out of every run: the corpus comes from it, the streams from the rest
+    held, reqs = calibration_split(records)
+    corpus = calibration_corpus(held, reqs)
 
     def draw(k: int, seed: int) -> list[EditRequest]:
         order = list(range(len(reqs)))
         random.Random(seed).shuffle(order)
         return [reqs[i] for i in order[:k]]
 
-    return Data(model, corpus, len(reqs), f"{fmt} {Path(path).name} ({len(reqs)} requests)", draw)
+    return Data(model, corpus, None, len(reqs), f"{fmt} {Path(path).name} ({len(reqs)} requests; {len(held)} more held "
+                f"out for calibration)", draw)
+
+
+def check_leaks(cfg: BenchConfig, data: Data, ts: list[int]) -> None:
+    """Refuse a run whose corpus (or a method's statistics file) holds an evaluation prompt of its streams."""
+    from ..leaks import LeakError, check_disjoint
+
+    streams = [r for seed in cfg.seeds for r in data.draw(ts[-1], seed)]
+    try:
+        check_disjoint(data.corpus, streams, "the calibration corpus")
+        check_disjoint(data.stats_corpus, streams, "the statistics corpus")
+        for method in cfg.methods:
+            stats = cfg.method_hparams(method).get("mom2_dataset")
+            if stats:
+                lines = [x.strip() for x in Path(stats).read_text(encoding="utf-8").splitlines() if x.strip()]
+                check_disjoint(lines, streams, f"{method}'s statistics file {stats}")
+    except LeakError as exc:
+        raise BenchError(f"refusing a leaky run: {exc}") from None
 
 
 @contextmanager
-def _lock(out: Path):
+def _lock(out: Path, shared: bool = False):
+    """The run directory's lock: exclusive for a plain run, shared among the shards of a sharded one."""
     f = open(out / ".lock", "w")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise BenchError(f"another bench is running in {out}") from None
+        raise BenchError(f"another bench is running in {out}" + ("" if shared else
+                         " (a plain run or --report waits until every shard has stopped)")) from None
     try:
         yield
     finally:
@@ -102,10 +124,34 @@ def _lock(out: Path):
         f.close()
 
 
-def _claim(out: Path, cfg: BenchConfig) -> bool:
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' (0 <= i < n) as (i, n); None as the whole run (0, 1)."""
+    if text is None:
+        return 0, 1
+    i, sep, n = text.partition("/")
+    try:
+        shard = int(i), int(n)
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise BenchError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return shard
+
+
+def data_digest(data: Data) -> str:
+    """A digest of what the run calibrates on (its corpora) and how many requests the data supplies: a run directory
+    made before a change of the data (a new split, another file) is refused rather than resumed."""
+    import hashlib
+    import json
+
+    blob = json.dumps([data.corpus, data.stats_corpus, data.available], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _claim(out: Path, cfg: BenchConfig, digest: str) -> bool:
     """Record the parameters, or check that the run directory holds this run; True when resuming."""
     params = out / "params.json"
-    mine = cfg.to_dict()
+    mine = {**cfg.to_dict(), "data_digest": digest}
     if params.exists():
         import json
 
@@ -133,27 +179,70 @@ def _environment(device: str | None, resumed: bool) -> dict[str, Any]:
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, device: str | None = None, progress: bool = True,
-              console=None) -> dict[str, Any]:
-    """Run (or resume) the bench in `out`; write summary.json, results.md and plots; return the summary."""
+              console=None, shard: tuple[int, int] = (0, 1), report_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) the bench in `out`; write summary.json, results.md and plots; return the summary.
+
+    Data of several parts (`--data suite` or a comma-separated list) runs each part into its own subdirectory
+    and adds the mean and spread over parts. `shard=(i, n)` runs only the cells (part, method, seed) whose index
+    in that order is i modulo n, and writes no report; `report_only` runs nothing and (re)writes the reports from
+    what the cells wrote."""
     from . import report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = console.print if console is not None else (lambda *a, **k: None)
-    with _lock(out):
-        data = load_data(cfg, progress)  # before claiming the directory: bad data leaves it unclaimed
-        resumed = _claim(out, cfg)
+    sharded = shard != (0, 1)
+    parts = cfg.parts
+    with _lock(out, shared=sharded):
+        cells = [(p, m, s) for p in range(len(parts)) for m in cfg.methods for s in cfg.seeds]
+        mine = [c for k, c in enumerate(cells) if k % shard[1] == shard[0]]
+        if sharded:
+            say(f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(cells)} cells")
+        results = []
+        for p, part in enumerate(parts):
+            pcfg = cfg if len(parts) == 1 else dataclasses.replace(cfg, data=part)
+            pout = out if len(parts) == 1 else out / part_name(part)
+            todo = [(m, s) for q, m, s in mine if q == p]
+            if not todo and (sharded or not (pout / "params.json").exists() and report_only):
+                continue
+            results.append(_run_part(pcfg, pout, [] if report_only else todo, device, progress, say,
+                                     write_report=not sharded))
+        if sharded:
+            say(f"shard {shard[0]}/{shard[1]} done; run without --shard (or with --report) to write the summary")
+            return {}
+        summary = results[0] if len(parts) == 1 else report.write_suite(out, cfg, parts, results)
+    say(f"results: {out / 'results.md'}")
+    return summary
+
+
+def part_name(data: str) -> str:
+    """The subdirectory of one part of a multi-part run: the world's name or the dataset file's stem."""
+    kind, _, rest = data.partition(":")
+    name = (rest or "default") if kind == "world" else f"{kind}-{Path(rest).stem}"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def _run_part(cfg: BenchConfig, out: Path, todo: list[tuple[str, int]], device, progress, say,
+              write_report: bool) -> dict[str, Any]:
+    from . import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg, progress)  # before claiming the directory: bad data leaves it unclaimed
+    ts = sorted({min(t, data.available) for t in cfg.edits})
+    check_leaks(cfg, data, ts)
+    resumed = _claim(out, cfg, data_digest(data))
+    if todo:
         append_jsonl(out / "sessions.jsonl", [_environment(device, resumed)])
-        ts = sorted({min(t, data.available) for t in cfg.edits})
         if ts[-1] < max(cfg.edits):
             say(f"[yellow]T capped at {ts[-1]}: {data.describe}[/yellow]")
         say(f"{'resuming' if resumed else 'starting'} bench in {out}: {', '.join(cfg.methods)} on {data.describe}; "
             f"T = {ts}; seeds {cfg.seeds}; protocol {cfg.protocol}")
-        for method in cfg.methods:
-            for seed in cfg.seeds:
-                Cell(out, cfg, data, method, seed, ts, device, progress, say).run()
-        summary = report.write(out, cfg, data.describe, ts)
-    say(f"results: {out / 'results.md'}")
+    for method, seed in todo:
+        Cell(out, cfg, data, method, seed, ts, device, progress, say).run()
+    if not write_report:
+        return {}
+    summary = report.write(out, cfg, data.describe, ts)
+    summary["available"] = data.available
     return summary
 
 
@@ -190,7 +279,8 @@ class Cell:
 
         try:
             return Editor.open(self.data.model, method=self.method, store=store, seed=self.seed, device=self.device,
-                               corpus=self.data.corpus, **self.cfg.method_hparams(self.method))
+                               corpus=self.data.corpus, stats_corpus=self.data.stats_corpus,
+                               **self.cfg.method_hparams(self.method))
         except (TypeError, ValueError) as exc:
             raise BenchError(f"{self.method}: {exc}") from None
 

@@ -138,6 +138,8 @@ class Method:
         # prompts typical of the model's domain, about distinct facts, for methods that calibrate on them
         # (set by the editor; not persisted: what a method derives from them goes into its state)
         self.corpus: list[str] | None = None
+        # texts the key statistics of the locate methods are taken from (None: the corpus); set by the editor
+        self.stats_corpus: list[str] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self) -> None:

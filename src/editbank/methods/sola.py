@@ -449,8 +449,10 @@ class Sola(Method):
 def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(center, projection) mapping keys to standardized, whitened principal components of `keys`.
 
-    Each dimension is standardized, then projected onto the top `dims` principal directions (at most
-    len(keys) - 1) and divided by their standard deviations; dims=0 keeps every dimension standardized.
+    Each dimension is standardized, then projected onto the top `dims` principal directions (at most a quarter of
+    len(keys): whitened onto as many directions as there are keys, n points sit at the corners of a simplex, every
+    pair at the same distance, and alpha calibrated on them routes anything) and divided by their standard
+    deviations; dims=0 keeps every dimension standardized.
     """
     center = keys.mean(dim=0)
     std = keys.std(dim=0)
@@ -459,7 +461,7 @@ def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tenso
         return center, torch.diag(scale)
     z = (keys - center) * scale
     _, sv, vh = torch.linalg.svd(z, full_matrices=False)
-    k = max(1, min(dims, keys.shape[0] - 1, keys.shape[1]))
+    k = max(1, min(dims, keys.shape[0] // 4, keys.shape[1]))
     sd = (sv[:k] / math.sqrt(max(1, keys.shape[0] - 1))).clamp_min(1e-6 * float(sv[0]))
     return center, scale[:, None] * vh[:k].T / sd
 

@@ -22,6 +22,9 @@ from .spec import BUILD_THREADS, FORMAT_VERSION, Fact, Relation, WorldSpec, pars
 from .specs import SIZES, builtin_spec
 
 WORLD_FILE = "world.json"
+# the share of a world's subjects whose facts are its calibration part (at 10% the default world's corpus was 50
+# prompts and SoLA's alpha, calibrated on 1,225 pairs, misrouted an undone edit's prompt to a kept edit)
+CALIBRATION_SHARE = 0.2
 SPLITS = ("train", "reserved")
 
 Pair = tuple[str, str]
@@ -60,10 +63,32 @@ class World:
         return sorted(random.Random(f"control-{self.spec.seed}").sample(subjects, max(k, 0)))
 
     @property
-    def editable_facts(self) -> list[Fact]:
-        """The facts `edit_requests` draws from: those of every subject but the control subjects."""
+    def calibration_subjects(self) -> list[str]:
+        """Subjects (about 20%, at least 2, none a control subject) whose facts are the world's calibration part:
+        they feed `fact_prompts()` (the corpus methods calibrate on and take statistics from) and are never edited
+        nor asked as a rephrase or locality probe, so nothing a method learns from is evaluation data."""
         control = set(self.control_subjects)
-        return [f for f in self.facts if f.subject not in control]
+        subjects = sorted({f.subject for f in self.facts} - control)
+        k = min(len(subjects) - 1, max(2, round((len(subjects) + len(control)) * CALIBRATION_SHARE)))
+        return sorted(random.Random(f"calibration-{self.spec.seed}").sample(subjects, max(k, 0)))
+
+    @property
+    def calibration_facts(self) -> list[Fact]:
+        """The facts of the calibration subjects."""
+        calibration = set(self.calibration_subjects)
+        return [f for f in self.facts if f.subject in calibration]
+
+    @property
+    def evaluation_facts(self) -> list[Fact]:
+        """The facts edits and probes are drawn from: every fact but the calibration part's."""
+        calibration = set(self.calibration_subjects)
+        return [f for f in self.facts if f.subject not in calibration]
+
+    @property
+    def editable_facts(self) -> list[Fact]:
+        """The facts `edit_requests` draws from: the evaluation part's, less the control subjects'."""
+        control = set(self.control_subjects)
+        return [f for f in self.evaluation_facts if f.subject not in control]
 
     # ------------------------------------------------------------------ building and loading
     @classmethod
@@ -134,14 +159,27 @@ class World:
         return queries_for(self.spec, self.facts, split)
 
     def fact_prompts(self, seed: int = 0) -> list[str]:
-        """One prompt per fact (a training template chosen by `seed`): prompts about distinct facts, the
-        calibration corpus of methods that need the model's typical prompts (e.g. SoLA's alpha)."""
+        """The calibration corpus: one prompt per fact of the calibration part (a training template chosen by
+        `seed`), prompts about distinct facts that share no prompt with any edit request's rephrases or probes.
+        `Editor.open(world)` hands it to the method (SoLA's alpha and whitening, WISE's prefixes and negatives,
+        the locate methods' key statistics). A dataset world (pairs, no facts) has none: its corpus comes from
+        records held out of the run (`editbank.data.calibration_split`)."""
         rng = random.Random(seed)
         out = []
-        for fact in self.facts:
+        for fact in self.calibration_facts:
             rel = self.relation(fact.relation)
             out.append(rel.fill(rng.choice(rel.templates), fact.subject))
-        return out + [p for p, _ in self.spec.pairs]
+        return out
+
+    def calibration_texts(self) -> list[str]:
+        """Every training-template prompt of the calibration part's facts: the texts the locate methods' key
+        statistics are taken from (`Editor.open(world)` hands them over as `stats_corpus`); none is a prompt
+        `edit_requests` edits, rephrases or probes."""
+        out = []
+        for fact in self.calibration_facts:
+            rel = self.relation(fact.relation)
+            out += [rel.fill(t, fact.subject) for t in rel.templates]
+        return out
 
     def edit_requests(self, n: int = 20, seed: int = 0) -> list[EditRequest]:
         """`n` counterfactual edits of distinct facts (distinct subjects first), chosen by `seed`."""
@@ -154,13 +192,15 @@ class World:
         if n > len(editable):
             raise ValueError(
                 f"asked for {n} edit requests but world {self.name!r} has only {len(editable)} editable facts "
-                f"(the facts of {len(self.control_subjects)} control subjects are kept for locality probes)"
+                f"(the facts of {len(self.control_subjects)} control subjects are kept for locality probes and those "
+                f"of {len(self.calibration_subjects)} calibration subjects for the methods' calibration corpus)"
             )
         rng = random.Random(seed)
         chosen = _pick_facts(editable, n, rng)
         edited_subjects, edited = {f.subject for f in chosen}, set(chosen)
-        others = [f for f in self.facts if f.subject not in edited_subjects] or [
-            f for f in self.facts if f not in edited
+        evaluation = self.evaluation_facts
+        others = [f for f in evaluation if f.subject not in edited_subjects] or [
+            f for f in evaluation if f not in edited
         ]
         out = []
         for fact in chosen:

@@ -1,9 +1,12 @@
-"""The built-in world specs ("small", "default", "large") and the relations they share."""
+"""The built-in world specs: the dev worlds ("small", "default", "large") with the relations they share, and the
+held-out test worlds of `test_specs`."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+from .test_specs import TEST_SPECS
 
 RELATIONS: list[dict[str, Any]] = [
     {
@@ -200,13 +203,16 @@ _SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
-SIZES = tuple(_SIZES)
+# the dev worlds (these relations; every default and preset is chosen on "default") and the held-out test worlds
+SIZES = (*_SIZES, *TEST_SPECS)
 
 
 def builtin_spec(size: str) -> dict[str, Any]:
-    """A fresh copy of the built-in spec dict for `size` ("small" or "default")."""
+    """A fresh copy of the built-in spec dict for `size` (a dev world "small", "default", "large", or a test world)."""
+    if size in TEST_SPECS:
+        return copy.deepcopy(TEST_SPECS[size])
     if size not in _SIZES:
-        raise ValueError(f"unknown world size {size!r}; choose one of {list(_SIZES)} or pass a spec")
+        raise ValueError(f"unknown world size {size!r}; choose one of {list(SIZES)} or pass a spec")
     spec = copy.deepcopy(_SIZES[size])
     spec["relations"] = copy.deepcopy(RELATIONS)
     return spec

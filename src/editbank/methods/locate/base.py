@@ -82,7 +82,7 @@ class LocateMethod(Method):
         """E[k kᵀ] of the layer's keys on the unedited model (computed once, cached on disk)."""
         if layer not in self.mom2:
             hp = self.hparams
-            rows = corpus_rows(self.tokenizer, self.corpus, hp.mom2_n_samples, hp.mom2_dataset)
+            rows = corpus_rows(self.tokenizer, self.stats_corpus or self.corpus, hp.mom2_n_samples, hp.mom2_dataset)
             current = {lay: m.weight.detach().clone() for lay, m in self.modules.items()}
             try:
                 for lay, m in self.modules.items():
