@@ -37,7 +37,7 @@ def main() -> None:
     hp = parse_hp(args.hp)
 
     world = World.build(args.size, progress=True)
-    requests = world.edit_requests(args.edits, seed=args.seed)
+    requests = world.edit_requests(min(args.edits, len(world.editable_facts)), seed=args.seed)
     ed = Editor.open(world, method="sola", device=args.device, progress=True, **hp)
     t0 = time.perf_counter()
     for r in requests:

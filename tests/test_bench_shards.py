@@ -68,3 +68,27 @@ def test_two_shards_in_two_processes_give_the_summary_of_one_plain_run(small_wor
     assert "Mean ± spread" in md and "counterfact-a" in md and "counterfact-b" in md
     # each part is an ordinary run directory of its own
     assert (sharded / "counterfact-a" / "summary.json").is_file()
+
+
+def test_a_writer_killed_mid_line_does_not_take_the_next_writers_rows(tmp_path):
+    from editbank.bench.files import append_jsonl, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    append_jsonl(path, [{"a": 1}])
+    with open(path, "ab") as f:  # another shard killed halfway through its line
+        f.write(b'{"a": 2, "b"')
+    append_jsonl(path, [{"a": 3}])
+    assert read_jsonl(path) == [{"a": 1}, {"a": 3}]
+
+
+def test_parts_that_would_share_a_directory_are_refused(tmp_path):
+    with pytest.raises(BenchError, match="named twice"):
+        BenchConfig(methods=["grace"], data="world,world:default")
+    with pytest.raises(BenchError, match="named twice"):
+        BenchConfig(methods=["grace"], data=f"counterfact:{tmp_path}/a/x.json,counterfact:{tmp_path}/b/x.json")
+
+
+def test_report_refuses_a_part_that_has_not_run(small_world, tmp_path):
+    cfg = BenchConfig(methods=["grace"], data="world:small,world:test-dense", edits=[2])
+    with pytest.raises(BenchError, match="has not run yet"):
+        run_bench(cfg, tmp_path / "run", progress=False, report_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +157,11 @@ class Editor:
             if (Path(model) / WORLD_FILE).is_file():
                 world = World.load(model)
                 corpus = world.fact_prompts() or None  # a dataset world has none
+                if corpus is None:
+                    warnings.warn(f"world {world.name!r} was built from a dataset and has no calibration part: the "
+                                  "method gets no corpus (SoLA samples texts from the model, the locate methods "
+                                  "take statistics on random tokens); pass corpus= from records held out of your "
+                                  "run (editbank.leaks.calibration_corpus)", stacklevel=2)
                 stats_corpus = stats_corpus or world.calibration_texts() or None
         model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
         return cls(

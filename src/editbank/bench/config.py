@@ -87,8 +87,11 @@ class BenchConfig:
             if kind != "world" and not rest:
                 raise BenchError(f"data must be 'world', 'world:SIZE', 'FORMAT:PATH', 'suite' or a comma-separated "
                                  f"list of them, got {part!r}")
-        if len(set(self.parts)) != len(self.parts):
-            raise BenchError(f"a data part is named twice in {self.data!r}")
+        from .run import part_name
+
+        names = [part_name(p) for p in self.parts]
+        if len(set(self.parts)) != len(self.parts) or len(set(names)) != len(names):
+            raise BenchError(f"a data part is named twice in {self.data!r} (parts {names} each get a directory)")
 
     @property
     def parts(self) -> list[str]:

@@ -17,14 +17,29 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Append rows as JSON lines and fsync, so an acknowledged row is on disk."""
     if not rows:
         return
-    with open(path, "a", encoding="utf-8") as f:
+    with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            _cut_torn_tail(f)  # a writer killed mid-line must not glue its half line to this one
+            f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cut_torn_tail(f) -> None:
+    """Truncate an open file back to its last newline (a torn final line)."""
+    size = f.seek(0, os.SEEK_END)
+    if not size:
+        return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return
+    f.seek(0)
+    raw = f.read()
+    f.truncate(raw.rfind(b"\n") + 1)
+    f.seek(0, os.SEEK_END)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -122,7 +122,11 @@ def suite_table(cfg: BenchConfig, summaries: list[dict[str, Any]]) -> list[dict[
 
 def _t_label(row: dict[str, Any]) -> str:
     lo, hi = min(row["T_range"]), max(row["T_range"])
-    return str(row["T"]) if lo == hi == row["T"] else f"all ({lo}-{hi})" if lo != hi else f"all ({lo})"
+    if lo == hi == row["T"]:
+        return str(row["T"])
+    if hi < row["T"]:  # every part capped: each part's every editable fact
+        return f"all ({lo}-{hi})" if lo != hi else f"all ({lo})"
+    return f"up to {row['T']} ({lo}-{hi}: the smaller parts' every fact)"
 
 
 def write_suite(out: Path, cfg: BenchConfig, parts: list[str], summaries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -110,10 +110,10 @@ def check_leaks(cfg: BenchConfig, data: Data, ts: list[int]) -> None:
 @contextmanager
 def _lock(out: Path, shared: bool = False):
     """The run directory's lock: exclusive for a plain run, shared among the shards of a sharded one."""
-    f = open(out / ".lock", "w")
+    f = open(out / ".lock", "a+")  # readable too: NFSv4 refuses a shared lock on a write-only file
     try:
         fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.close()
         raise BenchError(f"another bench is running in {out}" + ("" if shared else
                          " (a plain run or --report waits until every shard has stopped)")) from None
@@ -203,8 +203,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, device: str | None = None, p
             pcfg = cfg if len(parts) == 1 else dataclasses.replace(cfg, data=part)
             pout = out if len(parts) == 1 else out / part_name(part)
             todo = [(m, s) for q, m, s in mine if q == p]
-            if not todo and (sharded or not (pout / "params.json").exists() and report_only):
+            if sharded and not todo:
                 continue
+            if report_only and not (pout / "params.json").exists():
+                raise BenchError(f"--report: {pout} has not run yet (no params.json): run its cells first")
             results.append(_run_part(pcfg, pout, [] if report_only else todo, device, progress, say,
                                      write_report=not sharded))
         if sharded:

@@ -163,7 +163,7 @@ class World:
         `seed`), prompts about distinct facts that share no prompt with any edit request's rephrases or probes.
         `Editor.open(world)` hands it to the method (SoLA's alpha and whitening, WISE's prefixes and negatives,
         the locate methods' key statistics). A dataset world (pairs, no facts) has none: its corpus comes from
-        records held out of the run (`editbank.data.calibration_split`)."""
+        records held out of the run (`editbank.leaks.calibration_split`)."""
         rng = random.Random(seed)
         out = []
         for fact in self.calibration_facts:
