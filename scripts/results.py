@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from editbank.bench import BenchConfig, run_bench
-from editbank.bench.report import fmt, mean_table, score_table
+from editbank.bench.report import failed_lines, fmt, mean_table, score_table
 from editbank.bench.run import parse_shard
 from editbank.methods import METHODS
 
@@ -40,7 +40,7 @@ def section(title: str, run: Path, note: str, level: str = "##") -> list[str]:
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     params = json.loads((run / "params.json").read_text(encoding="utf-8"))
     lines = [f"{level} {title}", "", note, "", _env_line(summary, params, run), ""]
-    lines += score_table(summary)
+    lines += score_table(summary) + failed_lines(summary)
     if summary["rollback"]:
         lines += ["", "Undo of a random 10% at the largest T (restored: share of undone edits back to the unedited "
                   "model's predictions; kept change: largest move of the kept edits' scores). Restored below 1 means a "
@@ -62,7 +62,7 @@ def suite_section(run: Path, note: str) -> list[str]:
              f"Run directory: `{run.relative_to(ROOT)}` (one ordinary run directory per world). Mean ± sample standard "
              f"deviation over the {len(summary['parts'])} worlds; \"all (a-b)\" is every editable fact of each world "
              "(a to b edits).", ""]
-    lines += mean_table(summary["table"])
+    lines += mean_table(summary["table"], len(summary["parts"]))
     for name in summary["parts"]:
         lines += [""] + section(f"{name}", run / name, WORLD_NOTES.get(name, ""), level="###")
     return lines + [""]
@@ -78,7 +78,9 @@ WORLD_NOTES = {
     "test-context": "CounterFact-like prompts that open with an unrelated sentence (long prompts); 5 relations, 4 "
                     "facts per subject, multi-token objects; 4 layers x 160.",
     "test-dense": "Plain statements; every subject has all 6 relations (most interference); objects that share "
-                  "their first tokens; 2 layers x 192.",
+                  "their first tokens; 2 layers x 192. With 2 layers SoLA's master layer and the WISE/REPAIR presets' "
+                  "key layer are layer 0, whose last-token input does not see the subject: SoLA cannot calibrate "
+                  "(identical keys for two subjects) and the key router cannot tell edits apart.",
 }
 
 
@@ -99,6 +101,8 @@ def main() -> None:
     ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: rewrite the chosen runs' summaries (after shards or a stopped run), RESULTS.md")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
@@ -119,14 +123,14 @@ def main() -> None:
         "zsre-wise": BenchConfig(methods=names(args.slow_methods), data=f"zsre:{args.zsre}",
                                  edits=ints(args.slow_edits)),
     }
-    chosen = args.runs.split(",")
+    chosen = [x for x in args.runs.split(",") if x]  # --runs "": only rewrite RESULTS.md
     unknown = sorted(set(chosen) - set(runs))
     if unknown:
         ap.error(f"unknown run(s) {unknown}; choose from {sorted(runs)}")
     shard = parse_shard(args.shard)
     for name, cfg in runs.items():
         if name in chosen:
-            run_bench(cfg, out / name, device=args.device, console=console, shard=shard)
+            run_bench(cfg, out / name, device=args.device, console=console, shard=shard, report_only=args.report)
     if args.shard is not None:
         return
     write_results(out)
@@ -162,8 +166,12 @@ def write_results(out: Path) -> None:
     zsre_note = ("A world trained on ZsRE's questions with their original answers (`zsre_mend_train-1k.json`, the "
                  "standard benchmark of WISE, GRACE and REPAIR: each question and its rephrase with the record's "
                  "answer, each NQ locality question with its own; `editbank world build --dataset zsre:PATH`), then "
-                 "edited with the records' `alt`. 100 records are held out of the run as its calibration slice.")
-    slow = "WISE and REPAIR (1-4 s per edit on a CPU) at T up to 100, in their own run directory."
+                 "edited with the records' `alt`. 100 records are held out of the run as its calibration slice. Its "
+                 "world (2,990 training pairs) had not finished building after 75 min on a shared core in the session "
+                 "that added it, so this section has not run yet.")
+    slow = ("WISE and REPAIR at T up to 100, in their own run directory. On the CounterFact world (256 wide) REPAIR "
+            "with merge_fit took 1,372 s for one call of 32 edits (43 s per edit) on a shared core, and the run was "
+            "stopped after T = 10 in the session that produced it; WISE took 3.5 s per edit.")
     lines = ["# Results", "",
              "Regenerate with `python scripts/results.py` (resumable; docs/bench.md explains the run directories; "
              "`--shard I/N` spreads the cells over machines). Every number comes from the run directories under "

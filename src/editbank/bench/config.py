@@ -13,7 +13,8 @@ class BenchError(ValueError):
     """A bench run cannot start or resume (bad parameters, or a run directory holding another run)."""
 
 
-# Settings for the built-in worlds, applied unless `presets=False` (each is recorded in params.json). WISE and
+# Settings for our built worlds (the built-in worlds and a dataset's own world), chosen on the default world only,
+# applied unless `presets=False` (each is recorded in params.json). WISE and
 # REPAIR's paper settings do not write into a 128-wide FFN (see docs/methods/wise_repair.md): Adam at lr 0.03, three
 # corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key (the first layer separates subjects that
 # the memory's layer confuses: locality 0.35 -> 0.90 at T = 1000), one joint batch of 8 per shard, two shards per
@@ -110,8 +111,16 @@ class BenchConfig:
         kind, _, rest = self.parts[0].partition(":")
         return (rest or "default") if kind == "world" else None
 
+    @property
+    def edits_a_world(self) -> bool:
+        """True when the model edited is one of our built worlds: a built-in world, or a dataset's own world (dataset
+        data without --model). The world presets apply there, and only there."""
+        if len(self.parts) != 1:
+            return False
+        return self.world_size is not None or self.model is None
+
     def method_hparams(self, method: str) -> dict[str, Any]:
-        base = WORLD_PRESETS.get(method, {}) if self.presets and self.world_size is not None else {}
+        base = WORLD_PRESETS.get(method, {}) if self.presets and self.edits_a_world else {}
         return {**base, **self.hparams.get(method, {})}
 
     def method_batch(self, method: str) -> int:

@@ -39,7 +39,10 @@ def summarize(out: Path, methods: list[str]) -> dict[str, Any]:
                              "kept_change": _stats([u["kept_change"] for u in cell]),
                              **{f"kept_{k}": _stats([u["kept"][k] for u in cell])
                                 for k in ("reliability", "generalization", "locality")}})
-    return {"table": table, "rollback": rollback}
+    failures = {(f["method"], f["seed"]): f["error"] for f in read_jsonl(out / "failures.jsonl")}
+    done = {(r["method"], r["seed"]) for r in rows}
+    failed = [{"method": m, "seed": s, "error": e} for (m, s), e in failures.items() if (m, s) not in done]
+    return {"table": table, "rollback": rollback, "failed": failed}
 
 
 def fmt(s: dict[str, float] | None, digits: int = 3) -> str:
@@ -59,6 +62,12 @@ def score_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def failed_lines(summary: dict[str, Any]) -> list[str]:
+    """The cells that failed (a method that cannot run on this data), one line each."""
+    return ["", *(f"- **{f['method']} seed {f['seed']} failed**: {f['error']}" for f in summary.get("failed", []))] \
+        if summary.get("failed") else []
+
+
 def markdown(cfg: BenchConfig, data: str, ts: list[int], summary: dict[str, Any], plots: list[str]) -> str:
     lines = [f"# editbank bench: {', '.join(cfg.methods)} on {data}", "",
              f"- protocol: `{cfg.protocol}` (every score below); OP is the geometric mean of reliability, "
@@ -66,7 +75,7 @@ def markdown(cfg: BenchConfig, data: str, ts: list[int], summary: dict[str, Any]
              "- schedule: each T is the first T edits of one stream, all scored on the model right after the T-th "
              "edit (final-model evaluation); T = " + ", ".join(map(str, ts)),
              f"- seeds: {', '.join(map(str, cfg.seeds))} (mean ± sample standard deviation where more than one)", ""]
-    lines += score_table(summary)
+    lines += score_table(summary) + failed_lines(summary)
     if summary["rollback"]:
         lines += ["", f"Rollback at the largest T: a random {cfg.undo_fraction:.0%} of the edits undone; restored = "
                   "share whose teacher-forced predictions equal the unedited model's (for methods that write shared "
@@ -106,7 +115,7 @@ def suite_table(cfg: BenchConfig, summaries: list[dict[str, Any]]) -> list[dict[
                 if hit:
                     rows.append(hit[0])
                     ts.append(t_part)
-            if len(rows) < len(summaries):
+            if not rows:
                 continue
             means = {k: _stats([r[k]["mean"] if r[k] else None for r in rows]) for k in (*COLUMNS, "portability")}
             table.append({"method": m, "T": t, "T_range": ts, "parts": len(rows), **means})
@@ -145,18 +154,19 @@ def write_suite(out: Path, cfg: BenchConfig, parts: list[str], summaries: list[d
              f"- seeds: {', '.join(map(str, cfg.seeds))}; each part's score is its mean over seeds",
              "- parts: " + "; ".join(f"`{n}` ({s['data']})" for n, s in zip(names, summaries)), "",
              f"## Mean ± spread (sample standard deviation) over the {len(parts)} parts", ""]
-    lines += mean_table(table)
+    lines += mean_table(table, len(parts))
     for name, s in zip(names, summaries):
-        lines += ["", f"## {name}: {s['data']}", ""] + score_table(s)
+        lines += ["", f"## {name}: {s['data']}", ""] + score_table(s) + failed_lines(s)
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary
 
 
-def mean_table(table: list[dict[str, Any]]) -> list[str]:
-    """The Markdown rows of a suite's mean-over-parts table."""
+def mean_table(table: list[dict[str, Any]], n_parts: int | None = None) -> list[str]:
+    """The Markdown rows of a suite's mean-over-parts table (a method that failed on a part: over the others, said)."""
     lines = ["| method | T | reliability | generalization | locality | OP | s/edit |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in table:
-        lines.append(f"| {row['method']} | {_t_label(row)} | " + " | ".join(
+        only = f" (on {row['parts']} of {n_parts} parts)" if n_parts and row["parts"] < n_parts else ""
+        lines.append(f"| {row['method']}{only} | {_t_label(row)} | " + " | ".join(
             fmt(row[k], 2 if k == "seconds_per_edit" else 3) for k in COLUMNS) + " |")
     return lines

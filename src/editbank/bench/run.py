@@ -239,8 +239,14 @@ def _run_part(cfg: BenchConfig, out: Path, todo: list[tuple[str, int]], device, 
             say(f"[yellow]T capped at {ts[-1]}: {data.describe}[/yellow]")
         say(f"{'resuming' if resumed else 'starting'} bench in {out}: {', '.join(cfg.methods)} on {data.describe}; "
             f"T = {ts}; seeds {cfg.seeds}; protocol {cfg.protocol}")
+    from ..methods.base import EditFailed
+
     for method, seed in todo:
-        Cell(out, cfg, data, method, seed, ts, device, progress, say).run()
+        try:
+            Cell(out, cfg, data, method, seed, ts, device, progress, say).run()
+        except EditFailed as exc:  # the method cannot work here: record it, say it, go on with the other cells
+            say(f"[red]{method} seed {seed} failed: {exc}[/red]")
+            append_jsonl(out / "failures.jsonl", [{"method": method, "seed": seed, "error": str(exc)}])
     if not write_report:
         return {}
     summary = report.write(out, cfg, data.describe, ts)
