@@ -142,9 +142,7 @@ def write_suite(out: Path, cfg: BenchConfig, parts: list[str], summaries: list[d
     """summary.json and results.md of a multi-part run: each part's table, then the mean ± spread over parts."""
     from .run import part_name
 
-    names = [part_name(p) for p in parts]
-    if len(summaries) < len(parts):
-        raise ValueError(f"{out}: {len(parts) - len(summaries)} part(s) have not run yet")
+    names = [part_name(p) for p in parts]  # every part has a summary: run_bench refuses to report one that never ran
     table = suite_table(cfg, summaries)
     summary = {"parts": dict(zip(names, summaries)), "table": table, "protocol": cfg.protocol, "seeds": cfg.seeds,
                "data": [s["data"] for s in summaries]}
