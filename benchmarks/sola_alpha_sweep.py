@@ -41,7 +41,7 @@ def main() -> None:
     ed = Editor.open(world, method="sola", device=args.device, progress=True, **hp)
     t0 = time.perf_counter()
     for r in requests:
-        ed.edit(r)
+        ed.edit(r, check=False)
     per_edit = (time.perf_counter() - t0) / len(requests)
     m = ed.method
     default_alpha = m.alpha

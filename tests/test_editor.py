@@ -75,9 +75,9 @@ def test_reopen_restores_state_and_refuses_other_model(world_model, world_reques
     assert ed.method.name == "grace" and [e.status for e in ed.edits()] == ["active", "reverted", "active"]
     for r, w in zip(world_requests[:4], want):
         assert torch.equal(logits_of(ed, r), w)
+    ed.close()
     with pytest.raises(ValueError, match="hyperparameters"):
         Editor(model, tok, store=path, eps_init=3.0)
-    ed.close()
     with pytest.raises(StoreMismatchError, match="another model"):
         Editor(perturbed(model), tok, store=path)
     with pytest.raises(StoreMismatchError, match="method 'grace', not 'ft'"):

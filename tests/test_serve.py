@@ -99,10 +99,10 @@ def test_a_completion_during_a_long_edit_gets_503_then_the_new_state(served, wor
     real = Editor.edit
     started = threading.Event()
 
-    def slow(self, reqs):
+    def slow(self, reqs, **kw):
         started.set()
         time.sleep(1.0)
-        return real(self, reqs)
+        return real(self, reqs, **kw)
 
     monkeypatch.setattr(Editor, "edit", slow)
     result = {}

@@ -1,4 +1,6 @@
-"""The `editbank` command: demo, world build, edit, undo, ls, ask, eval."""
+"""The `editbank` command: demo, world build, edit, undo, ls, ask, eval, export/import, bench, serve, stats.
+
+Results go to standard output, messages and errors to standard error (so `--json` output stays parseable)."""
 
 from __future__ import annotations
 
@@ -13,24 +15,43 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .methods.base import EditFailed
+from . import __version__
+from .methods.base import EditFailed, EditNotWritten, ExportError
 
-app = typer.Typer(help="Lifelong, reversible knowledge editing of language models.", no_args_is_help=True)
-world_app = typer.Typer(help="Build the built-in fact world and its model.", no_args_is_help=True)
+app = typer.Typer(help="Lifelong, reversible knowledge editing of language models.", no_args_is_help=True,
+                  rich_markup_mode=None)  # plain click help: no type placeholders such as <bool> on flags
+world_app = typer.Typer(help="Build the built-in fact world and its model.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(world_app, name="world")
-console = Console()
+console = Console()  # results
+err_console = Console(stderr=True)  # progress, messages and errors
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Model directory, or world:small / world:default (built on first use).")
 ]
-StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="SQLite edit store (created if missing).")]
+NewStoreOpt = Annotated[Path, typer.Option("--store", "-s", help="SQLite edit store (created if missing).")]
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="SQLite edit store (must exist).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
-def _fail(msg: str) -> None:
-    # no wrapping (a long path must stay whole) and no markup in the message itself
-    console.print("[red]error:[/red]", escape(msg), soft_wrap=True)
-    raise typer.Exit(2)
+def _fail(msg: str, code: int = 2) -> None:
+    # to stderr; no wrapping (a long path must stay whole) and no markup in the message itself
+    err_console.print("[red]error:[/red]", escape(msg), soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"editbank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Lifelong, reversible knowledge editing of language models."""
 
 
 def _resolve_model(model: str, progress: bool = True) -> str:
@@ -92,7 +113,7 @@ def _open(model: str, store: Path | None, method: str | None, hp: list[str] | No
                 _fail(f"--corpus {corpus}: need at least 8 prompts, one per line (got {len(prompts)})")
         return Editor.open(_resolve_model(model, progress=not json_out), method=method, store=store,
                            progress=not json_out, corpus=prompts, **overrides)
-    except (ValueError, TypeError, OSError, KeyError) as exc:
+    except (ValueError, TypeError, OSError, KeyError, EditFailed) as exc:
         _fail(str(exc))
 
 
@@ -108,12 +129,18 @@ def _existing_store(store: Path):
         _fail(str(exc))
 
 
+def _written(e) -> str:
+    """Did the edit take when it was written (greedy exact match of its target)? Blank: not checked."""
+    w = e.stats.get("written")
+    return "" if w is None else ("yes" if w else "[red]no[/red]")
+
+
 def _edit_table(edits) -> Table:
-    t = Table("id", "status", "prompt", "target", "method", "loss")
+    t = Table("id", "status", "written", "prompt", "target", "method", "loss")
     for e in edits:
         loss = e.stats.get("loss")
-        t.add_row(str(e.id), e.status, e.request.prompt, e.request.target, e.method,
-                  "" if loss is None else f"{loss:.4f}")
+        t.add_row(str(e.id), e.status, _written(e), escape(e.request.prompt), escape(e.request.target), e.method,
+                  "" if not isinstance(loss, (int, float)) else f"{loss:.4f}")
     return t
 
 
@@ -151,20 +178,67 @@ def world_build(
     if json_out:
         print(json.dumps({"path": str(w.path), "facts": len(w.facts), "pairs": len(w.spec.pairs),
                           "train_accuracy": w.info.get("train_accuracy")}))
-    else:
-        console.print(f"world ready: [bold]{w.path}[/bold] ({n} facts, train exact match "
-                      f"{w.info.get('train_accuracy', 0):.1%})")
+    else:  # the path alone on stdout (`cd $(editbank world build)`), what it is on stderr
+        err_console.print(f"world ready ({n} facts, train exact match {w.info.get('train_accuracy', 0):.1%}):",
+                          highlight=False)
+        print(w.path)
+
+
+def _read_requests(file: Path, fmt: str | None) -> list:
+    from .data import load_requests
+
+    if not file.is_file():
+        _fail(f"--file {file}: no such file")
+    try:
+        return load_requests(file, format=fmt)
+    except (ValueError, TypeError, OSError) as exc:  # DatasetError names the file, the record and the field
+        _fail(str(exc))
+
+
+class _StopAfterCurrent:
+    """SIGINT sets a flag the loop checks between edits, so the edit in progress finishes (a second one stops
+    at once, and the running edit's transaction rolls back)."""
+
+    def __enter__(self):
+        import signal
+
+        self.stop, self._old = False, None
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: ctrl-C stops at once (the running edit rolls back)
+            pass
+        return self
+
+    def _handle(self, *_):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        err_console.print("\n[yellow]stopping after the current edit (ctrl-C again to stop now)[/yellow]")
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 @app.command()
 def edit(
     model: ModelOpt = "world:default",
-    store: StoreOpt = Path("edits.db"),
-    method: Annotated[str | None, typer.Option(help="Editing method (default: the store's, else sola).")] = None,
+    store: NewStoreOpt = Path("edits.db"),
+    method: Annotated[str | None, typer.Option(help="Editing method, any case (default: the store's, else "
+                                                    "sola).")] = None,
     prompt: Annotated[str | None, typer.Option(help="Prompt to edit.")] = None,
     target: Annotated[str | None, typer.Option(help="New completion.")] = None,
     subject: Annotated[str | None, typer.Option(help="Subject of the fact (needed by some methods).")] = None,
-    file: Annotated[Path | None, typer.Option(help="JSONL file of requests, one object per line.")] = None,
+    file: Annotated[Path | None, typer.Option(help="File of requests: our JSONL, ZsRE, CounterFact, WISE "
+                                                   "or MQuAKE JSON (see docs/data.md).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="Format of --file (default: detected).")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip requests the store already holds as active edits, so a "
+                                              "rerun of an interrupted command finishes it without "
+                                              "duplicates.")] = True,
+    check: Annotated[bool, typer.Option(help="Refuse an edit that did not take (the model does not answer the "
+                                             "target afterwards); --no-check keeps it, marked not written.")] = True,
     hp: Annotated[list[str] | None, typer.Option(help="Hyperparameter key=value (repeatable).")] = None,
     hparams: Annotated[Path | None, typer.Option(
         help="YAML hyperparameter file (EasyEdit's files for wise/repair, grace, rome, memit, alphaedit/metake "
@@ -174,32 +248,62 @@ def edit(
              "(a world brings its own).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Apply one edit (--prompt/--target) or a file of edits, sequentially."""
+    """Apply one edit (--prompt/--target) or a file of edits, one after another.
+
+    Each edit is checked: if the model does not answer the target afterwards it is refused (exit 1, nothing
+    changed) unless --no-check. ctrl-C stops after the current edit; running the same command again goes on
+    where it stopped."""
+    from rich.progress import track
+
     from .requests import EditRequest
 
-    try:
-        if file is not None:
-            lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
-            reqs = [EditRequest.from_dict(json.loads(ln)) for ln in lines]
-        elif prompt is not None and target is not None:
+    if file is not None and (prompt is not None or target is not None):
+        _fail("give --prompt/--target or --file, not both")
+    if file is not None:
+        reqs = _read_requests(file, fmt)
+    elif prompt is not None and target is not None:
+        try:
             reqs = [EditRequest(prompt=prompt, target=target, subject=subject)]
-        else:
-            _fail("give --prompt and --target, or --file")
-    except (ValueError, TypeError, OSError) as exc:
-        _fail(str(exc))
+        except (ValueError, TypeError) as exc:
+            _fail(str(exc))
+    else:
+        _fail("give --prompt and --target, or --file")
+    if not reqs:
+        _fail(f"--file {file}: no requests in it")
     ed = _open(model, store, method, hp, json_out, corpus, hparams)
-    done = []
+    done: list = []
+    todo = reqs
+    failure, code = None, 2
     try:
-        for r in reqs:
-            done.append(ed.edit(r))
+        held = {json.dumps(e.request.to_dict(), sort_keys=True) for e in ed.edits("active")} if resume else set()
+        todo = [r for r in reqs if json.dumps(r.to_dict(), sort_keys=True) not in held]
+        if len(todo) < len(reqs):
+            err_console.print(f"{len(reqs) - len(todo)} of {len(reqs)} request(s) are already active in {store}: "
+                              "skipped (--no-resume applies them again)", highlight=False)
+        with _StopAfterCurrent() as sig:
+            for r in track(todo, description="editing", console=err_console, transient=True,
+                           disable=json_out or len(todo) <= 3):
+                done.append(ed.edit(r, check=check))
+                if sig.stop:
+                    break
+        if sig.stop and len(done) < len(todo):
+            failure, code = (f"interrupted: {len(done)} of {len(todo)} edit(s) applied; run the same command "
+                             "again to apply the rest (active requests are skipped)"), 130
+    except EditNotWritten as exc:
+        failure, code = f"{exc}\n({len(done)} of {len(todo)} edits applied)", 1
     except (ValueError, TypeError, EditFailed) as exc:
-        _fail(f"{exc} ({len(done)} of {len(reqs)} edits applied)")
+        failure = f"{exc} ({len(done)} of {len(todo)} edits applied)"
+    except KeyboardInterrupt:
+        failure, code = (f"interrupted: {len(done)} of {len(todo)} edit(s) applied (the one running was rolled "
+                         "back); run the same command again to apply the rest"), 130
     finally:
-        ed.close()
+        ed.close(discard_if_new=True)  # a store this command created and never wrote to is not left behind
     if json_out:
         print(json.dumps([e.to_dict() for e in done]))
-    else:
+    elif done:
         console.print(_edit_table(done))
+    if failure:
+        _fail(failure, code)
 
 
 @app.command()
@@ -249,8 +353,34 @@ def ls(
 def export_cmd(
     folder: Annotated[Path, typer.Argument(help="Empty or new folder to write.")],
     store: StoreOpt = Path("edits.db"),
+    fmt: Annotated[str, typer.Option("--format", help="store: the edits (manifest.json + safetensors, for "
+                                                      "`editbank import`); hf: the edited model as a plain "
+                                                      "save_pretrained checkpoint (methods whose edits live in "
+                                                      "the weights: ft, rome, memit, alphaedit, metake).")] = "store",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="With --format hf: the store's model.")] = None,
 ) -> None:
-    """Export a store as a folder (manifest.json + safetensors) for sharing."""
+    """Export a store's edits for sharing, or the edited model as a Hugging Face checkpoint."""
+    if fmt not in ("store", "hf"):
+        _fail(f"--format {fmt!r}: expected store or hf")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        _fail(f"{folder} exists and is not an empty folder")
+    if fmt == "hf":
+        if model is None:
+            _fail("--format hf needs --model, the model the store was made for")
+        if not store.exists():
+            _fail(f"no store at {store}")
+        ed = _open(model, store, None)
+        try:
+            ed.save_pretrained(folder)
+            what = f"{ed.method.name}, {ed.store.count('active')} active edit(s)"
+        except (ExportError, ValueError, OSError) as exc:
+            _fail(str(exc))
+        finally:
+            ed.close()
+        err_console.print(f"wrote the edited model ({what}) as a checkpoint (from_pretrained loads it):",
+                          highlight=False)
+        print(folder)
+        return
     st = _existing_store(store)
     try:
         st.export(folder)
@@ -264,7 +394,7 @@ def export_cmd(
 @app.command("import")
 def import_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder written by `editbank export`.")],
-    store: StoreOpt = Path("edits.db"),
+    store: Annotated[Path, typer.Option("--store", "-s", help="SQLite edit store to create.")] = Path("edits.db"),
     model: Annotated[str | None, typer.Option("--model", "-m", help="Refuse an export made for another model "
                                               "than this one.")] = None,
 ) -> None:
@@ -440,11 +570,31 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _bind(host: str, port: int):
+    """A listening socket on host:port (exit 2 naming the address if it is taken or invalid)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc}")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.set_inheritable(True)
+    return sock
+
+
 @app.command()
 def serve(
     model: ModelOpt = "world:default",
     method: Annotated[str | None, typer.Option(help="Method of a new store (an existing store keeps its own).")] = None,
-    store: StoreOpt = Path("edits.db"),
+    store: NewStoreOpt = Path("edits.db"),
     host: Annotated[str, typer.Option(help="Address to listen on; a non-loopback one needs --token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     token: Annotated[str | None, typer.Option(envvar="EDITBANK_TOKEN", show_default=False,
@@ -471,30 +621,25 @@ def serve(
         _fail("the token must be at least 16 characters")
     made = token is None
     token = token or secrets.token_urlsafe(24)
-    ed = _open(model, store, method or ("sola" if not store.exists() else None), hp)
+    sock = _bind(host, port)  # before anything is loaded or created: a busy port leaves nothing behind
+    try:
+        ed = _open(model, store, method or ("sola" if not store.exists() else None), hp)
+    except BaseException:
+        sock.close()
+        raise
     try:
         app_ = create_app(ed, ServeConfig(token=token, max_body=max_body, read_timeout=read_timeout))
-        console.print(f"serving {ed.method.name} edits from {store} on http://{host}:{port}/ "
-                      f"({len(ed.edits('active'))} active edits)", soft_wrap=True)
+        shown = f"[{host}]" if ":" in host else host
+        err_console.print(f"serving {ed.method.name} edits from {store} on http://{shown}:{sock.getsockname()[1]}/ "
+                          f"({len(ed.edits('active'))} active edits; this process is the store's one writer)",
+                          soft_wrap=True, highlight=False)
         if made:
-            console.print(f"token for edits and undos (this run only): {token}", soft_wrap=True)
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
+            err_console.print(f"token for edits and undos (this run only): {token}", soft_wrap=True,
+                              highlight=False)
+        uvicorn.Server(uvicorn.Config(app_, log_level="warning")).run(sockets=[sock])
     finally:
+        sock.close()
         ed.close()
-
-
-def main() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars are enough on the command line
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
 
 
 @app.command("stats")
@@ -524,3 +669,17 @@ def stats(
     else:
         for f in files:
             console.print(str(f))
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough on the command line
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -80,12 +80,18 @@ def run_demo(
             t.add_row(e.request.prompt, e.request.target, b, n)
         say(t)
         kept = rb["kept"]
+        n_undone = len(rb["undone"])
+        rest = n_undone - rb["identical"]
         say(
-            f"undone edits back to their pre-edit predictions: {rb['restored']:.0%} "
-            f"(max |logit diff| vs. unedited model: {rb['max_abs_logit_diff']:.3g}); "
-            f"the {kept['n'] if kept else 0} kept edits: reliability {kept['reliability'] if kept else 0:.3f}"
+            f"undone edits predict what the unedited model did: {rb['restored']:.0%} of {n_undone} (teacher-forced "
+            f"argmax at every target position); logits bit-identical to the unedited model's on {rb['identical']} "
+            f"of {n_undone}"
+            + (f" (the other {rest} differ by at most {rb['max_abs_logit_diff']:.3g} in a logit: a kept edit still "
+               "acts on them, a nearby key's adapter for a routed method, the shared weights for a weight-editing "
+               "one)" if rest else "")
+            + f"; the {kept['n'] if kept else 0} kept edits: reliability {kept['reliability'] if kept else 0:.3f}"
         )
-        result["rollback"] = {k: rb[k] for k in ("undone", "restored", "max_abs_logit_diff")}
+        result["rollback"] = {k: rb[k] for k in ("undone", "restored", "max_abs_logit_diff", "identical")}
         result["rollback"]["kept_reliability"] = kept["reliability"] if kept else None
     ed.close()
     result["seconds"] = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import track
 
 from . import __version__
@@ -78,16 +79,18 @@ class Editor:
         own_store = not isinstance(store, EditStore)
         self.store = EditStore(store) if own_store else store
         try:
+            self.store.lock_for_writing()
             self._setup(model, tokenizer, method, hparams)
             self.method.corpus = corpus
             self.method.stats_corpus = stats_corpus
         except BaseException:
             self._release()
             if own_store:
-                self.store.close()
+                self.store.discard_if_new()  # a store this failed open created holds nothing: leave no file
             raise
 
     def _setup(self, model, tokenizer, method: str | None, hparams: dict[str, Any]) -> None:
+        method = mbase.get_method(method).name if method is not None else None
         known = self.store.get_meta("method")
         if method is not None and known is not None and method != known:
             raise StoreMismatchError(f"store {self.store.path} holds edits of method {known!r}, not {method!r}")
@@ -117,6 +120,8 @@ class Editor:
         self._base_cache: dict[tuple[str, str, str], Any] = {}
         self._saved: dict[str, tuple[torch.Tensor, int]] = {}  # state tensors as last written to the store
         self.method.attach()
+        if not self.method.edits_in_weights:
+            model.save_pretrained = self._refuse_checkpoint  # the base weights alone would lose every edit
         state = self.store.get_state()
         if state is not None:
             self._load_tensors(*state)
@@ -170,10 +175,16 @@ class Editor:
         )
 
     # -- context manager ----------------------------------------------------------------------
-    def close(self) -> None:
-        """Give the model back as it came (base weights, no hooks) and close the store."""
+    def close(self, discard_if_new: bool = False) -> None:
+        """Give the model back as it came (base weights, no hooks) and close the store.
+
+        `discard_if_new`: also delete the store file if this editor created it and no edit was committed (a
+        command that failed before its first edit leaves nothing behind)."""
         self._release()
-        self.store.close()
+        if discard_if_new:
+            self.store.discard_if_new()
+        else:
+            self.store.close()
 
     def _release(self) -> None:
         """Undo what the editor did to the model object: weights, hooks, requires_grad flags."""
@@ -181,6 +192,8 @@ class Editor:
             self._set_weights(self._base_weights)
         if hasattr(self, "method"):
             self.method.detach()
+        if "save_pretrained" in vars(self.model):
+            del self.model.save_pretrained
         for name, p in self.model.named_parameters():
             p.requires_grad_(getattr(self, "_grad_flags", {}).get(name, p.requires_grad))
 
@@ -208,15 +221,24 @@ class Editor:
         n = len(p) + len(t)
         if limit is not None and n > limit:
             raise ValueError(
-                f"EditRequest.prompt is too long: prompt+target is {n} tokens, the model's context is {limit}"
+                f"the request is too long: prompt + target is {n} tokens ({len(p)} + {len(t)}), the model's context "
+                f"is {limit}"
             )
         if self.method.needs_subject and request.subject is None:
             raise ValueError(f"EditRequest.subject is required by method {self.method.name!r}")
         return request
 
     # -- edit / undo --------------------------------------------------------------------------
-    def edit(self, requests: EditRequest | Iterable[EditRequest]) -> Edit | list[Edit]:
-        """Apply one request (returns an Edit) or a batch (returns a list of Edits)."""
+    def edit(self, requests: EditRequest | Iterable[EditRequest], *, check: bool = True) -> Edit | list[Edit]:
+        """Apply one request (returns an Edit) or a batch (returns a list of Edits).
+
+        After writing, each request is tested as the method's reliability is (greedy exact match of the target
+        after the prompt, one batched forward) and the verdict is kept in the edit's stats (`written`). With
+        `check=True` (the default) an edit that did not take raises `EditNotWritten`, naming each such request
+        with its final loss and what the model answers now, and nothing changes; `check=False` keeps it, stored
+        with `written: false` (a benchmark, where failures are part of the measurement)."""
+        if not isinstance(check, bool):
+            raise TypeError("check must be a bool")
         single = isinstance(requests, (EditRequest, dict))
         reqs = [self.validate(r) for r in ([requests] if single else list(requests))]
         if not reqs:
@@ -231,8 +253,11 @@ class Editor:
                     stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
                 elapsed = time.perf_counter() - t0
                 self._check_finite(stats, edits)
-                for e, s in zip(edits, stats):
-                    e.stats = {**s, "seconds": elapsed / len(edits)}
+                written = self._written(edits)
+                if check and not all(written):
+                    raise self._not_written(edits, stats, written)
+                for e, s, ok in zip(edits, stats, written):
+                    e.stats = {**s, "seconds": elapsed / len(edits), "written": ok}
                     self.store.update_edit(e.id, stats=e.stats)
                     self.store.put_artifacts(e.id, self.method.artifacts(e.id))
                     for older in s.get("supersedes", []):
@@ -244,6 +269,26 @@ class Editor:
             self._saved = {}  # the transaction rolled back: the store may not hold what was last written
             raise
         return edits[0] if single else edits
+
+    def _written(self, edits: list[Edit]) -> list[bool]:
+        """Does the model now answer each edit's target after its prompt (greedy exact match)?"""
+        from .evaluate.metrics import score_pairs
+
+        scores = score_pairs(self, [(e.request.prompt, e.request.target) for e in edits], "greedy_exact_match")
+        return [s == 1.0 for s in scores]
+
+    def _not_written(self, edits: list[Edit], stats: list[dict[str, Any]], written: list[bool]) -> mbase.EditNotWritten:
+        failed = [(e, s) for e, s, ok in zip(edits, stats, written) if not ok]
+        n = max(len(pair_ids(self.tokenizer, e.request.prompt, e.request.target)[1]) for e, _ in failed)
+        answers = self.generate([e.request.prompt for e, _ in failed], max_new_tokens=n + 2)
+        failures = [{"prompt": e.request.prompt, "target": e.request.target, "loss": s.get("loss"), "answer": a}
+                    for (e, s), a in zip(failed, answers)]
+        lines = [f"  {f['prompt']!r} -> {f['target']!r}: the model answers {f['answer']!r}"
+                 + (f" (final loss {f['loss']:.3g})" if isinstance(f.get("loss"), float) else "") for f in failures]
+        return mbase.EditNotWritten(
+            f"{len(failures)} of {len(edits)} request(s) did not take, so nothing was changed:\n" + "\n".join(lines)
+            + "\n(other hyperparameters may write it; check=False / --no-check keeps an edit that did not take)",
+            failures)
 
     def undo(self, edit_id: int) -> Edit:
         """Revert one edit: the model behaves as if it had never received it."""
@@ -303,7 +348,7 @@ class Editor:
             groups.setdefault(e.batch, []).append(e)
         for batch_id, group in track(
             groups.items(), description="replaying edits", total=len(groups),
-            disable=not (self.progress and len(groups) > 1), transient=True,
+            disable=not (self.progress and len(groups) > 1), transient=True, console=Console(stderr=True),
         ):
             with _seeded(self.seed + batch_id), torch.enable_grad():
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
@@ -370,6 +415,32 @@ class Editor:
         for name, t in self.method.state_dict()[0].items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise mbase.EditFailed(f"edit produced non-finite values in method state {name}")
+
+    # -- getting the edited model out ---------------------------------------------------------
+    def _refuse_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        held = self.store.count("active")
+        if held:
+            raise mbase.ExportError(
+                f"{self.method.name}'s {held} edit(s) live in routed side state, not in the model's weights, so "
+                "save_pretrained would write the unedited base model; keep the store (Editor.open(model, "
+                "store=...) reloads the edits), share it with `editbank export`, or use a method whose edits live "
+                "in the weights (ft, rome, memit, alphaedit, metake) to get a plain checkpoint")
+        type(self.model).save_pretrained(self.model, *args, **kwargs)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the edited model and its tokenizer as a plain Hugging Face checkpoint (`from_pretrained` loads it).
+
+        Only for methods whose edits live in the weights (`Method.edits_in_weights`); a routed method's edits
+        (SoLA, GRACE, WISE, REPAIR) raise `ExportError` instead of silently writing the base model."""
+        out = Path(folder)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"{out} exists and is not an empty folder")
+        if not self.method.edits_in_weights:
+            self._refuse_checkpoint()  # raises when edits are held; with none the base model is the edited one
+        out.mkdir(parents=True, exist_ok=True)
+        type(self.model).save_pretrained(self.model, out)
+        self.tokenizer.save_pretrained(out)
+        return out
 
     # -- running the edited model -------------------------------------------------------------
     @contextmanager

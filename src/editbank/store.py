@@ -58,6 +58,10 @@ class StoreMismatchError(ValueError):
     """The store belongs to another model or method."""
 
 
+class StoreBusyError(ValueError):
+    """Another process (or another editor) holds the store for writing."""
+
+
 @dataclass
 class Edit:
     """An applied request: one row of the store."""
@@ -99,6 +103,8 @@ class EditStore:
         self.path = None if path is None else Path(path)
         if self.path is not None and self.path.is_dir():
             raise ValueError(f"store path {self.path} is a directory; give a file name such as edits.db")
+        self.created = self.path is not None and not self.path.exists()  # this object made the file
+        self._lock_fd: int | None = None
         target = ":memory:" if self.path is None else str(self.path)
         try:
             self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
@@ -124,7 +130,59 @@ class EditStore:
             raise ValueError(f"store {self.path} has schema version {version}; this editbank reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                self.set_meta("writer", None)
+            except sqlite3.Error:
+                pass
         self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    # -- one writer ---------------------------------------------------------------------------
+    def lock_for_writing(self) -> None:
+        """Hold the store for writing until `close`: another process (or editor) that tries is refused.
+
+        The lock is an exclusive `flock` on the database file (released by the OS if the holder dies); who
+        holds it is recorded in the `writer` meta key, which is what the refusal names. Readers (`editbank ls`,
+        a plain `EditStore`) are never blocked."""
+        if self.path is None or self._lock_fd is not None:
+            return
+        import fcntl
+        import sys
+
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.get_meta("writer") or {}
+            who = (f"pid {holder.get('pid')} ({holder.get('command')}), since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}"
+                   if holder else "another editor")
+            raise StoreBusyError(
+                f"store {self.path} is open for writing by {who}; one store takes one writer: stop that one, or "
+                "send the edit to it (a running `editbank serve` takes POST /v1/edits)") from None
+        self._lock_fd = fd
+        self.set_meta("writer", {"pid": os.getpid(), "command": " ".join(sys.argv)[:200], "since": time.time()})
+
+    def discard_if_new(self) -> bool:
+        """Close, and delete the file if this object created it and no edit was ever committed to it.
+
+        A command that fails before its first edit calls this so that it leaves nothing behind."""
+        if not self.created or self.path is None:
+            self.close()
+            return False
+        try:
+            empty = self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0] == 0
+        except sqlite3.Error:
+            empty = False
+        self.close()
+        if empty:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        return empty
 
     # -- transactions -------------------------------------------------------------------------
     @contextmanager
@@ -384,7 +442,8 @@ class EditStore:
         arts = bytes_to_tensors(_inside(src, "artifacts.safetensors").read_bytes())
         with self.transaction():
             for k, v in manifest["meta"].items():
-                self.set_meta(k, v)
+                if k != "writer":  # who held the exported store is not who holds this one
+                    self.set_meta(k, v)
             for e in manifest["edits"]:
                 self._db.execute(
                     "INSERT INTO edits(id, batch, request, method, status, created, updated, stats) "

@@ -15,10 +15,12 @@ from .metrics import _mean, argmax_tokens, check_protocol, evaluate, score_local
 
 
 def _progress(total: int, label: str, enabled: bool):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     prog = Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled, transient=False
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled, transient=False,
+        console=Console(stderr=True),
     )
     return prog, prog.add_task(label, total=total)
 
@@ -56,7 +58,7 @@ def run_stream(
     with prog:
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
-            edits += [editor.edit(chunk[0])] if batch_size == 1 else editor.edit(chunk)
+            edits += [editor.edit(chunk[0], check=False)] if batch_size == 1 else editor.edit(chunk, check=False)
             prog.advance(task, len(chunk))
             t = start + len(chunk)
             if eval_every and (t % eval_every == 0 or t // eval_every > start // eval_every):
@@ -95,7 +97,8 @@ def rollback_eval(
     """Undo a random `fraction` of `edits`; undone requests must predict what the unedited model did.
 
     Reports `restored`, the share of undone requests whose teacher-forced argmax at every target
-    position equals the unedited model's, `max_abs_logit_diff` from the unedited model on those sequences, and
+    position equals the unedited model's, `max_abs_logit_diff` from the unedited model on those sequences,
+    `identical`, how many of them have bit-identical logits to the unedited model's, and
     the `protocol` scores of the edits that stay (`kept`). The reference is the unedited model, which is
     the model-without-this-edit for methods whose edits are independent (GRACE, SoLA); for methods that
     write shared weights (FT-L) the other edits stay in the weights, so these two figures are informative
@@ -122,7 +125,8 @@ def rollback_eval(
             prog.advance(task)
     after = argmax_tokens(editor, rows)
     now_logits = _prompt_logits(editor, reqs)
-    max_diff = max(float((a - b).abs().max()) for a, b in zip(now_logits, base_logits))
+    diffs = [float((a - b).abs().max()) for a, b in zip(now_logits, base_logits)]
+    max_diff = max(diffs)
     chosen_ids = {e.id for e in chosen}
     kept = [e.request for e in active if e.id not in chosen_ids]
     return {
@@ -130,5 +134,6 @@ def rollback_eval(
         "undone": sorted(chosen_ids),
         "restored": _mean([float(a == b) for a, b in zip(after, before)]),
         "max_abs_logit_diff": max_diff,
+        "identical": sum(d == 0.0 for d in diffs),  # undone prompts whose logits are bit-identical to the base's
         "kept": evaluate(editor, kept, protocol) if kept else None,
     }

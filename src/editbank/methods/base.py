@@ -40,13 +40,33 @@ def register(name: str):
 def get_method(name: str) -> type[Method]:
     if not isinstance(name, str):
         raise TypeError(f"method must be a str, got {type(name).__name__}")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
-    return METHODS[name]
+    key = name.strip().lower()  # "SoLA" and "sola" are one method
+    if key not in METHODS:
+        import difflib
+
+        near = difflib.get_close_matches(key, METHODS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ValueError(f"unknown method {name!r}; {hint}available: {', '.join(sorted(METHODS))}")
+    return METHODS[key]
 
 
 class EditFailed(RuntimeError):
     """A method could not write an edit (non-finite loss, bad state); nothing was changed."""
+
+
+class ExportError(ValueError):
+    """The edited model cannot be written in the format asked for (its edits would be lost)."""
+
+
+class EditNotWritten(EditFailed):
+    """The method ran, but the model does not answer a request's target afterwards; the edit was rolled back.
+
+    `failures` holds one dict per request that did not take: prompt, target, the method's final loss and what
+    the model answered instead."""
+
+    def __init__(self, message: str, failures: list[dict[str, Any]]):
+        super().__init__(message)
+        self.failures = failures
 
 
 @dataclass
@@ -127,6 +147,10 @@ class Method:
     # hyperparameters that shape no written state (how the next undo is done, say): a reopened store may change
     # them, and the new values are recorded; every other hyperparameter is fixed when the store is created
     reopen_hparams: ClassVar[frozenset[str]] = frozenset()
+    # True: every edit lives in the weights `touched_parameters` names, so the edited model's own
+    # `save_pretrained` checkpoint holds them (FT-L, the locate family); False: edits live in routed side state
+    # (adapters, codebooks, side memories) that a plain checkpoint cannot hold
+    edits_in_weights: ClassVar[bool] = False
 
     def __init__(self, model, tokenizer, arch, hparams) -> None:
         self.model = model
@@ -144,6 +168,10 @@ class Method:
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self) -> None:
         """Install whatever persistent hooks the method needs on the model."""
+
+    def prepare(self) -> None:
+        """Do now the one-time work the first edit would do (calibration, key statistics), so that a benchmark
+        can time edits without it. Idempotent; the default does nothing."""
 
     def detach(self) -> None:
         """Remove every hook `attach` installed."""

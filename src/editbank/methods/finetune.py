@@ -40,6 +40,7 @@ class FTHparams:
 @register("ft")
 class FineTune(Method):
     Hparams = FTHparams
+    edits_in_weights = True
 
     def __init__(self, model, tokenizer, arch, hparams: FTHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)

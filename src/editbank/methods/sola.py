@@ -301,9 +301,12 @@ class Sola(Method):
         return torch.stack(picks), torch.tensor(rows, device=dev)  # grouped by text
 
     # -- editing ----------------------------------------------------------------------------------
-    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+    def prepare(self) -> None:
         if self.alpha is None:
             self.calibrate()
+
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        self.prepare()
         return [self._apply_one(it) for it in items]
 
     @torch.no_grad()

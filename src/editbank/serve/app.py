@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..methods.base import EditFailed
+from ..methods.base import EditFailed, EditNotWritten
 from .guard import Busy, ModelGuard
 from .limits import BodyLimit
 
@@ -59,6 +59,7 @@ class EditIn(BaseModel):
     portability: Annotated[list[tuple[Text, Short]], Field(max_length=32)] = []
     key: Short | None = None
     meta: dict[str, Any] = {}
+    check: bool = True  # refuse (422) an edit that did not take; false keeps it, marked "written": false
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -69,7 +70,8 @@ def _edit_json(edit) -> dict[str, Any]:
     r = edit.request
     return {"object": "edit", "id": edit.id, "status": edit.status, "prompt": r.prompt, "target": r.target,
             "subject": r.subject, "method": edit.method, "batch": edit.batch, "created": edit.created,
-            "updated": edit.updated, "request": r.to_dict()}
+            "updated": edit.updated, "written": edit.stats.get("written"), "loss": edit.stats.get("loss"),
+            "request": r.to_dict()}
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -164,11 +166,14 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
         items = [body] if isinstance(body, EditIn) else body
         with guard.write():
             try:
-                reqs = [editor.validate(b.model_dump()) for b in items]
+                reqs = [editor.validate(b.model_dump(exclude={"check"})) for b in items]
             except (ValueError, TypeError) as exc:  # well-formed, but not an edit this model and method can take
                 raise HTTPException(400, str(exc)) from None
             try:
-                edits = editor.edit(reqs)
+                edits = editor.edit(reqs, check=any(b.check for b in items))  # a list: checked unless all say no
+            except EditNotWritten as exc:
+                return JSONResponse({"error": {"status": 422, "message": str(exc), "failures": exc.failures}},
+                                    status_code=422)
             except (ValueError, TypeError) as exc:
                 raise HTTPException(400, f"the edit was refused and nothing changed: {exc}") from None
             except EditFailed as exc:

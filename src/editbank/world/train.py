@@ -56,6 +56,7 @@ def _progress(enabled: bool):
     """A rich progress bar for training (steps, loss), or nothing."""
     if not enabled:
         return nullcontext(None)
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -65,6 +66,7 @@ def _progress(enabled: bool):
         TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         transient=False,
+        console=Console(stderr=True),  # stdout stays the command's result (`editbank world build` prints a path)
     )
 
 

@@ -43,6 +43,7 @@ class LocateMethod(Method):
     """Base of ROME, MEMIT, AlphaEdit and MetaKE."""
 
     needs_subject = True
+    edits_in_weights = True
     accumulates = False  # keeps C_p (earlier edits' K Kᵀ) per layer
     default_n_layers = 1
 
@@ -118,14 +119,17 @@ class LocateMethod(Method):
         last = self.arch.layer_path(self.layers[-1], "")
         return optimize_targets(self.model, self.tokenizer, last, requests, prefixes, self.hparams), {}
 
+    def prepare(self) -> None:
+        for layer in self.layers:
+            self.second_moment(layer)
+
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         return self._write(items)
 
     def _write(self, items: list[EditItem]) -> list[dict[str, Any]]:
         """Plan targets for the batch, write them into every layer (ascending) and log the factors."""
         requests = [it.request for it in items]
-        for layer in self.layers:
-            self.second_moment(layer)
+        self.prepare()
         prefixes = self.prefixes()
         target, extra = self._plan(requests, prefixes)
         last = self.layers[-1]

@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.progress import track
 from safetensors.torch import load_file, save_file
 
@@ -51,7 +52,7 @@ def key_second_moment(model, tokenizer, path: str, rows: list[list[int]], batch_
     total, count = None, 0
     starts = range(0, len(rows), batch_size)
     for s in track(starts, description=f"key statistics {path}", disable=not progress or len(starts) < 20,
-                   transient=True):
+                   transient=True, console=Console(stderr=True)):
         max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         chunk = [(r[:max_len] if max_len else r, []) for r in rows[s : s + batch_size]]
         batch = batch_from_ids(chunk, pad_id(tokenizer), device)
