@@ -162,3 +162,23 @@ def test_bench_cli_hp_and_errors(small_world, tmp_path):
     params = json.loads((out / "params.json").read_text())["config"]
     assert params["resolved"]["ft"]["hparams"]["lr"] == 0.05
     assert json.loads(res.stdout.strip().splitlines()[-1])["table"][0]["T"] == 2
+
+
+def test_one_time_calibration_is_not_counted_in_an_edits_seconds(small_world, tmp_path, monkeypatch):
+    from editbank.methods.sola import Sola
+
+    events, real_edit, real_cal = [], Editor.edit, Sola.calibrate
+
+    def calibrate(self):
+        events.append("calibrate")
+        return real_cal(self)
+
+    def edit(self, requests, **kw):
+        events.append("edit")
+        assert kw.get("check") is False, "the bench keeps an edit that did not take: it is part of the measurement"
+        return real_edit(self, requests, **kw)
+
+    monkeypatch.setattr(Sola, "calibrate", calibrate)
+    monkeypatch.setattr(Editor, "edit", edit)
+    run_bench(BenchConfig(methods=["sola"], data="world:small", edits=[1, 2]), tmp_path / "run", progress=False)
+    assert events[:2] == ["calibrate", "edit"] and events.count("calibrate") == 1
