@@ -62,6 +62,29 @@ def test_edits_hold_undo_is_exact_and_unrouted_probes_are_untouched(sola, world_
         assert torch.equal(logits_of(sola, probes[i]), base_probes[i])
 
 
+def test_undo_equals_a_fresh_editor_fed_only_the_kept_edits(sola, small_world, world_requests):
+    """Exact in the strong sense: not only the undone prompts, every prompt answers as the model that never got the
+    undone edits does, although the fresh editor gives the kept edits other ids (seeds come from the requests)."""
+    from editbank import load_model
+
+    reqs = world_requests[:20]
+    edits = [sola.edit(r, check=False) for r in reqs]
+    undone = set(random.Random(1).sample(range(len(reqs)), 4))
+    for i in sorted(undone):
+        sola.undo(edits[i].id)
+    model, tok = load_model(small_world.path)
+    fresh = Editor(model, tok, method="sola", corpus=small_world.fact_prompts())
+    kept = [r for i, r in enumerate(reqs) if i not in undone]
+    for r in kept:
+        fresh.edit(r, check=False)
+    assert [e.id for e in fresh.edits()] != [e.id for e in sola.edits("active")]
+    prompts = [(r.prompt, r.target) for r in reqs] + [p for r in reqs for p in r.locality]
+    prompts += [(q, r.target) for r in reqs for q in r.rephrases]
+    for p in prompts:
+        assert torch.equal(logits_of(sola, p), logits_of(fresh, p)), p
+    fresh.close()
+
+
 def test_generation_keeps_the_prompt_decision(sola, world_requests):
     multi = [r for r in world_requests if len(sola.tokenizer(r.target, add_special_tokens=False)["input_ids"]) > 1]
     req = multi[0]

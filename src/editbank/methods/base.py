@@ -50,6 +50,14 @@ def get_method(name: str) -> type[Method]:
     return METHODS[key]
 
 
+def stable_seed(*parts: Any) -> int:
+    """A seed from values (a request's text, a hyperparameter seed), never from edit ids: a fresh editor given the
+    same requests in another order or with other ids draws the same numbers for each."""
+    import zlib
+
+    return zlib.crc32("\x1f".join(map(str, parts)).encode())
+
+
 class EditFailed(RuntimeError):
     """A method could not write an edit (non-finite loss, bad state); nothing was changed."""
 

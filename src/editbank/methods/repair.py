@@ -42,8 +42,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import EditItem, register
-from .wise import Shard, Wise, WiseHparams, stable_seed
+from .base import EditItem, register, stable_seed
+from .wise import Shard, Wise, WiseHparams
 
 
 @dataclass

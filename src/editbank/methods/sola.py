@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..models.hooks import trace
 from ..tokens import make_batch, pad_id, prompt_ids
-from .base import EditFailed, EditItem, Method, register
+from .base import EditFailed, EditItem, Method, register, stable_seed
 from .key_index import require_faiss
 from .lora_bank import DISTANCES, LoraBank
 
@@ -80,6 +80,7 @@ class SolaHparams:
     index_candidates: int = 16  # with index="faiss": candidates re-scored exactly per query
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
     calibration_seed: int = 0
+    seed: int = 0  # an edit's LoRA initialisation derives from this and the request (never from its edit id)
     preset: str | None = None  # "paper": SGD, lr 0.05, cosine, 40 steps, alpha 0.01 (fills fields left at default)
 
     def validate(self) -> None:
@@ -355,7 +356,10 @@ class Sola(Method):
         hp, dev = self.hparams, self.bank.device
         batch = make_batch(self.tokenizer, [(prompt, target)], device=dev)
         devs = self.bank.module_devices
-        A = [torch.randn((hp.rank, i), device=d) / math.sqrt(i) for (_, i), d in zip(self.bank.shapes, devs)]
+        # from the request, not the edit id: undo is then exact in the strong sense (the kept edits equal what a
+        # fresh editor fed only them would write, whatever ids it gives them)
+        g = torch.Generator().manual_seed(stable_seed(hp.seed, prompt, target))
+        A = [(torch.randn((hp.rank, i), generator=g) / math.sqrt(i)).to(d) for (_, i), d in zip(self.bank.shapes, devs)]
         B = [torch.zeros((o, hp.rank), device=d) for (o, _), d in zip(self.bank.shapes, devs)]
         params = [t.requires_grad_(True) for t in A + B]
         opt = torch.optim.SGD(params, lr=hp.lr) if hp.optimizer == "sgd" else torch.optim.Adam(params, lr=hp.lr)

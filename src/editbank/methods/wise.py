@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +56,7 @@ from ..merging import MERGE_METHODS, merge_deltas
 from ..models.hooks import trace
 from ..requests import EditRequest
 from ..tokens import make_batch
-from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register
+from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register, stable_seed
 
 
 @dataclass
@@ -115,10 +114,6 @@ class WiseHparams:
 
 
 UNDO_MODES = ("retrain", "retrain+tombstone", "tombstone")
-
-def stable_seed(*parts: Any) -> int:
-    return zlib.crc32("\x1f".join(map(str, parts)).encode())
-
 
 @dataclass
 class Shard:
