@@ -40,7 +40,7 @@ def test_edit_file_reads_every_format_and_a_rerun_resumes(small_world, world_req
     assert res.exit_code == 0, res.output
     assert [e["request"]["prompt"] for e in json.loads(res.stdout)] == [r.prompt for r in world_requests[:2]]
     res = call(*base)  # the same command again: nothing left to do, no duplicates
-    assert res.exit_code == 0 and json.loads(res.stdout) == [] and "2 of 2 request(s) are already active" in res.stderr
+    assert res.exit_code == 0 and json.loads(res.stdout) == [] and "2 of 2 request(s) are already in" in res.stderr
     assert len(json.loads(call("ls", "--store", db, "--json").stdout)["edits"]) == 2
     res = call(*base, "--format", "zsre")
     assert res.exit_code == 2 and str(f) in res.stderr
@@ -148,3 +148,16 @@ def test_help_texts_say_what_is_true():
 def test_world_build_prints_the_path_alone(small_world):
     res = call("world", "build", "--size", "small")
     assert res.exit_code == 0 and res.stdout.strip() == str(small_world.path)
+
+
+def test_a_rerun_does_not_reapply_a_request_a_later_one_superseded(small_world, world_requests, tmp_path):
+    r = world_requests[0]
+    objects = [f.object for f in small_world.facts if " " + f.object != r.target]
+    f, db = tmp_path / "reqs.jsonl", str(tmp_path / "e.db")
+    f.write_text("\n".join(json.dumps({"prompt": r.prompt, "target": t}) for t in (r.target.strip(), objects[0])))
+    base = ("edit", "--model", str(small_world.path), "--store", db, "--file", str(f), "--no-check", "--json")
+    assert call(*base).exit_code == 0
+    res = call(*base)
+    assert res.exit_code == 0 and json.loads(res.stdout) == [], res.output
+    listing = json.loads(call("ls", "--store", db, "--json").stdout)["edits"]
+    assert [e["status"] for e in listing] == ["superseded", "active"]

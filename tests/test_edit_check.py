@@ -123,3 +123,41 @@ def test_api_answers_422_with_the_details_and_check_false_keeps_it(small_world, 
     assert res.status_code == 201 and res.json()["written"] is False and res.json()["loss"] > 0
     assert client.get("/v1/edits").json()["data"][0]["written"] is False
     ed.close()
+
+
+FAST = {"wise": {"n_prefixes": 2, "n_iter": 20}, "repair": {"n_prefixes": 2, "n_iter": 20}}
+
+
+@pytest.mark.parametrize("method", ["sola", "grace", "ft", "wise", "repair", "rome", "memit", "alphaedit",
+                                    "metake"])
+def test_the_check_agrees_with_the_reliability_the_evaluation_measures(small_world, world_requests, method):
+    """Whatever the method routes on, `written` is the greedy exact match evaluate() reports for the prompt."""
+    ed = Editor.open(small_world.path, method=method, **FAST.get(method, {}))
+    reqs = world_requests[3:5]
+    edits = ed.edit(reqs, check=False)
+    for e, r in zip(edits, reqs):
+        rel = ed.evaluate([r], protocol="greedy_exact_match")["reliability"]
+        assert e.stats["written"] is (rel == 1.0), (method, r.prompt, rel)
+    ed.close()
+
+
+def test_a_request_superseded_in_the_same_call_is_not_a_failure(small_world, world_requests, world_model):
+    model, tok = world_model
+    ed = Editor(model, tok, method="sola", corpus=small_world.fact_prompts())
+    r = world_requests[0]
+    other = EditRequest(prompt=r.prompt, target=" " + small_world.facts[0].object, subject=r.subject)
+    first, second = ed.edit([r, other])
+    assert ed.store.get_edit(first.id).status == "superseded" and first.stats["written"] is None
+    assert second.stats["written"] is True
+    ed.close()
+
+
+def test_a_routed_method_with_nothing_held_saves_the_base_model(small_world, world_model, tmp_path):
+    from editbank import load_model
+
+    model, tok = world_model
+    ed = Editor(model, tok, method="grace")
+    ed.save_pretrained(tmp_path / "ckpt")
+    again, _ = load_model(tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    ed.close()

@@ -52,7 +52,7 @@ def test_a_second_process_writing_the_store_is_refused_naming_the_holder(held_st
     with pytest.raises(StoreBusyError, match=f"pid {os.getpid()}"):  # one writer in this process too
         Editor(model, tok, store=path)
     ed.close()
-    assert EditStore(path).get_meta("writer") is None
+    assert not ed.store.lock_path.exists()  # the lock file lives only while a writer holds the store
 
 
 def test_the_cli_is_refused_while_a_server_holds_the_store(held_store, small_world, world_requests):
@@ -106,3 +106,44 @@ def test_serve_on_a_busy_port_fails_before_it_creates_or_prints_anything(small_w
     assert res.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in res.stderr
     assert "serving" not in res.output and "token" not in res.output
     assert not any(tmp_path.iterdir())
+
+
+def test_a_refused_writer_does_not_break_the_holders_database(world_model, world_requests, tmp_path):
+    """The lock is not on the database file: closing a refused writer's descriptors must not drop SQLite's locks."""
+    model, tok = world_model
+    path = tmp_path / "e.db"
+    ed = Editor(model, tok, method="grace", store=path)
+    ed.edit(world_requests[0])
+    for _ in range(2):
+        with pytest.raises(StoreBusyError):
+            Editor(model, tok, store=path)
+    subprocess.run([sys.executable, "-c", f"from editbank import EditStore; EditStore({str(path)!r}).close()"],
+                   check=True)  # a reader in another process opens and closes the database
+    ed.edit(world_requests[1])
+    ed.close()
+    st = EditStore(path)
+    assert st.count("active") == 2
+    st.close()
+
+
+def test_read_only_editors_read_a_held_store_and_cannot_write(world_model, small_world, world_requests, tmp_path):
+    model, tok = world_model
+    path = tmp_path / "e.db"
+    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts())
+    r = world_requests[0]
+    ed.edit(r)
+    res = runner.invoke(app, ["ask", r.prompt, "--model", str(small_world.path), "--store", str(path), "--json",
+                              "--max-new-tokens", "12"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads(res.stdout)["edited"].startswith(r.target)
+    res = runner.invoke(app, ["eval", "--model", str(small_world.path), "--store", str(path), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["reliability"] == 1.0
+    reader = Editor.open(small_world.path, store=path, read_only=True)
+    with pytest.raises(ValueError, match="read-only"):
+        reader.edit(world_requests[1])
+    with pytest.raises(ValueError, match="read-only"):
+        reader.undo(1)
+    reader.close()
+    ed.close()

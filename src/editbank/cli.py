@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .editor import HELD
 from .methods.base import EditFailed, EditNotWritten, ExportError
 
 app = typer.Typer(help="Lifelong, reversible knowledge editing of language models.", no_args_is_help=True,
@@ -84,6 +85,7 @@ def _parse_hparams(pairs: list[str]) -> dict[str, Any]:
 
 def _hparams_file(path: Path, method: str | None) -> dict[str, Any]:
     """A YAML hyperparameter file; EasyEdit files (WISE, GRACE, ROME, MEMIT, AlphaEdit) are translated."""
+    from .methods.base import get_method
     from .methods.easyedit import translate
 
     cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -91,6 +93,10 @@ def _hparams_file(path: Path, method: str | None) -> dict[str, Any]:
         _fail(f"--hparams {path}: expected a mapping of hyperparameters")
     if method is None:
         return cfg
+    try:
+        method = get_method(method).name  # "GRACE" is grace
+    except ValueError as exc:
+        _fail(str(exc))
     cfg, dropped = translate(method, cfg)
     reasons: dict[str, list[str]] = {}
     for key, why in dropped.items():
@@ -101,7 +107,7 @@ def _hparams_file(path: Path, method: str | None) -> dict[str, Any]:
 
 
 def _open(model: str, store: Path | None, method: str | None, hp: list[str] | None = None, json_out: bool = False,
-          corpus: Path | None = None, hparams: Path | None = None):
+          corpus: Path | None = None, hparams: Path | None = None, read_only: bool = False):
     from .editor import Editor
 
     try:
@@ -112,7 +118,7 @@ def _open(model: str, store: Path | None, method: str | None, hp: list[str] | No
             if len(prompts) < 8:
                 _fail(f"--corpus {corpus}: need at least 8 prompts, one per line (got {len(prompts)})")
         return Editor.open(_resolve_model(model, progress=not json_out), method=method, store=store,
-                           progress=not json_out, corpus=prompts, **overrides)
+                           progress=not json_out, corpus=prompts, read_only=read_only, **overrides)
     except (ValueError, TypeError, OSError, KeyError, EditFailed) as exc:
         _fail(str(exc))
 
@@ -196,8 +202,7 @@ def _read_requests(file: Path, fmt: str | None) -> list:
 
 
 class _StopAfterCurrent:
-    """SIGINT sets a flag the loop checks between edits, so the edit in progress finishes (a second one stops
-    at once, and the running edit's transaction rolls back)."""
+    """SIGINT sets a flag the loop checks between edits, so the edit in progress finishes and is counted."""
 
     def __enter__(self):
         import signal
@@ -210,10 +215,10 @@ class _StopAfterCurrent:
         return self
 
     def _handle(self, *_):
-        if self.stop:
-            raise KeyboardInterrupt
+        # never raises: an interrupt between an edit's commit and its return would leave the count wrong
+        err_console.print("\n[yellow]stopping after the current edit" + (" (already stopping; kill the process to "
+                          "stop at once: the running edit then rolls back)" if self.stop else "") + "[/yellow]")
         self.stop = True
-        err_console.print("\n[yellow]stopping after the current edit (ctrl-C again to stop now)[/yellow]")
 
     def __exit__(self, *exc):
         import signal
@@ -275,11 +280,12 @@ def edit(
     todo = reqs
     failure, code = None, 2
     try:
-        held = {json.dumps(e.request.to_dict(), sort_keys=True) for e in ed.edits("active")} if resume else set()
+        held = ({json.dumps(e.request.to_dict(), sort_keys=True) for e in ed.edits() if e.status in HELD}
+                if resume else set())  # active, or superseded by a later request (of this file, say)
         todo = [r for r in reqs if json.dumps(r.to_dict(), sort_keys=True) not in held]
         if len(todo) < len(reqs):
-            err_console.print(f"{len(reqs) - len(todo)} of {len(reqs)} request(s) are already active in {store}: "
-                              "skipped (--no-resume applies them again)", highlight=False)
+            err_console.print(f"{len(reqs) - len(todo)} of {len(reqs)} request(s) are already in {store} (active or "
+                              "superseded): skipped (--no-resume applies them again)", highlight=False)
         with _StopAfterCurrent() as sig:
             for r in track(todo, description="editing", console=err_console, transient=True,
                            disable=json_out or len(todo) <= 3):
@@ -362,18 +368,16 @@ def export_cmd(
     """Export a store's edits for sharing, or the edited model as a Hugging Face checkpoint."""
     if fmt not in ("store", "hf"):
         _fail(f"--format {fmt!r}: expected store or hf")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        _fail(f"{folder} exists and is not an empty folder")
     if fmt == "hf":
         if model is None:
             _fail("--format hf needs --model, the model the store was made for")
         if not store.exists():
             _fail(f"no store at {store}")
-        ed = _open(model, store, None)
+        ed = _open(model, store, None, read_only=True)
         try:
             ed.save_pretrained(folder)
             what = f"{ed.method.name}, {ed.store.count('active')} active edit(s)"
-        except (ExportError, ValueError, OSError) as exc:
+        except (ExportError, ValueError, TypeError, OSError) as exc:
             _fail(str(exc))
         finally:
             ed.close()
@@ -424,7 +428,7 @@ def ask(
     """Complete a prompt with the edited model (and show the unedited answer next to it)."""
     if store is not None and not store.exists():
         _fail(f"no store at {store}")
-    ed = _open(model, store, None, json_out=json_out)
+    ed = _open(model, store, None, json_out=json_out, read_only=True)
     try:
         edited = ed.generate(prompt, max_new_tokens=max_new_tokens)
         with ed.unedited():
@@ -452,7 +456,7 @@ def eval_cmd(
     """Evaluate every active edit of a store on the current model."""
     if not store.exists():
         _fail(f"no store at {store}")
-    ed = _open(model, store, None, json_out=json_out)
+    ed = _open(model, store, None, json_out=json_out, read_only=True)
     try:
         report = ed.evaluate([e.request for e in ed.edits("active")], protocol=protocol)
     except ValueError as exc:
@@ -525,7 +529,7 @@ def bench(
     from .bench import BenchConfig, BenchError, run_bench
     from .bench.run import parse_shard
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = [m.strip().lower() for m in methods.split(",") if m.strip()]
     per: dict[str, dict[str, Any]] = {}
     for spec in hparams or []:
         method, sep, file = spec.partition("=")

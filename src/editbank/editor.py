@@ -63,6 +63,7 @@ class Editor:
         progress: bool = False,
         corpus: list[str] | None = None,
         stats_corpus: list[str] | None = None,
+        read_only: bool = False,
         **hparams: Any,
     ) -> None:
         for name, texts in (("corpus", corpus), ("stats_corpus", stats_corpus)):
@@ -76,10 +77,12 @@ class Editor:
         self.seed, self.snapshot_every = seed, snapshot_every
         self.progress = progress  # show a progress bar on long replays (undo of weight-editing methods)
         self.arch = arch_of(model)
+        self.read_only = read_only  # generate and evaluate only: no writer lock, nothing written to the store
         own_store = not isinstance(store, EditStore)
         self.store = EditStore(store) if own_store else store
         try:
-            self.store.lock_for_writing()
+            if not read_only:
+                self.store.lock_for_writing()
             self._setup(model, tokenizer, method, hparams)
             self.method.corpus = corpus
             self.method.stats_corpus = stats_corpus
@@ -115,7 +118,7 @@ class Editor:
             p.requires_grad_(False)
         self.fingerprint = model_fingerprint(model)
         self.method: mbase.Method = cls(model, tokenizer, self.arch, hp)
-        self.store.bind(self.fingerprint, name, dataclasses.asdict(hp), __version__)
+        self.store.bind(self.fingerprint, name, dataclasses.asdict(hp), __version__, write=not self.read_only)
         self._base_weights = {k: p.detach().clone() for k, p in self.method.touched_parameters().items()}
         self._base_cache: dict[tuple[str, str, str], Any] = {}
         self._saved: dict[str, tuple[torch.Tensor, int]] = {}  # state tensors as last written to the store
@@ -142,6 +145,7 @@ class Editor:
         progress: bool = False,
         corpus: list[str] | None = None,
         stats_corpus: list[str] | None = None,
+        read_only: bool = False,
         **hparams: Any,
     ) -> Editor:
         """Open an editor on a local model directory, a built World, or a model object (+ tokenizer).
@@ -151,6 +155,8 @@ class Editor:
         `World.edit_requests` rephrase or probe is in. Never pass prompts you will evaluate on.
         `stats_corpus`: texts the locate methods take key statistics from (default: `corpus`); a World supplies
         every training prompt of its calibration part (`World.calibration_texts()`).
+        `read_only`: only generate and evaluate; the store is not locked (a store another process writes, such as
+        a running `editbank serve`, can be read) and `edit` / `undo` refuse.
         """
         if method is not None:
             mbase.get_method(method)  # fail on an unknown method before loading anything
@@ -171,7 +177,7 @@ class Editor:
         model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
         return cls(
             model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, progress=progress,
-            corpus=corpus, stats_corpus=stats_corpus, **hparams,
+            corpus=corpus, stats_corpus=stats_corpus, read_only=read_only, **hparams,
         )
 
     # -- context manager ----------------------------------------------------------------------
@@ -192,7 +198,8 @@ class Editor:
             self._set_weights(self._base_weights)
         if hasattr(self, "method"):
             self.method.detach()
-        if "save_pretrained" in vars(self.model):
+        own = vars(self.model).get("save_pretrained")
+        if getattr(own, "__self__", None) is self:  # ours only (another editor's guard stays)
             del self.model.save_pretrained
         for name, p in self.model.named_parameters():
             p.requires_grad_(getattr(self, "_grad_flags", {}).get(name, p.requires_grad))
@@ -239,6 +246,7 @@ class Editor:
         with `written: false` (a benchmark, where failures are part of the measurement)."""
         if not isinstance(check, bool):
             raise TypeError("check must be a bool")
+        self._writable()
         single = isinstance(requests, (EditRequest, dict))
         reqs = [self.validate(r) for r in ([requests] if single else list(requests))]
         if not reqs:
@@ -253,8 +261,12 @@ class Editor:
                     stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
                 elapsed = time.perf_counter() - t0
                 self._check_finite(stats, edits)
-                written = self._written(edits)
-                if check and not all(written):
+                # an edit a later request of the same call superseded cannot answer; it is not checked (None)
+                gone = {o for s in stats for o in s.get("supersedes", [])} & {e.id for e in edits}
+                live = [e for e in edits if e.id not in gone]
+                verdict = dict(zip((e.id for e in live), self._written(live)))
+                written = [verdict.get(e.id) for e in edits]
+                if check and not all(w is not False for w in written):
                     raise self._not_written(edits, stats, written)
                 for e, s, ok in zip(edits, stats, written):
                     e.stats = {**s, "seconds": elapsed / len(edits), "written": ok}
@@ -270,15 +282,22 @@ class Editor:
             raise
         return edits[0] if single else edits
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ValueError("this editor was opened read-only (read_only=True): it cannot edit or undo")
+
     def _written(self, edits: list[Edit]) -> list[bool]:
         """Does the model now answer each edit's target after its prompt (greedy exact match)?"""
         from .evaluate.metrics import score_pairs
 
+        if not edits:
+            return []
         scores = score_pairs(self, [(e.request.prompt, e.request.target) for e in edits], "greedy_exact_match")
         return [s == 1.0 for s in scores]
 
-    def _not_written(self, edits: list[Edit], stats: list[dict[str, Any]], written: list[bool]) -> mbase.EditNotWritten:
-        failed = [(e, s) for e, s, ok in zip(edits, stats, written) if not ok]
+    def _not_written(self, edits: list[Edit], stats: list[dict[str, Any]], written: list[bool | None]
+                     ) -> mbase.EditNotWritten:
+        failed = [(e, s) for e, s, ok in zip(edits, stats, written) if ok is False]
         n = max(len(pair_ids(self.tokenizer, e.request.prompt, e.request.target)[1]) for e, _ in failed)
         answers = self.generate([e.request.prompt for e, _ in failed], max_new_tokens=n + 2)
         failures = [{"prompt": e.request.prompt, "target": e.request.target, "loss": s.get("loss"), "answer": a}
@@ -292,6 +311,7 @@ class Editor:
 
     def undo(self, edit_id: int) -> Edit:
         """Revert one edit: the model behaves as if it had never received it."""
+        self._writable()
         edit = self.store.get_edit(edit_id)
         if edit.status not in ("active", "superseded"):
             raise ValueError(f"edit {edit_id} is {edit.status}; nothing to undo")
@@ -417,14 +437,18 @@ class Editor:
                 raise mbase.EditFailed(f"edit produced non-finite values in method state {name}")
 
     # -- getting the edited model out ---------------------------------------------------------
-    def _refuse_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        held = self.store.count("active")
+    def _check_exportable(self) -> None:
+        """Raise ExportError if a plain checkpoint of the model would lose edits (routed edits are held)."""
+        held = 0 if self.method.edits_in_weights else self.store.count("active")
         if held:
             raise mbase.ExportError(
                 f"{self.method.name}'s {held} edit(s) live in routed side state, not in the model's weights, so "
                 "save_pretrained would write the unedited base model; keep the store (Editor.open(model, "
                 "store=...) reloads the edits), share it with `editbank export`, or use a method whose edits live "
                 "in the weights (ft, rome, memit, alphaedit, metake) to get a plain checkpoint")
+
+    def _refuse_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self._check_exportable()
         type(self.model).save_pretrained(self.model, *args, **kwargs)
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -435,8 +459,7 @@ class Editor:
         out = Path(folder)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} exists and is not an empty folder")
-        if not self.method.edits_in_weights:
-            self._refuse_checkpoint()  # raises when edits are held; with none the base model is the edited one
+        self._check_exportable()  # a routed method with no edit held: the base model is the edited model
         out.mkdir(parents=True, exist_ok=True)
         type(self.model).save_pretrained(self.model, out)
         self.tokenizer.save_pretrained(out)

@@ -103,7 +103,15 @@ class EditStore:
         self.path = None if path is None else Path(path)
         if self.path is not None and self.path.is_dir():
             raise ValueError(f"store path {self.path} is a directory; give a file name such as edits.db")
-        self.created = self.path is not None and not self.path.exists()  # this object made the file
+        self.created = False  # this object made the file (decided atomically: O_CREAT | O_EXCL)
+        if self.path is not None:
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                self.created = True  # an empty file is a valid new SQLite database
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise ValueError(f"cannot open store {self.path}: {exc.strerror or exc}") from None
         self._lock_fd: int | None = None
         target = ":memory:" if self.path is None else str(self.path)
         try:
@@ -130,58 +138,85 @@ class EditStore:
             raise ValueError(f"store {self.path} has schema version {version}; this editbank reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                self.set_meta("writer", None)
-            except sqlite3.Error:
-                pass
         self._db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        self._unlock()
 
     # -- one writer ---------------------------------------------------------------------------
-    def lock_for_writing(self) -> None:
-        """Hold the store for writing until `close`: another process (or editor) that tries is refused.
+    @property
+    def lock_path(self) -> Path | None:
+        """The writer's lock file, beside the database (it exists only while a writer holds the store)."""
+        return None if self.path is None else self.path.with_name(self.path.name + "-writer")
 
-        The lock is an exclusive `flock` on the database file (released by the OS if the holder dies); who
-        holds it is recorded in the `writer` meta key, which is what the refusal names. Readers (`editbank ls`,
-        a plain `EditStore`) are never blocked."""
-        if self.path is None or self._lock_fd is not None:
+    def lock_for_writing(self) -> None:
+        """Hold the store for writing until `close`: any other writer, in another process or this one, is refused.
+
+        The lock is an exclusive `flock` on a file beside the database (`<store>-writer`, never the database itself,
+        whose POSIX locks SQLite owns: closing any descriptor of that file would drop them); the OS releases it if
+        the holder dies. The file says who holds it (pid and editbank subcommand, no option values: a token given
+        on the command line must not land on disk), which is what the refusal names. Readers are never blocked."""
+        if self.path is None:
             return
+        if self._lock_fd is not None:
+            raise StoreBusyError(f"store {self.path} is already held for writing by another editor of this store "
+                                 "object; one store takes one writer")
         import fcntl
         import sys
 
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        lock = self.lock_path
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if isinstance(exc, BlockingIOError):
+                    raise StoreBusyError(
+                        f"store {self.path} is open for writing by {self._holder()}; one store takes one writer: stop "
+                        "that one, or send the edit to it (a running `editbank serve` takes POST /v1/edits)") from None
+                raise ValueError(f"cannot lock store {self.path} for writing ({lock}): {exc}") from None
+            try:  # the holder unlinks the file before it releases the lock: make sure ours is still the file
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            holder = self.get_meta("writer") or {}
-            who = (f"pid {holder.get('pid')} ({holder.get('command')}), since "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}"
-                   if holder else "another editor")
-            raise StoreBusyError(
-                f"store {self.path} is open for writing by {who}; one store takes one writer: stop that one, or "
-                "send the edit to it (a running `editbank serve` takes POST /v1/edits)") from None
+        command = " ".join(["editbank" if "editbank" in Path(sys.argv[0]).name or sys.argv[0].endswith("cli.py")
+                            else Path(sys.argv[0]).name, *[a for a in sys.argv[1:2] if not a.startswith("-")]])
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}).encode())
         self._lock_fd = fd
-        self.set_meta("writer", {"pid": os.getpid(), "command": " ".join(sys.argv)[:200], "since": time.time()})
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads(self.lock_path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        if not holder:
+            return "another editor"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+        return f"pid {holder.get('pid')} ({holder.get('command')}), since {since}"
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            self.lock_path.unlink(missing_ok=True)  # before the release: a waiter then finds a new file
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def discard_if_new(self) -> bool:
-        """Close, and delete the file if this object created it and no edit was ever committed to it.
-
-        A command that fails before its first edit calls this so that it leaves nothing behind."""
-        if not self.created or self.path is None:
-            self.close()
-            return False
-        try:
-            empty = self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0] == 0
-        except sqlite3.Error:
-            empty = False
-        self.close()
-        if empty:
+        """Close, and delete the database if this object created it, still holds it for writing and no edit was ever
+        committed to it: a command that fails before its first edit leaves nothing behind."""
+        empty = False
+        if self.created and self._lock_fd is not None:
+            try:
+                empty = self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0] == 0
+            except sqlite3.Error:
+                empty = False
+        self._db.close()
+        if empty:  # unlinked while the lock is still held, so no other writer can have started on it
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        self._unlock()
         return empty
 
     # -- transactions -------------------------------------------------------------------------
@@ -218,8 +253,8 @@ class EditStore:
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
 
-    def bind(self, fingerprint: str, method: str, hparams: dict[str, Any], version: str) -> None:
-        """Record (or check) which model and method this store belongs to."""
+    def bind(self, fingerprint: str, method: str, hparams: dict[str, Any], version: str, write: bool = True) -> None:
+        """Record (or check) which model and method this store belongs to (`write=False`: only check)."""
         known = self.get_meta("fingerprint")
         if known is not None and known != fingerprint:
             raise StoreMismatchError(
@@ -231,6 +266,8 @@ class EditStore:
             raise StoreMismatchError(
                 f"store {self.path} holds edits of method {known_method!r}, not {method!r}"
             )
+        if not write:
+            return
         with self.transaction():
             if known is None:
                 self.set_meta("fingerprint", fingerprint)
@@ -442,8 +479,7 @@ class EditStore:
         arts = bytes_to_tensors(_inside(src, "artifacts.safetensors").read_bytes())
         with self.transaction():
             for k, v in manifest["meta"].items():
-                if k != "writer":  # who held the exported store is not who holds this one
-                    self.set_meta(k, v)
+                self.set_meta(k, v)
             for e in manifest["edits"]:
                 self._db.execute(
                     "INSERT INTO edits(id, batch, request, method, status, created, updated, stats) "
