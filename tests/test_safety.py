@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import editbank
 from editbank import Editor
@@ -126,3 +127,35 @@ def test_the_same_edits_and_seed_give_bitwise_identical_artifacts(small_world, w
     assert outputs[0].keys() == outputs[1].keys() and "state.safetensors" in outputs[0]
     for name in outputs[0]:
         assert outputs[0][name] == outputs[1][name], f"{method}: {name} differs between two identical runs"
+
+
+REPAIR_UNDO = pytest.mark.xfail(strict=True, reason=(
+    "REPAIR's feedback state (its pool of failed edits, the reinitialisation counter its seeds use) is history: "
+    "undo retrains the shards but not that history, so the kept edits differ from a fresh editor's (max |logit| "
+    "difference 7.3 on the small world); issue 23"))
+
+
+@pytest.mark.parametrize("method", ["sola", "grace", "ft", "wise", pytest.param("repair", marks=REPAIR_UNDO), "rome",
+                                    "memit", "alphaedit", "metake"])
+def test_undo_is_never_receiving_the_edit(small_world, world_requests, method):
+    """Edits A, B, C then undo B is, bitwise on the CPU, a fresh editor fed A and C: an edit's randomness comes from
+    the request and the hyperparameter seed, never from its id (the fresh editor gives C another id)."""
+    from editbank.tokens import make_batch
+
+    a, b, c = world_requests[5:8]
+    ed = Editor.open(small_world.path, method=method, **FAST.get(method, {}))
+    ed.edit(a, check=False)
+    middle = ed.edit(b, check=False)
+    ed.edit(c, check=False)
+    ed.undo(middle.id)
+    fresh = Editor.open(small_world.path, method=method, **FAST.get(method, {}))
+    fresh.edit(a, check=False)
+    fresh.edit(c, check=False)
+    pairs = [(r.prompt, r.target) for r in (a, b, c)] + [p for r in (a, b, c) for p in r.locality]
+    for p in pairs:
+        batch = make_batch(ed.tokenizer, [p])
+        got = ed.logits(batch.input_ids, batch.attention_mask, batch.query_index)
+        want = fresh.logits(batch.input_ids, batch.attention_mask, batch.query_index)
+        assert torch.equal(got, want), (method, p, float((got - want).abs().max()))
+    ed.close()
+    fresh.close()
