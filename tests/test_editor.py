@@ -378,3 +378,13 @@ def test_grace_expand_widens_a_same_label_entry_and_undo_narrows_it(world_model,
             ed.close()
     probe_ed.close()
     assert found, "no paraphrase in the first 10 requests was spelled by its entry's values"
+
+
+def test_snapshots_are_counted_since_the_last_one_under_batch_calls(world_model, world_requests):
+    """Calls of 3 with snapshot_every=4 snapshot after 6 and 12 edits (a multiple-of-4 rule would wait for 12)."""
+    model, tok = world_model
+    ed = Editor(model, tok, method="ft", snapshot_every=4)
+    for i in range(4):
+        ed.edit(world_requests[3 * i : 3 * i + 3], check=False)
+    assert ed.store.snapshot_ids() == [6, 12]
+    ed.close()

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from .editor import HELD
+from ._version import __version__
+from .editor import DEFAULT_METHOD, HELD
 from .methods.base import EditFailed, EditNotWritten, ExportError
 
 app = typer.Typer(help="Lifelong, reversible knowledge editing of language models.", no_args_is_help=True,
@@ -627,7 +627,7 @@ def serve(
     token = token or secrets.token_urlsafe(24)
     sock = _bind(host, port)  # before anything is loaded or created: a busy port leaves nothing behind
     try:
-        ed = _open(model, store, method or ("sola" if not store.exists() else None), hp)
+        ed = _open(model, store, method or (DEFAULT_METHOD if not store.exists() else None), hp)
     except BaseException:
         sock.close()
         raise

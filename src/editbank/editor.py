@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from . import __version__
+from ._version import __version__
 from .methods import base as mbase
 from .models.loading import load_model, model_fingerprint
 from .models.registry import arch_of
@@ -274,7 +274,8 @@ class Editor:
                     self.store.put_artifacts(e.id, self.method.artifacts(e.id))
                     for older in s.get("supersedes", []):
                         self.store.update_edit(older, status="superseded")
-                due = self.store.count("active") % self.snapshot_every == 0
+                # counted since the last snapshot: a multiple-of-N test skips multiples under batch calls
+                due = self.store.count_after(max(self.store.snapshot_ids(), default=0)) >= self.snapshot_every
                 self._save_state(snapshot=self.method.snapshots and not self.method.state_in_artifacts and due)
         except BaseException:
             self._restore(ckpt)

@@ -328,6 +328,10 @@ class EditStore:
             return self._db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
         return self._db.execute("SELECT COUNT(*) FROM edits WHERE status=?", (status,)).fetchone()[0]
 
+    def count_after(self, edit_id: int, status: str = "active") -> int:
+        """Edits with this status and an id above `edit_id`."""
+        return self._db.execute("SELECT COUNT(*) FROM edits WHERE status=? AND id>?", (status, edit_id)).fetchone()[0]
+
     def last_id(self, status: str = "active") -> int | None:
         row = self._db.execute("SELECT MAX(id) FROM edits WHERE status=?", (status,)).fetchone()
         return row[0]

@@ -169,7 +169,7 @@ def _claim(out: Path, cfg: BenchConfig, digest: str) -> bool:
 def _environment(device: str | None, resumed: bool) -> dict[str, Any]:
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "resumed": resumed,
             "editbank": __version__, "torch": torch.__version__, "python": platform.python_version(),

@@ -198,6 +198,6 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
