@@ -257,7 +257,7 @@ class Editor:
                 first = self.store.add_edit(reqs[0], self.method.name)
                 edits = [first] + [self.store.add_edit(r, self.method.name, first.id) for r in reqs[1:]]
                 t0 = time.perf_counter()
-                with _seeded(self.seed + first.id), torch.enable_grad():
+                with _seeded(self._batch_seed(reqs)), torch.enable_grad():
                     stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
                 elapsed = time.perf_counter() - t0
                 self._check_finite(stats, edits)
@@ -282,6 +282,12 @@ class Editor:
             self._saved = {}  # the transaction rolled back: the store may not hold what was last written
             raise
         return edits[0] if single else edits
+
+    def _batch_seed(self, requests: list[EditRequest]) -> int:
+        """The torch seed an editor call runs under: from the requests and `seed`, never from edit ids, so a replay
+        and a fresh editor fed the same requests draw the same numbers (built-in methods seed themselves the same
+        way and use no global randomness; this covers a method that does)."""
+        return mbase.stable_seed(self.seed, *((r.prompt, r.target) for r in requests))
 
     def _writable(self) -> None:
         if self.read_only:
@@ -367,11 +373,11 @@ class Editor:
         groups: dict[int, list[Edit]] = {}
         for e in todo:
             groups.setdefault(e.batch, []).append(e)
-        for batch_id, group in track(
-            groups.items(), description="replaying edits", total=len(groups),
+        for group in track(
+            groups.values(), description="replaying edits", total=len(groups),
             disable=not (self.progress and len(groups) > 1), transient=True, console=Console(stderr=True),
         ):
-            with _seeded(self.seed + batch_id), torch.enable_grad():
+            with _seeded(self._batch_seed([e.request for e in group])), torch.enable_grad():
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
             self._check_finite(stats, group)
             for e in group:  # keep the stored artifacts true to the rebuilt state
