@@ -127,3 +127,22 @@ def test_mixed_batch_equals_rows_alone(method, model_type):
         q = b.prompt_len[i] - 1
         assert together[i, q].argmax() != base[i, q].argmax()
     ed.close()
+
+
+def test_every_registered_method_is_in_the_grid():
+    from editbank.methods import METHODS
+
+    assert {name for name, _ in METHOD_HPARAMS.values()} == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_HPARAMS))
+def test_close_gives_the_model_back_as_it_came(method):
+    ed, tok = tiny_editor(method, "llama")
+    model = ed.model
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ed.edit(EditRequest(prompt=PROMPT, target=runner_up_word(tok, next_token_logits(ed, PROMPT)), subject=SUBJECT),
+            check=False)
+    ed.close()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items()), "base weights restored"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "no hooks left"
+    assert "save_pretrained" not in vars(model)

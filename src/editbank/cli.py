@@ -658,12 +658,13 @@ def stats(
     """Precompute the key statistics (E[k kᵀ]) ROME/MEMIT/AlphaEdit/MetaKE use, into the editbank cache."""
     from .methods.locate.stats import precompute
     from .models.loading import load_model
-    from .world.core import WORLD_FILE, World
+    from .world.core import World
 
     try:
         layer_list = [int(x) for x in layers.split(",") if x.strip()]
         path = _resolve_model(model, progress=not json_out)
-        texts = (World.load(path).calibration_texts() or None) if (Path(path) / WORLD_FILE).is_file() else None
+        world = World.at(path)
+        texts = (world.calibration_texts() or None) if world is not None else None
         m, tok = load_model(path)
         files = precompute(m, tok, layer_list, samples, texts, str(text_file) if text_file else None)
     except (ValueError, TypeError, OSError, IndexError) as exc:

@@ -163,10 +163,10 @@ class Editor:
         if hasattr(model, "path") and not isinstance(model, (str, Path)) and not hasattr(model, "config"):
             model = model.path  # a World
         if corpus is None and isinstance(model, (str, Path)):
-            from .world.core import WORLD_FILE, World
+            from .world.core import World
 
-            if (Path(model) / WORLD_FILE).is_file():
-                world = World.load(model)
+            world = World.at(model)
+            if world is not None:
                 corpus = world.fact_prompts() or None  # a dataset world has none
                 if corpus is None:
                     warnings.warn(f"world {world.name!r} was built from a dataset and has no calibration part: the "

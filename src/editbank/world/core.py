@@ -127,6 +127,11 @@ class World:
         return cls.build(parse_spec(spec).to_dict(), **kwargs)
 
     @classmethod
+    def at(cls, path: str | os.PathLike) -> World | None:
+        """The world built in `path`, or None if `path` is not a world's directory (a plain model, say)."""
+        return cls.load(path) if (Path(path) / WORLD_FILE).is_file() else None
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> World:
         """Reopen a built world from its directory."""
         path = Path(path)
