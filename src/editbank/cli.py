@@ -362,12 +362,35 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", help="store: the edits (manifest.json + safetensors, for "
                                                       "`editbank import`); hf: the edited model as a plain "
                                                       "save_pretrained checkpoint (methods whose edits live in "
-                                                      "the weights: ft, rome, memit, alphaedit, metake).")] = "store",
-    model: Annotated[str | None, typer.Option("--model", "-m", help="With --format hf: the store's model.")] = None,
+                                                      "the weights: ft, rome, memit, alphaedit, metake); peft: "
+                                                      "every active SoLA edit as a PEFT LoRA adapter, one folder "
+                                                      "per edit id, plus the router (docs/serving.md).")] = "store",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="With --format hf or peft: the store's "
+                                                                    "model.")] = None,
 ) -> None:
-    """Export a store's edits for sharing, or the edited model as a Hugging Face checkpoint."""
-    if fmt not in ("store", "hf"):
-        _fail(f"--format {fmt!r}: expected store or hf")
+    """Export a store's edits for sharing, the edited model as a Hugging Face checkpoint, or SoLA's edits as PEFT
+    adapters with their router."""
+    if fmt not in ("store", "hf", "peft"):
+        _fail(f"--format {fmt!r}: expected store, hf or peft")
+    if fmt == "peft":
+        from .methods.sola_export import export_peft
+
+        if model is None:
+            _fail("--format peft needs --model, the model the store was made for")
+        if not store.exists():
+            _fail(f"no store at {store}")
+        ed = _open(model, store, None, read_only=True)
+        try:
+            if ed.method.name != "sola":
+                _fail(f"--format peft exports SoLA's per-edit LoRAs; this store's method is {ed.method.name}")
+            ids = export_peft(ed.method, folder, base_model=_resolve_model(model, progress=False))
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
+        finally:
+            ed.close()
+        err_console.print(f"wrote {len(ids)} PEFT adapter(s) and the router to", highlight=False)
+        print(folder)
+        return
     if fmt == "hf":
         if model is None:
             _fail("--format hf needs --model, the model the store was made for")
@@ -441,6 +464,30 @@ def ask(
         console.print(f"[bold]{prompt}[/bold][green]{edited}[/green]")
         if base != edited:
             console.print(f"[dim]unedited: {prompt}{base}[/dim]")
+
+
+@app.command()
+def route(
+    prompts: Annotated[list[str], typer.Argument(help="Prompt(s) to route.")],
+    model: ModelOpt = "world:default",
+    store: StoreOpt = Path("edits.db"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Which SoLA edit would answer each prompt (none: the base model answers)."""
+    if not store.exists():
+        _fail(f"no store at {store}")
+    ed = _open(model, store, None, json_out=json_out, read_only=True)
+    try:
+        if not hasattr(ed.method, "routes"):
+            _fail(f"method {ed.method.name} has no content router (SoLA has)")
+        owners = ed.method.routes(list(prompts))
+    finally:
+        ed.close()
+    if json_out:
+        print(json.dumps([{"prompt": p, "edit": o} for p, o in zip(prompts, owners)]))
+    else:
+        for p, o in zip(prompts, owners):
+            console.print(f"{'-' if o is None else o}\t{escape(p)}", highlight=False)
 
 
 @app.command("eval")

@@ -62,6 +62,11 @@ class EditIn(BaseModel):
     check: bool = True  # refuse (422) an edit that did not take; false keeps it, marked "written": false
 
 
+class RouteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=64)]
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
 
@@ -146,6 +151,15 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": config.name, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
+
+    @app.post("/v1/route")
+    def route(body: RouteIn) -> dict[str, Any]:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not hasattr(editor.method, "routes"):
+            raise HTTPException(400, f"method {editor.method.name} has no content router (SoLA has)")
+        with guard.read():
+            owners = editor.method.routes(prompts)
+        return {"object": "list", "data": [{"prompt": p, "edit": o} for p, o in zip(prompts, owners)]}
 
     @app.get("/v1/edits")
     def list_edits(status: Literal["active", "reverted", "superseded"] | None = None) -> dict[str, Any]:

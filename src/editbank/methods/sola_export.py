@@ -1,0 +1,71 @@
+"""SoLA's bank as standard PEFT LoRA adapters (one folder per active edit) plus its router, for serving engines.
+
+An engine that serves many LoRA adapters by name (vLLM `--enable-lora`, LoRAX, S-LoRA) cannot route by content;
+SoLA is exactly "one LoRA per edit plus a router". The export writes, in the folder:
+- `<edit id>/adapter_config.json` + `adapter_model.safetensors`: a PEFT LoRA (r = SoLA's rank, lora_alpha = rank x
+  lora_scale so PEFT's scaling lora_alpha / r is SoLA's scale) on exactly SoLA's modules (full module names);
+  `peft.PeftModel.from_pretrained(base, folder / str(id))` answers a routed prompt as editbank's edited model does;
+- `router.safetensors` (`keys` [N, D], the raw keys; `edit_ids` [N]; `center` and, when whitening is on,
+  `projection`) and `router.json` (how to compute a query and compare it: the module whose input at the last prompt
+  token is the key, computed by the base model with no adapter, the transform, the distance, alpha). A prompt
+  routes to edit `edit_ids[j*]` where j* is its nearest key, if that distance is below alpha; otherwise the base
+  model (no adapter) answers. `editbank route` and `POST /v1/route` compute the same decision.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+ROUTER_FORMAT = "editbank-sola-router/1"
+
+
+def export_peft(method, folder: str | Path, base_model: str | None = None) -> list[int]:
+    """Write every active edit of a SoLA method as a PEFT LoRA adapter and the router; returns the edit ids."""
+    out = Path(folder)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder")
+    if method.alpha is None:
+        raise ValueError("the SoLA bank has no calibration yet (no edit was ever made): nothing to export")
+    bank, hp = method.bank, method.hparams
+    active = [eid for eid, slot in sorted(bank.slot_of.items()) if torch.isfinite(bank.offset[slot])]
+    transposed = [method.arch.weight_out_in(m) is not m.weight for m in method.modules]
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": hp.rank, "lora_alpha": hp.rank * hp.lora_scale,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": list(method.paths), "fan_in_fan_out": any(transposed),
+        "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
+        "base_model_name_or_path": base_model,
+    }
+    keys = []
+    for eid in active:
+        key, A, B = bank.lora(eid)
+        keys.append(key.float().cpu())
+        tensors = {}
+        for path, a, b in zip(method.paths, A, B):
+            tensors[f"base_model.model.{path}.lora_A.weight"] = a.float().cpu().contiguous()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = b.float().cpu().contiguous()
+        d = out / str(eid)
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    router: dict[str, torch.Tensor] = {
+        "keys": torch.stack(keys) if keys else torch.zeros(0, bank.key_dim),
+        "edit_ids": torch.tensor(active, dtype=torch.int64),
+        "center": bank.center.float().cpu(),
+    }
+    if bank.projection is not None:
+        router["projection"] = bank.projection.float().cpu()
+    save_file(router, str(out / "router.safetensors"))
+    info: dict[str, Any] = {
+        "format": ROUTER_FORMAT, "key_module": method.paths[0], "key": "input of key_module at the last prompt "
+        "token, base model, no adapter", "transform": "(key - center) @ projection" if bank.projection is not None
+        else "key - center", "distance": hp.distance, "alpha": method.alpha, "edits": active,
+        "adapters": {str(e): str(e) for e in active}, "base_model": base_model,
+    }
+    (out / "router.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return active

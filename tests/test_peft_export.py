@@ -1,0 +1,75 @@
+"""SoLA's edits as standard PEFT adapters plus a router: routed prompts answer as editbank does, others as the base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from editbank import Editor, load_model
+from editbank.cli import app
+from editbank.tokens import make_batch
+
+peft = pytest.importorskip("peft")
+runner = CliRunner()
+
+
+def _logits(model, tok, prompt, target):
+    b = make_batch(tok, [(prompt, target)])
+    with torch.no_grad():
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[0]
+
+
+def test_each_adapter_is_its_edit_and_the_router_picks_it(small_world, world_requests, tmp_path):
+    db, out, model = tmp_path / "s.db", tmp_path / "peft", str(small_world.path)
+    reqs = world_requests[:4]
+    ed = Editor.open(model, method="sola", store=db)
+    edits = ed.edit(reqs)
+    probes = [p for r in reqs for p in r.locality]
+    unrouted = [p for p, o in zip(probes, ed.method.routes([p for p, _ in probes])) if o is None]
+    def edited(prompt, target):  # routed at the last prompt token, as in generation
+        b = make_batch(ed.tokenizer, [(prompt, target)])
+        return ed.logits(b.input_ids, b.attention_mask, b.query_index)[0]
+
+    want = {e.id: edited(r.prompt, r.target) for e, r in zip(edits, reqs)}
+    want_probes = [edited(*p) for p in unrouted]
+    ed.close()
+    res = runner.invoke(app, ["export", str(out), "--store", str(db), "--format", "peft", "--model", model])
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "router.json").read_text())
+    assert info["edits"] == [e.id for e in edits] and info["alpha"] > 0
+    res = runner.invoke(app, ["route", *[r.prompt for r in reqs], unrouted[0][0], "--model", model, "--store",
+                              str(db), "--json"])
+    assert [x["edit"] for x in json.loads(res.stdout)] == [*[e.id for e in edits], None]
+    for e, r in zip(edits, reqs):
+        base, tok = load_model(model)
+        tuned = peft.PeftModel.from_pretrained(base, str(out / str(e.id)))
+        got = _logits(tuned, tok, r.prompt, r.target)
+        torch.testing.assert_close(got, want[e.id], rtol=0, atol=1e-5)
+    base, tok = load_model(model)
+    assert len(unrouted) >= 2
+    for (p, a), w in zip(unrouted, want_probes):
+        torch.testing.assert_close(_logits(base, tok, p, a), w, rtol=0, atol=0)
+
+
+def test_peft_export_is_for_sola_and_route_is_served(small_world, world_requests, tmp_path):
+    db = tmp_path / "g.db"
+    ed = Editor.open(small_world.path, method="grace", store=db)
+    ed.edit(world_requests[0], check=False)
+    ed.close()
+    res = runner.invoke(app, ["export", str(tmp_path / "p"), "--store", str(db), "--format", "peft", "--model",
+                              str(small_world.path)])
+    assert res.exit_code == 2 and "SoLA" in res.stderr
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from editbank.serve import ServeConfig, create_app
+
+    ed = Editor.open(small_world.path, method="sola", store=tmp_path / "s.db")
+    e = ed.edit(world_requests[1])
+    client = TestClient(create_app(ed, ServeConfig(token="t" * 24)))
+    res = client.post("/v1/route", json={"prompt": [world_requests[1].prompt, "Unrelated words here"]})
+    assert res.status_code == 200 and [x["edit"] for x in res.json()["data"]] == [e.id, None]
+    ed.close()
