@@ -43,6 +43,18 @@ def test_each_adapter_is_its_edit_and_the_router_picks_it(small_world, world_req
     res = runner.invoke(app, ["route", *[r.prompt for r in reqs], unrouted[0][0], "--model", model, "--store",
                               str(db), "--json"])
     assert [x["edit"] for x in json.loads(res.stdout)] == [*[e.id for e in edits], None]
+    # the documented recipe, from the exported files alone, decides as editbank does
+    from safetensors.torch import load_file
+
+    router = load_file(str(out / "router.safetensors"))
+    reader = Editor.open(model, store=db, read_only=True)
+    prompts = [r.prompt for r in reqs] + [p for p, _ in probes]
+    z = torch.nn.functional.normalize((torch.stack([reader.method.key_of(p) for p in prompts]) - router["center"])
+                                      @ router["projection"], dim=1)
+    dist, j = (1 - z @ router["index_keys"].T).min(1)
+    recipe = [int(router["edit_ids"][k]) if d < info["alpha"] else None for d, k in zip(dist.tolist(), j.tolist())]
+    assert recipe == reader.method.routes(prompts)
+    reader.close()
     for e, r in zip(edits, reqs):
         base, tok = load_model(model)
         tuned = peft.PeftModel.from_pretrained(base, str(out / str(e.id)))

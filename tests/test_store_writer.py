@@ -147,3 +147,26 @@ def test_read_only_editors_read_a_held_store_and_cannot_write(world_model, small
         reader.undo(1)
     reader.close()
     ed.close()
+
+
+def test_a_reader_opens_while_the_writer_is_inside_a_transaction(tmp_path):
+    path = tmp_path / "e.db"
+    writer = EditStore(path)
+    writer.lock_for_writing()
+    with writer.transaction():  # an edit in progress holds SQLite's write lock for its whole length
+        writer.set_meta("busy", True)
+        reader = EditStore(path)  # used to start a write transaction of its own and fail after 5 s
+        assert reader.count() == 0 and reader.get_meta("busy") is None
+        reader.close()
+    writer.close()
+
+
+def test_a_failed_import_leaves_no_file_and_an_import_is_a_writer(tmp_path):
+    folder = tmp_path / "not-an-export"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"format": "editbank-store", "schema_version": 1, "meta": {}, '
+                                          '"edits": "bad"}')
+    (folder / "artifacts.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError):
+        EditStore.import_folder(folder, tmp_path / "new.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-an-export"]

@@ -294,14 +294,14 @@ def edit(
                     break
         if sig.stop and len(done) < len(todo):
             failure, code = (f"interrupted: {len(done)} of {len(todo)} edit(s) applied; run the same command "
-                             "again to apply the rest (active requests are skipped)"), 130
+                             "again to apply the rest (requests already in the store are skipped)"), 130
     except EditNotWritten as exc:
         failure, code = f"{exc}\n({len(done)} of {len(todo)} edits applied)", 1
     except (ValueError, TypeError, EditFailed) as exc:
         failure = f"{exc} ({len(done)} of {len(todo)} edits applied)"
     except KeyboardInterrupt:
-        failure, code = (f"interrupted: {len(done)} of {len(todo)} edit(s) applied (the one running was rolled "
-                         "back); run the same command again to apply the rest"), 130
+        failure, code = (f"interrupted: {len(done)} of {len(todo)} edit(s) applied (an edit interrupted before its "
+                         "commit was rolled back); run the same command again to apply the rest"), 130
     finally:
         ed.close(discard_if_new=True)  # a store this command created and never wrote to is not left behind
     if json_out:
@@ -582,6 +582,7 @@ def bench(
         method, sep, file = spec.partition("=")
         if not sep:
             _fail(f"--hparams expects METHOD=FILE, got {spec!r}")
+        method = method.strip().lower()
         per.setdefault(method, {}).update(_hparams_file(Path(file), method))
     for item in hp or []:
         key = item.split("=", 1)[0]
@@ -590,13 +591,14 @@ def bench(
             if len(names) != 1:
                 _fail(f"--hp {item!r}: with several methods, name one (METHOD.key=value)")
             method, name = names[0], key
+        method = method.strip().lower()
         per.setdefault(method, {}).update(_parse_hparams([f"{name}={item.split('=', 1)[1]}" if "=" in item
                                                           else item]))
     try:
         cfg = BenchConfig(methods=names, data=data, edits=[int(x) for x in edits.split(",") if x.strip()],
                           seeds=[int(x) for x in seeds.split(",") if x.strip()], protocol=protocol, batch=batch,
                           undo_fraction=undo_fraction, eval_every=eval_every,
-                          undo_methods=[m.strip() for m in undo_methods.split(",")] if undo_methods else None,
+                          undo_methods=[m.strip().lower() for m in undo_methods.split(",")] if undo_methods else None,
                           model=_resolve_model(model) if model else None, hparams=per, presets=not no_presets)
         if shard is not None and report:
             raise BenchError("--shard runs cells and --report writes the summary: give one of them")

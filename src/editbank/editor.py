@@ -79,6 +79,8 @@ class Editor:
         self.arch = arch_of(model)
         self.read_only = read_only  # generate and evaluate only: no writer lock, nothing written to the store
         own_store = not isinstance(store, EditStore)
+        if read_only and own_store and store is not None and not Path(store).exists():
+            raise ValueError(f"no store at {store} (a read-only editor opens an existing store)")
         self.store = EditStore(store) if own_store else store
         try:
             if not read_only:

@@ -124,11 +124,14 @@ class EditStore:
             if self.path is not None:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
-            with self.transaction():
-                for statement in _split(_SCHEMA):
-                    self._db.execute(statement)
-                if self.get_meta("schema_version") is None:
-                    self.set_meta("schema_version", SCHEMA_VERSION)
+            if self._schema_version() is None:  # a new store: a write; an existing one is only read (readers
+                with self.transaction():         # must not wait for, or block, a writer's long transaction)
+                    for statement in _split(_SCHEMA):
+                        self._db.execute(statement)
+                    if self.get_meta("schema_version") is None:
+                        self.set_meta("schema_version", SCHEMA_VERSION)
+            if self.path is not None:
+                self._inode = os.stat(self.path).st_ino  # the file this object opened (see lock_for_writing)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise ValueError(f"{self.path} is not an editbank store: {exc}") from None
@@ -136,6 +139,12 @@ class EditStore:
         if version != SCHEMA_VERSION:
             self._db.close()
             raise ValueError(f"store {self.path} has schema version {version}; this editbank reads {SCHEMA_VERSION}")
+
+    def _schema_version(self) -> Any:
+        try:
+            return self.get_meta("schema_version")
+        except sqlite3.OperationalError:  # no meta table yet
+            return None
 
     def close(self) -> None:
         self._db.close()
@@ -181,10 +190,23 @@ class EditStore:
             if same:
                 break
             os.close(fd)
-        command = " ".join(["editbank" if "editbank" in Path(sys.argv[0]).name or sys.argv[0].endswith("cli.py")
-                            else Path(sys.argv[0]).name, *[a for a in sys.argv[1:2] if not a.startswith("-")]])
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}).encode())
+        try:
+            try:  # a writer that discarded a new store between our open and our lock: we hold an unlinked file
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != self._inode:
+                raise StoreBusyError(f"store {self.path} was removed or replaced while it was being opened; open it "
+                                     "again")
+            argv = sys.argv or [""]
+            command = " ".join(["editbank" if "editbank" in Path(argv[0]).name or argv[0].endswith("cli.py")
+                                else Path(argv[0]).name, *[a for a in argv[1:2] if not a.startswith("-")]])
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}).encode())
+        except BaseException:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _holder(self) -> str:
@@ -463,17 +485,14 @@ class EditStore:
             if not isinstance(snap, dict) or type(snap.get("after_edit")) is not int:
                 raise ValueError(f"{src}: manifest snapshot entries need an integer after_edit, got {snap!r}")
         _inside(src, "artifacts.safetensors")
-        fresh = path is not None and not Path(path).exists()
         store = cls(path)
         try:
+            store.lock_for_writing()  # an import is a writer like any other
             if store.count() or store.get_meta("fingerprint") is not None:
                 raise ValueError(f"store {path} already holds edits; import into a new file")
             store._import(src, manifest)
         except BaseException as exc:
-            store.close()
-            if fresh:  # a failed import leaves no file behind
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            store.discard_if_new()  # a failed import leaves no file behind (a store it created, under its lock)
             if isinstance(exc, (ValueError, OSError)) or not isinstance(exc, Exception):
                 raise
             raise ValueError(f"{src} is a malformed editbank store export: {type(exc).__name__}: {exc}") from None

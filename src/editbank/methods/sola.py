@@ -80,7 +80,9 @@ class SolaHparams:
     index_candidates: int = 16  # with index="faiss": candidates re-scored exactly per query
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
     calibration_seed: int = 0
-    seed: int = 0  # an edit's LoRA initialisation derives from this and the request (never from its edit id)
+    # an edit's LoRA initialisation derives from this and the request (never from its edit id); the editor's own
+    # seed does not reach it, so a bench's seeds vary SoLA's stream, not its initialisation (vary this for that)
+    seed: int = 0
     preset: str | None = None  # "paper": SGD, lr 0.05, cosine, 40 steps, alpha 0.01 (fills fields left at default)
 
     def validate(self) -> None:

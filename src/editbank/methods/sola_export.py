@@ -41,10 +41,23 @@ def export_peft(method, folder: str | Path, base_model: str | None = None) -> li
         "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
         "base_model_name_or_path": base_model,
     }
-    keys = []
+    try:
+        _write(method, out, active, config, base_model)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # no half-written export
+        raise
+    return active
+
+
+def _write(method, out: Path, active: list[int], config: dict[str, Any], base_model: str | None) -> None:
+    bank, hp = method.bank, method.hparams
+    keys, index_keys = [], []
     for eid in active:
         key, A, B = bank.lora(eid)
         keys.append(key.float().cpu())
+        index_keys.append(bank.index_keys[bank.slot_of[eid]].float().cpu())
         tensors = {}
         for path, a, b in zip(method.paths, A, B):
             tensors[f"base_model.model.{path}.lora_A.weight"] = a.float().cpu().contiguous()
@@ -55,6 +68,8 @@ def export_peft(method, folder: str | Path, base_model: str | None = None) -> li
         save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
     router: dict[str, torch.Tensor] = {
         "keys": torch.stack(keys) if keys else torch.zeros(0, bank.key_dim),
+        # the keys as compared: transformed (and unit-norm for cosine), index_dim wide instead of the module's input
+        "index_keys": torch.stack(index_keys) if index_keys else torch.zeros(0, bank.index_dim),
         "edit_ids": torch.tensor(active, dtype=torch.int64),
         "center": bank.center.float().cpu(),
     }
@@ -64,8 +79,9 @@ def export_peft(method, folder: str | Path, base_model: str | None = None) -> li
     info: dict[str, Any] = {
         "format": ROUTER_FORMAT, "key_module": method.paths[0], "key": "input of key_module at the last prompt "
         "token, base model, no adapter", "transform": "(key - center) @ projection" if bank.projection is not None
-        else "key - center", "distance": hp.distance, "alpha": method.alpha, "edits": active,
-        "adapters": {str(e): str(e) for e in active}, "base_model": base_model,
+        else "key - center", "distance": hp.distance,
+        "compare": "1 - cos(transform(query), transform(key)) < alpha" if hp.distance == "cosine"
+        else "|transform(query) - transform(key)| < alpha", "alpha": method.alpha, "edits": active,
+        "adapter_folders": "one per edit, named by its id", "base_model": base_model,
     }
     (out / "router.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-    return active
