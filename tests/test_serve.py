@@ -131,3 +131,11 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path):
                              env={"EDITBANK_TOKEN": ""})
     assert res.exit_code == 2 and "without a token" in res.output
     assert not (tmp_path / "s.db").exists()
+
+
+def test_models_lists_the_served_model(served):
+    ed, client = served
+    res = client.get("/v1/models")
+    assert res.status_code == 200
+    (m,) = res.json()["data"]
+    assert m["object"] == "model" and m["id"] == complete(client, "a")["model"] and "sola" in m["owned_by"]

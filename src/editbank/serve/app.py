@@ -152,6 +152,13 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
                 "model": config.name, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
 
+    started = int(time.time())
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:  # what OpenAI clients call first (`client.models.list()`)
+        return {"object": "list", "data": [{"id": config.name, "object": "model", "created": started,
+                                            "owned_by": f"editbank ({editor.method.name} edits)"}]}
+
     @app.post("/v1/route")
     def route(body: RouteIn) -> dict[str, Any]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
