@@ -355,6 +355,21 @@ def ls(
     console.print(_edit_table(edits))
 
 
+def _export_hf(ed, folder: Path) -> str:
+    ed.save_pretrained(folder)
+    return (f"wrote the edited model ({ed.method.name}, {ed.store.count('active')} active edit(s)) as a checkpoint "
+            "(from_pretrained loads it):")
+
+
+def _export_peft(ed, folder: Path, model: str) -> str:
+    from .methods.sola_export import export_peft
+
+    if ed.method.name != "sola":
+        raise ValueError(f"--format peft exports SoLA's per-edit LoRAs; this store's method is {ed.method.name}")
+    ids = export_peft(ed.method, folder, base_model=_resolve_model(model, progress=False))
+    return f"wrote {len(ids)} PEFT adapter(s) and the router to"
+
+
 @app.command("export")
 def export_cmd(
     folder: Annotated[Path, typer.Argument(help="Empty or new folder to write.")],
@@ -372,40 +387,19 @@ def export_cmd(
     adapters with their router."""
     if fmt not in ("store", "hf", "peft"):
         _fail(f"--format {fmt!r}: expected store, hf or peft")
-    if fmt == "peft":
-        from .methods.sola_export import export_peft
-
+    if fmt in ("hf", "peft"):
         if model is None:
-            _fail("--format peft needs --model, the model the store was made for")
+            _fail(f"--format {fmt} needs --model, the model the store was made for")
         if not store.exists():
             _fail(f"no store at {store}")
         ed = _open(model, store, None, read_only=True)
         try:
-            if ed.method.name != "sola":
-                _fail(f"--format peft exports SoLA's per-edit LoRAs; this store's method is {ed.method.name}")
-            ids = export_peft(ed.method, folder, base_model=_resolve_model(model, progress=False))
-        except (ValueError, OSError) as exc:
-            _fail(str(exc))
-        finally:
-            ed.close()
-        err_console.print(f"wrote {len(ids)} PEFT adapter(s) and the router to", highlight=False)
-        print(folder)
-        return
-    if fmt == "hf":
-        if model is None:
-            _fail("--format hf needs --model, the model the store was made for")
-        if not store.exists():
-            _fail(f"no store at {store}")
-        ed = _open(model, store, None, read_only=True)
-        try:
-            ed.save_pretrained(folder)
-            what = f"{ed.method.name}, {ed.store.count('active')} active edit(s)"
+            what = _export_peft(ed, folder, model) if fmt == "peft" else _export_hf(ed, folder)
         except (ExportError, ValueError, TypeError, OSError) as exc:
             _fail(str(exc))
         finally:
             ed.close()
-        err_console.print(f"wrote the edited model ({what}) as a checkpoint (from_pretrained loads it):",
-                          highlight=False)
+        err_console.print(what, highlight=False)
         print(folder)
         return
     st = _existing_store(store)
