@@ -1,17 +1,16 @@
-"""Load test of `editbank serve`: N concurrent clients for a bounded time, then a check of the store.
+"""Load test of `editbank serve`: throughput and latency, batched vs one request at a time, then a check of the store.
 
-Starts `editbank serve` on a free loopback port (its own process) with a fresh store. Each client loops, choosing:
+Starts `editbank serve` on a free loopback port (its own process, one thread) with a fresh store, twice: with
+`--max-batch 1` (one request at a time) and batched (`--max-batch 32`). In one run it measures:
 
-- a completion (most requests);
-- an edit of a fact no one has edited yet;
-- an undo of one of its own acknowledged edits;
-- a deliberate bad request: no token (401), an oversized body (413) or malformed JSON (422).
+1. completions only (8-token greedy), at 1, 4 and 16 clients, on both servers: throughput and p50/p99;
+2. on the batched server: completion p50/p99 at 16 clients while one more client streams edits and undos, against
+   the idle figure of step 1;
+3. on the batched server: the mixed load (completions, edits, undos, deliberate bad requests: no token 401, an
+   oversized body 413, malformed JSON 422) at `--clients`, then, with the server stopped, that the store holds
+   exactly the acknowledged edits (no lost or phantom edits), each with the status its acknowledgements imply.
 
-It reports p50/p99 latency per kind, throughput and any unexpected status. Afterwards, with the server stopped, it
-opens the store file and checks that it holds exactly the acknowledged edits (no lost or phantom edits), each
-with the status its acknowledgements imply.
-
-    python benchmarks/serve_load.py --clients 16 --seconds 60 [--model world:default] [--method sola]
+    python benchmarks/serve_load.py [--seconds 20] [--clients 16] [--model world:default] [--method sola]
 """
 
 from __future__ import annotations
@@ -59,20 +58,24 @@ class Shared:
             return self.pool.pop() if self.pool else None
 
 
-def client(base: str, shared: Shared, stop: float, seed: int, prompts: list[str]) -> None:
+MIXED = (("completion", 0.7), ("edit", 0.15), ("undo", 0.1), ("bad", 0.05))
+
+
+def client(base: str, shared: Shared, stop: float, seed: int, prompts: list[str], mix=MIXED) -> None:
     rng = random.Random(seed)
     mine: list[int] = []
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    kinds, weights = zip(*mix)
     with httpx.Client(base_url=base, timeout=120) as http:
         while time.time() < stop:
-            roll = rng.random()
-            kind = "completion" if roll < 0.7 else "edit" if roll < 0.85 else "undo" if roll < 0.95 else "bad"
+            kind = rng.choices(kinds, weights)[0]
             t0 = time.perf_counter()
             if kind == "completion":
-                res, want = http.post("/v1/completions", json={"prompt": rng.choice(prompts), "max_tokens": 6}), 200
+                res, want = http.post("/v1/completions", json={"prompt": rng.choice(prompts), "max_tokens": 8}), 200
             elif kind == "edit":
                 req = shared.next_request()
                 if req is None:
+                    time.sleep(0.01)
                     continue
                 # check: False: this measures load; an edit that does not take would be a 422, not an ack
                 body = {"prompt": req.prompt, "target": req.target, "subject": req.subject, "check": False}
@@ -83,6 +86,7 @@ def client(base: str, shared: Shared, stop: float, seed: int, prompts: list[str]
                         shared.acked[res.json()["id"]] = "active"
             elif kind == "undo":
                 if not mine:
+                    time.sleep(0.01)
                     continue
                 eid = mine.pop(rng.randrange(len(mine)))
                 res, want = http.delete(f"/v1/edits/{eid}", headers=auth), 200
@@ -111,73 +115,132 @@ def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
 
 
+class Server:
+    """`editbank serve` in its own process on a free port, with a fresh store in `folder`."""
+
+    def __init__(self, world, method: str, max_batch: int, folder: Path) -> None:
+        self.store = folder / f"serve-{max_batch}.db"
+        port = free_port()
+        env = {**os.environ, "EDITBANK_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "editbank.cli", "serve", "--model", str(world.path),
+                                      "--method", method, "--store", str(self.store), "--port", str(port),
+                                      "--max-batch", str(max_batch)],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(self.base + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def load(base: str, shared: Shared, seconds: float, groups: list[tuple[int, tuple]], prompts: list[str]) -> float:
+    """Run `n` clients of each mix for `seconds`; return the wall time."""
+    stop = time.time() + seconds
+    threads, seed = [], 0
+    for n, mix in groups:
+        for _ in range(n):
+            threads.append(threading.Thread(target=client, args=(base, shared, stop, seed, prompts, mix)))
+            seed += 1
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.time() - t0
+
+
+def figures(shared: Shared, wall: float, kind: str = "completion") -> dict:
+    xs = shared.lat[kind]
+    return {"n": len(xs), "rps": round(len(xs) / wall, 1), "p50_ms": round(1000 * pct(xs, 50), 1),
+            "p99_ms": round(1000 * pct(xs, 99), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--clients", type=int, default=16, help="clients of the mixed load (step 3)")
+    ap.add_argument("--seconds", type=float, default=20, help="seconds of each measurement")
     ap.add_argument("--model", default="world:default")
     ap.add_argument("--method", default="sola")
+    ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     world = World.build(args.model.split(":", 1)[1], progress=False)
     requests = world.edit_requests(n=len(world.editable_facts), seed=0)
     prompts = [r.prompt for r in requests] + [p for r in requests for p, _ in r.locality][:200]
-    port = free_port()
+    only = (("completion", 1.0),)
+    edits = (("edit", 0.7), ("undo", 0.3))
+    out: dict = {"model": args.model, "method": args.method, "seconds": args.seconds, "throughput": {}}
+    unexpected: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "serve.db"
-        env = {**os.environ, "EDITBANK_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "editbank.cli", "serve", "--model", str(world.path),
-                                 "--method", args.method, "--store", str(store), "--port", str(port)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
+        for batch in (1, args.max_batch):
+            server = Server(world, args.method, batch, Path(tmp))
             try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"the server did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.2)
-        shared = Shared(requests)
-        stop = time.time() + args.seconds
-        threads = [threading.Thread(target=client, args=(base, shared, stop, i, prompts)) for i in range(args.clients)]
-        t0 = time.time()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.time() - t0
-        live = {e["id"]: e["status"] for e in httpx.get(base + "/v1/edits", timeout=60).json()["data"]}
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        stored = {e.id: e.status for e in EditStore(store).edits()}
-    lost = sorted(set(shared.acked) - set(stored))
-    phantom = sorted(set(stored) - set(shared.acked))
-    wrong = sorted(e for e in shared.acked if e in stored and stored[e] != shared.acked[e])
-    n = sum(len(v) for v in shared.lat.values())
-    fig = {"clients": args.clients, "seconds": round(wall, 1), "requests": n, "throughput_rps": round(n / wall, 1),
-           "by_kind": {k: {"n": len(v), "p50_ms": round(1000 * pct(v, 50), 1), "p99_ms": round(1000 * pct(v, 99), 1)}
-                       for k, v in shared.lat.items() if v},
-           "deliberate_bad_requests": shared.deliberate, "unexpected": len(shared.unexpected),
-           "acknowledged_edits": len(shared.acked), "acknowledged_undos": sum(s == "reverted" for s in
-                                                                             shared.acked.values()),
-           "store_edits": len(stored), "lost": lost, "phantom": phantom, "wrong_status": wrong,
-           "api_matches_store": live == stored}
+                for n in (1, 4, 16):
+                    shared = Shared([])
+                    wall = load(server.base, shared, args.seconds, [(n, only)], prompts)
+                    out["throughput"][f"max_batch={batch} clients={n}"] = figures(shared, wall)
+                    unexpected += shared.unexpected
+                if batch == args.max_batch:
+                    shared = Shared(requests)
+                    wall = load(server.base, shared, args.seconds, [(16, only), (1, edits)], prompts)
+                    out["while_edits"] = {**figures(shared, wall), "edits": len(shared.lat["edit"]),
+                                          "undos": len(shared.lat["undo"]),
+                                          "edit_p50_ms": figures(shared, wall, "edit")["p50_ms"]}
+                    unexpected += shared.unexpected
+                    mixed = Shared(shared.pool)  # the edits acknowledged so far are in the store too
+                    mixed.acked = dict(shared.acked)
+                    load(server.base, mixed, args.seconds, [(args.clients, MIXED)], prompts)
+                    listed = httpx.get(server.base + "/v1/edits", timeout=60).json()["data"]
+                    live = {e["id"]: e["status"] for e in listed}
+                    unexpected += mixed.unexpected
+            finally:
+                server.stop()
+        stored = {e.id: e.status for e in EditStore(server.store).edits()}
+    acked = {**mixed.acked}
+    lost = sorted(set(acked) - set(stored))
+    phantom = sorted(set(stored) - set(acked))
+    wrong = sorted(e for e in acked if e in stored and stored[e] != acked[e])
+    t = out["throughput"]
+    one, many = t["max_batch=1 clients=16"]["rps"], t[f"max_batch={args.max_batch} clients=16"]["rps"]
+    idle = t[f"max_batch={args.max_batch} clients=16"]["p99_ms"]
+    out.update(batched_vs_one_at_16=round(many / max(one, 1e-9), 2),
+               p99_while_edits_vs_idle=round(out["while_edits"]["p99_ms"] / max(idle, 1e-9), 2),
+               mixed={"clients": args.clients, "by_kind": {k: {"n": len(v), "p50_ms": round(1000 * pct(v, 50), 1),
+                                                                "p99_ms": round(1000 * pct(v, 99), 1)}
+                                                            for k, v in mixed.lat.items() if v},
+                      "deliberate_bad_requests": mixed.deliberate, "acknowledged_edits": len(acked),
+                      "store_edits": len(stored), "lost": lost, "phantom": phantom, "wrong_status": wrong,
+                      "api_matches_store": live == stored},
+               unexpected=len(unexpected))
     if args.json:
-        print(json.dumps(fig))
+        print(json.dumps(out))
     else:
-        for k, v in fig["by_kind"].items():
-            print(f"{k:>10}: n={v['n']:5d}  p50 {v['p50_ms']:8.1f} ms  p99 {v['p99_ms']:8.1f} ms")
-        print(f"{n} requests in {wall:.1f} s = {fig['throughput_rps']} req/s from {args.clients} clients; "
-              f"{shared.deliberate} deliberate bad requests answered as expected; {len(shared.unexpected)} unexpected")
-        for u in shared.unexpected[:10]:
+        print(f"{args.method} on {args.model}; {args.seconds:g} s per measurement; 8-token greedy completions")
+        for name, f in t.items():
+            print(f"  {name:>26}: {f['rps']:7.1f} completions/s  p50 {f['p50_ms']:7.1f} ms  p99 {f['p99_ms']:7.1f} ms")
+        w = out["while_edits"]
+        print(f"  16 clients + 1 editing ({w['edits']} edits, {w['undos']} undos, edit p50 {w['edit_p50_ms']} ms): "
+              f"{w['rps']} completions/s, p99 {w['p99_ms']} ms")
+        print(f"batched / one at a time at 16 clients: x{out['batched_vs_one_at_16']}; completion p99 while edits / "
+              f"idle: x{out['p99_while_edits_vs_idle']}")
+        mx = out["mixed"]
+        for k, v in mx["by_kind"].items():
+            print(f"  mixed {k:>10}: n={v['n']:5d}  p50 {v['p50_ms']:8.1f} ms  p99 {v['p99_ms']:8.1f} ms")
+        print(f"store: {len(stored)} edits; acknowledged {len(acked)}; lost {lost}; phantom {phantom}; wrong status "
+              f"{wrong}; API list == store: {mx['api_matches_store']}; unexpected statuses {len(unexpected)}")
+        for u in unexpected[:10]:
             print("  unexpected:", u)
-        print(f"store: {len(stored)} edits; acknowledged {len(shared.acked)} edits and {fig['acknowledged_undos']} "
-              f"undos; lost {lost}; phantom {phantom}; wrong status {wrong}; API list == store: "
-              f"{fig['api_matches_store']}")
-    if lost or phantom or wrong or shared.unexpected:
+    if lost or phantom or wrong or unexpected:
         raise SystemExit(1)
 
 

@@ -90,7 +90,7 @@ def test_bad_requests_get_the_right_status_and_change_nothing(served, world_requ
     if status == 401:
         assert res.headers["WWW-Authenticate"] == "Bearer"
     assert ed.edits() == [] and client.get("/v1/edits").json()["data"] == []
-    assert client.post("/v1/completions", json={"prompt": r.prompt, "n": 2}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": r.prompt, "n": 9}).status_code == 422
 
 
 def test_a_completion_during_a_long_edit_gets_503_then_the_new_state(served, world_requests, monkeypatch):

@@ -651,9 +651,13 @@ def serve(
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
     read_timeout: Annotated[float, typer.Option(help="Seconds a completion waits for a running edit "
                                                      "before 503.")] = 10.0,
+    max_batch: Annotated[int, typer.Option(help="Completion rows per shared forward batch (1: one request at "
+                                                "a time).", min=1)] = 32,
+    access_log: Annotated[bool, typer.Option(help="One JSON line per request on stderr.")] = False,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="Hyperparameter key=value (new store).")] = None,
 ) -> None:
-    """Serve the edited model over HTTP: completions, edits and undos live, and a web page at /."""
+    """Serve the edited model over HTTP: OpenAI-compatible completions and chat (batched, streamed), edits and
+    undos live, Prometheus metrics at /metrics, API docs at /docs and a web page at /."""
     import secrets
 
     try:
@@ -675,7 +679,16 @@ def serve(
         sock.close()
         raise
     try:
-        app_ = create_app(ed, ServeConfig(token=token, max_body=max_body, read_timeout=read_timeout))
+        app_ = create_app(ed, ServeConfig(token=token, max_body=max_body, read_timeout=read_timeout,
+                                          max_batch=max_batch))
+        if access_log:
+            import logging
+
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log = logging.getLogger("editbank.access")
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
         shown = f"[{host}]" if ":" in host else host
         err_console.print(f"serving {ed.method.name} edits from {store} on http://{shown}:{sock.getsockname()[1]}/ "
                           f"({len(ed.edits('active'))} active edits; this process is the store's one writer)",

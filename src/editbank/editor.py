@@ -238,14 +238,28 @@ class Editor:
         return request
 
     # -- edit / undo --------------------------------------------------------------------------
-    def edit(self, requests: EditRequest | Iterable[EditRequest], *, check: bool = True) -> Edit | list[Edit]:
+    def pretrain(self, requests: EditRequest | Iterable[EditRequest]) -> Any:
+        """Do the part of editing `requests` that needs only the frozen base model, changing nothing, for a later
+        `edit(requests, pretrained=...)`: a server runs it while other threads keep generating, then holds the
+        model only for the short `edit`. None where the method cannot (`Method.trains_beside_readers`). The
+        edit it feeds is bitwise the edit computed in one go."""
+        self._writable()
+        if not self.method.trains_beside_readers:
+            return None
+        single = isinstance(requests, (EditRequest, dict))
+        reqs = [self.validate(r) for r in ([requests] if single else list(requests))]
+        return self.method.pretrain(reqs)
+
+    def edit(self, requests: EditRequest | Iterable[EditRequest], *, check: bool = True,
+             pretrained: Any = None) -> Edit | list[Edit]:
         """Apply one request (returns an Edit) or a batch (returns a list of Edits).
 
         After writing, each request is tested as the method's reliability is (greedy exact match of the target
         after the prompt, one batched forward) and the verdict is kept in the edit's stats (`written`). With
         `check=True` (the default) an edit that did not take raises `EditNotWritten`, naming each such request
         with its final loss and what the model answers now, and nothing changes; `check=False` keeps it, stored
-        with `written: false` (a benchmark, where failures are part of the measurement)."""
+        with `written: false` (a benchmark, where failures are part of the measurement). `pretrained` is what
+        `pretrain` returned for these requests."""
         if not isinstance(check, bool):
             raise TypeError("check must be a bool")
         self._writable()
@@ -259,7 +273,7 @@ class Editor:
                 first = self.store.add_edit(reqs[0], self.method.name)
                 edits = [first] + [self.store.add_edit(r, self.method.name, first.id) for r in reqs[1:]]
                 t0 = time.perf_counter()
-                with _seeded(self._batch_seed(reqs)), torch.enable_grad():
+                with _seeded(self._batch_seed(reqs)), torch.enable_grad(), self.method.pretrained(pretrained):
                     stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
                 elapsed = time.perf_counter() - t0
                 self._check_finite(stats, edits)
@@ -512,11 +526,23 @@ class Editor:
     def generate_ids(self, prompts: str | list[str], max_new_tokens: int = 16, **kwargs: Any) -> list[list[int]]:
         """Token ids of the greedy continuations (eos and what follows removed)."""
         plist = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not plist:
-            return []
+        rows = [prompt_ids(self.tokenizer, p) for p in plist]
+        return self.generate_rows(rows, max_new_tokens, **kwargs)[0]
+
+    @torch.no_grad()
+    def generate_rows(
+        self, rows: list[list[int]], max_new_tokens: int = 16, streamer: Any = None, logits: bool = False,
+        **kwargs: Any,
+    ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+        """Continuations of prompts given as token ids, left-padded into one batch, each row routed on its own.
+
+        Returns each row's new token ids (eos and what follows removed) and, with `logits`, each row's raw
+        next-token logits at every generated step (`[steps, vocab]`, float32 on the CPU). `streamer` gets
+        transformers' streamer calls (`put` with the prompt batch, then each step's tokens; `end`)."""
+        if not rows:
+            return [], ([] if logits else None)
         if kwargs.get("num_beams", 1) != 1:
             raise ValueError("beam search is not supported: routing decisions are kept per prompt row")
-        rows = [prompt_ids(self.tokenizer, p) for p in plist]
         width = max(len(r) for r in rows)
         pid = pad_id(self.tokenizer)
         ids = torch.full((len(rows), width), pid, dtype=torch.long)
@@ -527,21 +553,28 @@ class Editor:
         n_rows = len(rows) * int(kwargs.get("num_return_sequences", 1))  # generate repeats each prompt row
         route = mbase.Route(query_index=torch.full((n_rows,), width - 1, device=self.device), keep_decisions=True)
         kwargs.setdefault("do_sample", False)
+        if logits:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         with self.method.routing(route):
             out = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pid,
+                streamer=streamer,
                 **kwargs,
             )
+        seqs = out.sequences if logits else out
         eos = self.tokenizer.eos_token_id
         result = []
-        for row in out[:, width:].tolist():
+        for row in seqs[:, width:].tolist():
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
             result.append(row)
-        return result
+        if not logits:
+            return result, None
+        steps = torch.stack([x.float().cpu() for x in out.logits], 1)  # [rows, steps, vocab]
+        return result, [steps[i, : len(r)] for i, r in enumerate(result)]
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, requests: list[EditRequest], protocol: str = "teacher_forced_token_acc", **kw: Any):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import typing
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -139,6 +140,14 @@ def build_hparams(cls: type, overrides: dict[str, Any]) -> Any:
     return hp
 
 
+class PerThread(threading.local):
+    """A method's per-forward switches, one set per thread: a thread that trains an edit (its override on)
+    and a thread that serves completions (routing on) can run forwards through the same hooks at once."""
+
+    route: Route | None = None
+    enabled: bool = True
+
+
 class Method:
     """Base class of every editing method."""
 
@@ -159,14 +168,17 @@ class Method:
     # `save_pretrained` checkpoint holds them (FT-L, the locate family); False: edits live in routed side state
     # (adapters, codebooks, side memories) that a plain checkpoint cannot hold
     edits_in_weights: ClassVar[bool] = False
+    # True: `pretrain` does an edit's heavy work against the frozen base model without changing the method,
+    # while other threads keep running forwards; `apply` then only installs the result (a server computes
+    # edits without stalling readers). False: the whole edit needs the model to itself
+    trains_beside_readers: ClassVar[bool] = False
 
     def __init__(self, model, tokenizer, arch, hparams) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.arch = arch
         self.hparams = hparams
-        self.route: Route | None = None
-        self.enabled = True
+        self.thread = PerThread()
         # prompts typical of the model's domain, about distinct facts, for methods that calibrate on them
         # (set by the editor; not persisted: what a method derives from them goes into its state)
         self.corpus: list[str] | None = None
@@ -224,7 +236,33 @@ class Method:
         self.reset()
         self.load_state_dict(*checkpoint)
 
+    def pretrain(self, requests: list[EditRequest]) -> Any:
+        """The work of editing `requests` that needs only the frozen base model (`trains_beside_readers`),
+        as an object `apply` accepts through `pretrained(...)`; it changes nothing. The default has none."""
+        return None
+
+    @contextmanager
+    def pretrained(self, work: Any) -> Iterator[None]:
+        """Let the `apply` calls inside the block use `work` from `pretrain` (None: compute everything)."""
+        yield
+
     # -- routing and switching ------------------------------------------------------------------
+    @property
+    def route(self) -> Route | None:
+        return self.thread.route
+
+    @route.setter
+    def route(self, value: Route | None) -> None:
+        self.thread.route = value
+
+    @property
+    def enabled(self) -> bool:
+        return self.thread.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.thread.enabled = value
+
     @contextmanager
     def routing(self, route: Route) -> Iterator[None]:
         """Make `route` the routing context of the forwards inside the block."""

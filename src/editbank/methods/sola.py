@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,7 @@ class SolaHparams:
 class Sola(Method):
     Hparams = SolaHparams
     snapshots = False  # undo is always exact
+    trains_beside_readers = True  # each LoRA trains alone against the frozen base (see `pretrain`)
     state_in_artifacts = True  # each edit's key and LoRA are stored once, as its artifacts
 
     def __init__(self, model, tokenizer, arch, hparams: SolaHparams) -> None:
@@ -144,8 +146,7 @@ class Sola(Method):
         self.alpha: float | None = None
         self.reference_distance: float | None = None
         self._handles: list[Any] = []
-        self._train_lora: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._now: tuple | None = None  # this forward's routing decision (see _decide)
+        self._pretrained: dict[tuple[str, str], tuple] = {}  # (prompt, target) -> `_train`'s result (pretrain)
         self.reset()
 
     def reset(self) -> None:
@@ -168,15 +169,17 @@ class Sola(Method):
         scale = self.hparams.lora_scale
 
         def hook(module, inputs, output):
-            x = inputs[0]
-            if self._train_lora is not None:  # training one edit: its LoRA on every row and position
-                A, B = self._train_lora
+            x, here = inputs[0], self.thread  # per thread: a training thread and a serving one run at once
+            train = getattr(here, "train_lora", None)
+            if train is not None:  # training one edit: its LoRA on every row and position
+                A, B = train
                 return output + ((x.float() @ A[i].T) @ B[i].T * scale).to(output.dtype)
             if i == 0:
-                self._now = self._decide(x) if self.enabled else None
-            if self._now is None:
+                here.now = self._decide(x) if self.enabled else None  # this forward's routing decision
+            now = getattr(here, "now", None)
+            if now is None:
                 return None
-            rows, every_row, loras = self._now
+            rows, every_row, loras = now
             at, bt = loras[i]
             if not every_row and rows.device != x.device:  # a model split across devices
                 rows = rows.to(x.device)
@@ -312,6 +315,22 @@ class Sola(Method):
         self.prepare()
         return [self._apply_one(it) for it in items]
 
+    def pretrain(self, requests) -> dict[tuple[str, str], tuple] | None:
+        """Train the requests' LoRAs now (each alone against the frozen base; the bank is not touched), for an
+        `apply` inside `pretrained(...)` to install. Needs the calibration done (`prepare`): None before it."""
+        if self.alpha is None:
+            return None
+        with torch.enable_grad():
+            return {(r.prompt, r.target): self._train(r.prompt, r.target) for r in requests}
+
+    @contextmanager
+    def pretrained(self, work):
+        previous, self._pretrained = self._pretrained, dict(work or {})
+        try:
+            yield
+        finally:
+            self._pretrained = previous
+
     @torch.no_grad()
     def key_of(self, prompt: str) -> torch.Tensor:
         """The routing key of a prompt: master module input at its last token, every LoRA off."""
@@ -342,7 +361,8 @@ class Sola(Method):
                 eid = owners[s]
                 if same_prompt or (req.key is not None and req.key == self.facts[eid]):
                     covered.append(eid)
-        A, B, loss, steps = self._train(req.prompt, req.target)
+        trained = self._pretrained.pop((req.prompt, req.target), None)  # the same numbers `_train` gives now
+        A, B, loss, steps = trained if trained is not None else self._train(req.prompt, req.target)
         for eid in covered:  # the newer edit supersedes what covered this fact before
             self.bank.set_active(eid, False)
             self.superseded_by[eid] = item.id
@@ -366,7 +386,7 @@ class Sola(Method):
         params = [t.requires_grad_(True) for t in A + B]
         opt = torch.optim.SGD(params, lr=hp.lr) if hp.optimizer == "sgd" else torch.optim.Adam(params, lr=hp.lr)
         loss_value, steps = float("inf"), 0
-        self._train_lora = (A, B)
+        self.thread.train_lora = (A, B)
         try:
             for steps in range(1, hp.n_iter + 1):
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -383,7 +403,7 @@ class Sola(Method):
                 loss.backward()
                 opt.step()
         finally:
-            self._train_lora = None
+            self.thread.train_lora = None
         A = [a.detach() for a in A]
         B = [b.detach() for b in B]
         if not all(torch.isfinite(t).all() for t in A + B):

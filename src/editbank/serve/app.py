@@ -1,32 +1,37 @@
-"""The FastAPI app: OpenAI-style completions from the edited model, edits and undos, a web page.
+"""The FastAPI app: OpenAI-compatible completions and chat from the edited model, edits and undos, a web page.
 
 Every use of the editor goes through one `ModelGuard`, so a completion sees the model before or after an edit,
-never during it, and an edit is acknowledged (201) only after its store transaction committed.
+never during it, and an edit is acknowledged (201) only after its store transaction committed. Completions run
+on one `Batcher` worker that joins concurrent requests into shared forwards (`openai_api` has the request shapes).
 """
 
 from __future__ import annotations
 
 import hmac
+import queue
 import time
-import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..methods.base import EditFailed, EditNotWritten
+from .batcher import Batcher, Job
 from .guard import Busy, ModelGuard
 from .limits import BodyLimit
-
-Text = Annotated[str, StringConstraints(min_length=1, max_length=4000)]
-Short = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+from .metrics import Metrics, Observe
+from .openai_api import ChatIn, CompletionIn, Short, Text, chat_json, chat_prompt, completion_json, sse
 
 
 @dataclass
@@ -35,18 +40,9 @@ class ServeConfig:
     max_body: int = 1 << 20  # bytes
     read_timeout: float = 10.0  # seconds a completion waits for an edit to finish before 503
     name: str = "editbank"
-
-
-class CompletionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=32)]
-    max_tokens: int = Field(16, ge=1, le=256)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stop: Short | Annotated[list[Short], Field(max_length=4)] | None = None
-    seed: int | None = None
-    model: str | None = None  # accepted for OpenAI clients; there is one model
-    n: Literal[1] = 1
-    stream: Literal[False] = False
+    max_batch: int = 32  # rows per shared generate (1: one request at a time)
+    max_batch_tokens: int = 16384  # padded prompt + new tokens per batch
+    queue_timeout: float = 300.0  # seconds a request waits for its batch before 503
 
 
 class EditIn(BaseModel):
@@ -79,21 +75,30 @@ def _edit_json(edit) -> dict[str, Any]:
             "request": r.to_dict()}
 
 
-def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [text.index(s) for s in stops if s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
 def create_app(editor, config: ServeConfig) -> FastAPI:
     """The app serving `editor` (an open `Editor` with its store)."""
     if not config.token:
         raise ValueError("a bearer token is required")
     guard = ModelGuard(read_timeout=config.read_timeout)
-    app = FastAPI(title="editbank", version=_version(),
+    metrics = Metrics()
+    batcher = Batcher(editor, guard, max_batch=config.max_batch, max_batch_tokens=config.max_batch_tokens,
+                      metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="editbank", version=_version(), docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="An edited language model: completions, and edits/undos applied live.")
+    app.state.batcher, app.state.metrics = batcher, metrics
     app.add_middleware(BodyLimit, max_bytes=config.max_body)
+    app.add_middleware(Observe, metrics=metrics)
     bearer = HTTPBearer(auto_error=False)
     state = {"active": len(editor.edits("active"))}
+    metrics.active.set(state["active"])
+    if not editor.read_only:
+        editor.method.prepare()  # calibrate now: an edit's training then runs beside the readers (see guard)
 
     def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if cred is None or not hmac.compare_digest(cred.credentials.encode(), config.token.encode()):
@@ -125,32 +130,42 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
         return {"status": "ok", "method": editor.method.name, "active_edits": state["active"],
                 "editing": guard.writing}
 
-    @app.post("/v1/completions")
-    def completions(body: CompletionIn) -> dict[str, Any]:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        kw: dict[str, Any] = {}
-        if body.temperature > 0:
-            kw = {"do_sample": True, "temperature": body.temperature, "top_k": 0}
-        with guard.read(), torch.random.fork_rng(devices=[]):
-            if body.seed is not None:
-                torch.manual_seed(body.seed)
+    def run(job: Job, kind: str, include_usage: bool, build) -> Any:
+        """Queue a job; a JSON response, or an event stream once its first token is out."""
+        batcher.submit(job)
+        if job.events is not None:
             try:
-                ids = editor.generate_ids(prompts, body.max_tokens, **kw)
-            except ValueError as exc:
-                raise HTTPException(422, str(exc)) from None
-            # the tokenizer is used under the guard too: a Rust tokenizer shared across threads can refuse a call
-            texts = [editor.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-            n_prompt = sum(len(editor.tokenizer(p)["input_ids"]) for p in prompts)
-        choices, used = [], 0
-        for i, (row, full) in enumerate(zip(ids, texts)):
-            text, stopped = _cut(full, stops)
-            used += len(row)
-            reason = "stop" if stopped or len(row) < body.max_tokens else "length"
-            choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": config.name, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": used, "total_tokens": n_prompt + used}}
+                first = job.events.get(timeout=config.queue_timeout)
+            except queue.Empty:
+                raise Busy("the completion queue is too long; retry shortly") from None
+            if first is not None:
+                return StreamingResponse(sse(job, first, kind, config.name, include_usage),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            return build(job.future.result(timeout=config.queue_timeout), config.name)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except FutureTimeout:
+            raise Busy("the completion queue is too long; retry shortly") from None
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionIn) -> Any:
+        job = body.job(body.prompts(), body.max_tokens, logprobs=body.logprobs, stream=body.stream)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return run(job, "completion", usage, completion_json)
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatIn) -> Any:
+        job = body.job([chat_prompt(editor.tokenizer, body.messages)], body.budget(), stream=body.stream)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return run(job, "chat", usage, chat_json)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        metrics.queue_depth.set(batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _docs(app)
 
     started = int(time.time())
 
@@ -185,13 +200,17 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
     @app.post("/v1/edits", status_code=201, dependencies=[Depends(require_token)])
     def post_edits(body: EditIn | Annotated[list[EditIn], Field(min_length=1, max_length=64)]) -> dict[str, Any]:
         items = [body] if isinstance(body, EditIn) else body
-        with guard.write():
+        with guard.editing():
             try:
                 reqs = [editor.validate(b.model_dump(exclude={"check"})) for b in items]
             except (ValueError, TypeError) as exc:  # well-formed, but not an edit this model and method can take
                 raise HTTPException(400, str(exc)) from None
+            started = time.perf_counter()
             try:
-                edits = editor.edit(reqs, check=any(b.check for b in items))  # a list: checked unless all say no
+                work = editor.pretrain(reqs)  # SoLA trains here while completions go on; others return None
+                with guard.write():  # a list is checked unless all its items say no
+                    edits = editor.edit(reqs, check=any(b.check for b in items), pretrained=work)
+                    state["active"] = len(editor.edits("active"))
             except EditNotWritten as exc:
                 return JSONResponse({"error": {"status": 422, "message": str(exc), "failures": exc.failures}},
                                     status_code=422)
@@ -199,23 +218,47 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
                 raise HTTPException(400, f"the edit was refused and nothing changed: {exc}") from None
             except EditFailed as exc:
                 raise HTTPException(500, f"the edit failed and nothing changed: {exc}") from None
-            state["active"] = len(editor.edits("active"))
+            finally:
+                metrics.edit_seconds.observe(time.perf_counter() - started)
+            metrics.edits.inc(len(edits))
+            metrics.active.set(state["active"])
         data = [_edit_json(e) for e in edits]
         return data[0] if isinstance(body, EditIn) else {"object": "list", "data": data}
 
     @app.delete("/v1/edits/{edit_id}", dependencies=[Depends(require_token)])
     def delete_edit(edit_id: int) -> dict[str, Any]:
-        with guard.write():
+        with guard.editing(), guard.write():
+            started = time.perf_counter()
             try:
                 edit = editor.undo(edit_id)
             except KeyError:
                 raise HTTPException(404, f"no edit with id {edit_id}") from None
             except ValueError as exc:
                 raise HTTPException(409, str(exc)) from None
+            finally:
+                metrics.edit_seconds.observe(time.perf_counter() - started)
             state["active"] = len(editor.edits("active"))
+            metrics.undos.inc()
+            metrics.active.set(state["active"])
         return _edit_json(edit)
 
     return app
+
+
+def _docs(app: FastAPI) -> None:
+    """/docs from the bundled Swagger UI assets (the default page loads them from a CDN: blank offline)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # without the bundle there is no /docs page; /openapi.json still is
+        return
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="editbank API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
 def _version() -> str:

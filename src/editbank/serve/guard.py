@@ -1,4 +1,9 @@
-"""One lock around the model: completions and edits never interleave, so a completion sees a whole state."""
+"""The locks around the model: a completion sees a whole state (before or after an edit, never during one).
+
+Edits run one at a time (the edit lock). An edit's heavy part, where the method can do it against the frozen
+base model (`Method.trains_beside_readers`: SoLA trains its LoRA alone), runs while completions go on; only
+installing it (and the store transaction, and the check that it took) holds the model lock, briefly.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,22 @@ class Busy(Exception):
 
 
 class ModelGuard:
-    """Serialises every use of the editor (the model, its routing state and the store).
+    """Serialises every use of the model and its routing state against the edits that change them.
 
-    Readers wait at most `read_timeout` seconds and then get `Busy` (HTTP 503 with Retry-After); writers (edits,
-    undos) wait their turn, so edits apply one at a time in arrival order of the lock.
+    Readers wait at most `read_timeout` seconds for the model lock and then get `Busy` (HTTP 503 with
+    Retry-After); writers (edits, undos) wait their turn for the edit lock, so edits apply one at a time in arrival
+    order of the lock, and hold the model lock only inside `write()`.
     """
 
     def __init__(self, read_timeout: float = 10.0, write_timeout: float = 600.0) -> None:
         self._lock = threading.Lock()
+        self._edits = threading.Lock()
         self.read_timeout, self.write_timeout = read_timeout, write_timeout
-        self.writing = False
+
+    @property
+    def writing(self) -> bool:
+        """An edit or undo is in progress (computing or installing)."""
+        return self._edits.locked()
 
     @contextmanager
     def read(self) -> Iterator[None]:
@@ -33,12 +44,21 @@ class ModelGuard:
             self._lock.release()
 
     @contextmanager
-    def write(self) -> Iterator[None]:
-        if not self._lock.acquire(timeout=self.write_timeout):
+    def editing(self) -> Iterator[None]:
+        """One edit or undo at a time; readers go on until the block enters `write()`."""
+        if not self._edits.acquire(timeout=self.write_timeout):
             raise Busy("another edit is still being applied; retry shortly")
-        self.writing = True
         try:
             yield
         finally:
-            self.writing = False
+            self._edits.release()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """The model to this thread alone (inside `editing()`)."""
+        if not self._lock.acquire(timeout=self.write_timeout):
+            raise Busy("the model stayed busy; retry shortly")
+        try:
+            yield
+        finally:
             self._lock.release()

@@ -1,0 +1,306 @@
+"""Dynamic batching of completions: requests that wait at the same time share one `generate` call.
+
+One worker thread owns the model's forward passes and the tokenizer. It takes the oldest waiting job, adds every
+waiting job that can share its decoding (greedy with greedy; sampling at the same temperature and top_p; a seeded
+sampling job always runs alone, so its seed means what it says), up to `max_batch` rows and `max_batch_tokens`
+padded tokens, and runs them as one left-padded batch in which each row is routed on its own. Jobs that arrive
+while a batch runs form the next one, so an idle server adds no delay and a busy one batches by itself.
+
+Each row's text is produced by a `RowText` as its tokens arrive: it cuts at the stop sequences and holds back text
+that could still become one, so the deltas a streaming client receives join up to the text a non-streaming one gets.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..tokens import prompt_ids
+
+
+@dataclass
+class Choice:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    logprobs: dict[str, Any] | None = None
+
+
+@dataclass
+class Result:
+    choices: list[Choice]
+    prompt_tokens: int  # of the job's distinct prompts (n > 1 counts a prompt once, as OpenAI does)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+
+@dataclass
+class Job:
+    """One request's generation: `prompts` (one per choice; n > 1 repeats a prompt) and how to decode them."""
+
+    prompts: list[str]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # top alternatives per token (0-5), or None for no logprobs
+    n: int = 1  # choices per distinct prompt: `prompts` holds each distinct prompt n times in a row
+    events: queue.Queue | None = None  # streaming: gets (choice index, text delta, finish reason or None), then None
+    future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.perf_counter)
+
+    def key(self) -> tuple:
+        if self.temperature == 0:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", id(self))
+        return ("sample", self.temperature, self.top_p)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": self.top_p}
+
+
+class RowText:
+    """The text of one generated row, built token by token, cut at the first stop sequence."""
+
+    def __init__(self, tokenizer, stops: list[str], max_tokens: int, lazy: bool = False) -> None:
+        self.tok, self.stops, self.max_tokens = tokenizer, stops, max_tokens
+        self.lazy = lazy and not stops  # nobody reads the text before the end: decode once, at close
+        self.tokens: list[int] = []
+        self.text, self.sent, self.finish = "", 0, None
+
+    def add(self, token: int) -> str:
+        """Take the next token; return the text that is now final (may be empty)."""
+        if self.finish is not None:
+            return ""
+        self.tokens.append(token)
+        if self.lazy:
+            if len(self.tokens) >= self.max_tokens:
+                return self.close()
+            return ""
+        self.text = self.tok.decode(self.tokens, skip_special_tokens=True)
+        hits = [self.text.index(s) for s in self.stops if s in self.text]
+        if hits:
+            self.text, self.finish = self.text[: min(hits)], "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish = "length"
+        return self._release()
+
+    def close(self) -> str:
+        """The row ended (eos, or the batch's last step): release what was held back."""
+        if self.finish is None or self.lazy:
+            if self.lazy:
+                self.text, self.lazy = self.tok.decode(self.tokens, skip_special_tokens=True), False
+            if self.finish is None:
+                self.finish = "stop" if len(self.tokens) < self.max_tokens else "length"
+        return self._release()
+
+    def _release(self) -> str:
+        end = len(self.text)
+        if self.finish is None:
+            if self.text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+                end -= 1
+            for s in self.stops:  # the longest tail that could still grow into a stop sequence
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        delta, self.sent = self.text[self.sent : max(end, self.sent)], max(end, self.sent)
+        return delta
+
+
+class _Fanout:
+    """A transformers streamer that hands each row's new token to its RowText and streams the deltas."""
+
+    def __init__(self, rows: list[tuple[Job, int, RowText]], eos: int | None) -> None:
+        self.rows, self.eos, self.prompt_seen = rows, eos, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt batch
+            self.prompt_seen = True
+            return
+        for (job, i, text), token in zip(self.rows, value.view(-1).tolist()):
+            if text.finish is not None:
+                continue
+            if self.eos is not None and token == self.eos:
+                delta = text.close()
+            else:
+                delta = text.add(token)
+            if job.events is not None and (delta or text.finish is not None):
+                job.events.put((i, delta, text.finish))
+
+    def end(self) -> None:
+        for job, i, text in self.rows:
+            if text.finish is None:
+                delta = text.close()
+                if job.events is not None:
+                    job.events.put((i, delta, text.finish))
+
+
+class Batcher:
+    """The worker that runs every completion; `submit` a Job and wait on its `future`."""
+
+    def __init__(self, editor, guard, max_batch: int = 32, max_batch_tokens: int = 16384, metrics=None) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.editor, self.guard, self.metrics = editor, guard, metrics
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._held: deque[Job] = deque()  # taken from the queue but not batched yet (kept in arrival order)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="editbank-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Future:
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        self._queue.put(job)
+        self._depth()
+        return job.future
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() + len(self._held)
+
+    def _depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.depth)
+
+    # -- the worker --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            if not self._held:
+                job = self._queue.get()
+                if job is None:
+                    return
+                self._held.append(job)
+            self._drain()
+            batch = self._take()
+            self._depth()
+            if batch:
+                self._run(batch)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                self._queue.put(None)  # close after what is waiting
+                return
+            self._held.append(job)
+
+    def _take(self) -> list[tuple[Job, list[list[int]]]]:
+        """The oldest job and every waiting job that can share its batch, tokenized (bad jobs fail alone)."""
+        batch: list[tuple[Job, list[list[int]]]] = []
+        key, rows, longest, new = None, 0, 0, 0
+        for job in list(self._held):
+            if key is not None and job.key() != key:
+                continue
+            try:
+                ids = [prompt_ids(self.editor.tokenizer, p) for p in job.prompts]
+            except ValueError as exc:
+                self._held.remove(job)
+                job.future.set_exception(exc)
+                self._finish_events(job)
+                continue
+            width, steps = max(longest, *(len(r) for r in ids)), max(new, job.max_tokens)
+            fits = rows + len(ids) <= self.max_batch and (rows + len(ids)) * (width + steps) <= self.max_batch_tokens
+            if batch and not fits:
+                break  # keep arrival order: a later job never overtakes a compatible earlier one that did not fit
+            self._held.remove(job)
+            batch.append((job, ids))
+            key, rows, longest, new = job.key(), rows + len(ids), width, steps
+        return batch
+
+    def _run(self, batch: list[tuple[Job, list[list[int]]]]) -> None:
+        tok = self.editor.tokenizer
+        first = batch[0][0]
+        rows = [r for _, ids in batch for r in ids]
+        texts = [(job, i, RowText(tok, job.stops, job.max_tokens, lazy=job.events is None))
+                 for job, ids in batch for i in range(len(ids))]
+        want_logits = any(job.logprobs is not None for job, _ in batch)
+        started = time.perf_counter()
+        try:
+            with self.guard.read(), torch.random.fork_rng(devices=[]):
+                if first.seed is not None:
+                    torch.manual_seed(first.seed)
+                fan = _Fanout(texts, tok.eos_token_id)
+                out, logits = self.editor.generate_rows(
+                    rows, max(job.max_tokens for job, _ in batch), streamer=fan, logits=want_logits,
+                    **first.generate_kwargs())
+                results = self._results(batch, texts, logits, tok)
+        except BaseException as exc:  # every waiting request gets the error
+            for job, _ in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                self._finish_events(job)
+            return
+        if self.metrics is not None:
+            self.metrics.batch_rows.observe(len(rows))
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        for (job, _), result in zip(batch, results):
+            job.future.set_result(result)
+            self._finish_events(job)
+
+    @staticmethod
+    def _finish_events(job: Job) -> None:
+        if job.events is not None:
+            job.events.put(None)
+
+    def _results(self, batch, texts, logits, tok) -> list[Result]:
+        results, k = [], 0
+        for job, ids in batch:
+            choices = []
+            for i in range(len(ids)):
+                text = texts[k][2]
+                text.close()
+                lp = None
+                if job.logprobs is not None and logits is not None:
+                    lp = _logprobs(tok, text, logits[k], job.logprobs, len(job.prompts[i]))
+                choices.append(Choice(text.text, text.tokens, text.finish, lp))
+                k += 1
+            results.append(Result(choices, sum(len(r) for r in ids[:: job.n])))
+        return results
+
+
+def _logprobs(tok, text: RowText, logits: torch.Tensor, top: int, offset: int) -> dict[str, Any]:
+    """OpenAI's completions logprobs block for the tokens that made the (stop-cut) text."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    at = 0
+    for step, token in enumerate(text.tokens):
+        if at >= len(text.text) and text.text:
+            break
+        lp = torch.log_softmax(logits[step], -1)
+        piece = tok.decode([token], skip_special_tokens=True)
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(float(lp[token]))
+        out["text_offset"].append(offset + at)
+        if top:
+            vals, idx = lp.topk(top)
+            alts: dict[str, float] = {}
+            for v, i in zip(vals.tolist(), idx.tolist()):
+                alts.setdefault(tok.decode([i], skip_special_tokens=True), v)
+            out["top_logprobs"].append(alts)
+        else:
+            out["top_logprobs"].append(None)
+        at += len(piece)
+    return out

@@ -1,0 +1,231 @@
+"""The service as OpenAI clients use it: batched completions equal to solo ones, chat, streaming, n, logprobs,
+metrics and the offline /docs page."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from editbank import Editor  # noqa: E402
+from editbank.serve import ServeConfig, create_app  # noqa: E402
+from editbank.serve.batcher import Batcher, Job, RowText  # noqa: E402
+from editbank.serve.guard import ModelGuard  # noqa: E402
+from editbank.serve.metrics import Metrics  # noqa: E402
+
+TOKEN = "t" * 24
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FAST = {"wise": {"n_prefixes": 2, "n_iter": 20}, "repair": {"n_prefixes": 2, "n_iter": 20}}
+
+
+class Gate(ModelGuard):
+    """A guard whose first read waits until the test opens it, so the jobs submitted meanwhile queue up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+    @contextmanager
+    def read(self):
+        self.reached.set()
+        assert self.opened.wait(60)
+        with super().read():
+            yield
+
+
+@pytest.mark.parametrize("method", ["sola", "grace", "wise", "repair"])
+def test_a_batch_of_concurrent_requests_answers_each_as_if_served_alone(small_world, world_requests, tmp_path,
+                                                                        method):
+    ed = Editor.open(small_world.path, method=method, store=tmp_path / "s.db", **FAST.get(method, {}))
+    ed.edit(world_requests[:4], check=False)
+    # edited prompts, their rephrases and unrelated probes: rows of one batch take different routes
+    prompts = [r.prompt for r in world_requests[:4]] + [r.rephrases[0] for r in world_requests[:3]]
+    prompts += [p for r in world_requests[4:6] for p, _ in r.locality[:2]]
+    alone = {p: ed.generate_ids(p, 6)[0] for p in prompts}
+    gate, metrics = Gate(), Metrics()
+    batcher = Batcher(ed, gate, max_batch=64, metrics=metrics)
+    try:
+        first = batcher.submit(Job(prompts=[prompts[0]], max_tokens=6))
+        assert gate.reached.wait(30)  # the worker holds job 0 and waits: the rest queue behind it
+        jobs = [Job(prompts=[p], max_tokens=k) for p in prompts for k in (3, 6)]
+        futures = [batcher.submit(j) for j in jobs]
+        gate.opened.set()
+        assert first.result(60).choices[0].tokens == alone[prompts[0]]
+        for job, fut in zip(jobs, futures):
+            got = fut.result(60).choices[0].tokens
+            assert got == alone[job.prompts[0]][: job.max_tokens], f"{method}: {job.prompts[0]!r}"
+    finally:
+        batcher.close()
+        ed.close()
+    rows = metrics.registry.get_sample_value("editbank_batch_rows_sum")
+    batches = metrics.registry.get_sample_value("editbank_batch_rows_count")
+    assert batches == 2 and rows == 1 + len(jobs), "the queued requests ran as one batch"
+
+
+def test_row_text_streams_deltas_that_join_to_the_cut_text(world_model):
+    _, tok = world_model
+    ids = tok("Alpha beta gamma delta epsilon")["input_ids"]
+    full = tok.decode(ids, skip_special_tokens=True)
+    stop = full[full.index("gamma"):][:4]
+    row = RowText(tok, [stop], max_tokens=100)
+    deltas = [row.add(t) for t in ids] + [row.close()]
+    assert "".join(deltas) == full[: full.index(stop)] == row.text and row.finish == "stop"
+    for d in deltas:
+        assert stop[:2] not in d, "no part of the stop sequence is streamed"
+    lazy = RowText(tok, [], max_tokens=3, lazy=True)
+    assert [lazy.add(t) for t in ids[:3]][:2] == ["", ""] and lazy.finish == "length"
+    assert lazy.text == tok.decode(ids[:3], skip_special_tokens=True)
+
+
+@pytest.fixture
+def served(small_world, tmp_path):
+    ed = Editor.open(small_world.path, method="sola", store=tmp_path / "s.db")
+    app = create_app(ed, ServeConfig(token=TOKEN, max_body=1 << 16, read_timeout=5))
+    with TestClient(app) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=TOKEN, http_client=http, max_retries=0)
+        yield ed, http, client
+    ed.close()
+
+
+def test_the_official_openai_client_works(served, world_requests):
+    ed, http, client = served
+    r = world_requests[0]
+    assert http.post("/v1/edits", json={"prompt": r.prompt, "target": r.target}, headers=AUTH).status_code == 201
+    want = ed.generate(r.prompt, max_new_tokens=12)
+    assert want.startswith(r.target)
+    assert [m.id for m in client.models.list()] == ["editbank"]
+
+    out = client.completions.create(model="editbank", prompt=r.prompt, max_tokens=12)
+    assert out.choices[0].text == want and out.usage.completion_tokens > 0
+
+    chunks = list(client.completions.create(model="editbank", prompt=r.prompt, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage.total_tokens == out.usage.total_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == out.choices[0].finish_reason
+
+    chat = client.chat.completions.create(model="editbank", messages=[{"role": "user", "content": r.prompt}],
+                                          max_tokens=12)
+    assert chat.choices[0].message.content == want and chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="editbank", messages=[{"role": "user", "content": r.prompt}],
+                                            max_tokens=12, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+
+    two = client.completions.create(model="editbank", prompt=[r.prompt, world_requests[1].prompt], max_tokens=4,
+                                    n=2, temperature=1.0, seed=5)
+    assert len(two.choices) == 4 and [c.index for c in two.choices] == [0, 1, 2, 3]
+    again = client.completions.create(model="editbank", prompt=[r.prompt, world_requests[1].prompt], max_tokens=4,
+                                      n=2, temperature=1.0, seed=5)
+    assert [c.text for c in two.choices] == [c.text for c in again.choices], "a seed repeats"
+
+
+def test_logprobs_are_the_edited_models(served, world_requests):
+    import torch
+
+    ed, http, _ = served
+    r = world_requests[2]
+    http.post("/v1/edits", json={"prompt": r.prompt, "target": r.target}, headers=AUTH)
+    res = http.post("/v1/completions", json={"prompt": r.prompt, "max_tokens": 3, "logprobs": 2}).json()
+    lp = res["choices"][0]["logprobs"]
+    tokens = ed.generate_ids(r.prompt, 3)[0]
+    assert "".join(lp["tokens"]) == res["choices"][0]["text"] and len(lp["token_logprobs"]) == len(tokens)
+    ids = ed.tokenizer(r.prompt, return_tensors="pt")["input_ids"]
+    for step, token in enumerate(tokens):  # teacher-forced on the generated prefix (routing at the prompt end)
+        seq = torch.cat([ids, torch.tensor([tokens[:step]], dtype=torch.long)], 1)
+        q = torch.tensor([ids.shape[1] - 1])
+        want = torch.log_softmax(ed.logits(seq, query_index=q)[0, -1].float(), -1)[token].item()
+        assert abs(lp["token_logprobs"][step] - want) < 1e-4
+        top = lp["top_logprobs"][step]
+        assert len(top) == 2 and max(top.values()) == pytest.approx(lp["token_logprobs"][step], abs=1e-6)
+    assert lp["text_offset"][0] == len(r.prompt)
+    bad = http.post("/v1/completions", json={"prompt": r.prompt, "logprobs": 1, "stream": True})
+    assert bad.status_code == 422 and "not streamed" in bad.json()["error"]["message"]
+
+
+def test_chat_without_a_template_is_the_plain_continuation(served, world_requests):
+    ed, http, _ = served
+    assert not getattr(ed.tokenizer, "chat_template", None)
+    msgs = [{"role": "system", "content": "Facts."}, {"role": "user", "content": world_requests[3].prompt}]
+    got = http.post("/v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 5}).json()
+    assert got["object"] == "chat.completion"
+    assert got["choices"][0]["message"]["content"] == ed.generate("Facts.\n" + world_requests[3].prompt, 5)
+
+
+def test_metrics_and_offline_docs(served, world_requests):
+    _, http, _ = served
+    r = world_requests[0]
+    http.post("/v1/completions", json={"prompt": r.prompt, "max_tokens": 2})
+    http.post("/v1/edits", json={"prompt": r.prompt, "target": r.target}, headers=AUTH)
+    http.post("/v1/edits", json={"prompt": r.prompt, "target": r.target})  # 401
+    text = http.get("/metrics").text
+    assert 'editbank_requests_total{endpoint="/v1/completions",method="POST",status="200"} 1.0' in text
+    assert 'editbank_requests_total{endpoint="/v1/edits",method="POST",status="401"} 1.0' in text
+    assert "editbank_edits_applied_total 1.0" in text and "editbank_active_edits 1.0" in text
+    assert "editbank_batch_rows_count 1.0" in text and "editbank_edit_seconds_count 1.0" in text
+    page = http.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    js = http.get("/docs-assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+
+
+def test_a_sola_edit_trains_while_completions_are_served(served, world_requests, monkeypatch):
+    from editbank.methods.sola import Sola
+
+    ed, http, _ = served
+    r = world_requests[5]
+    before = http.post("/v1/completions", json={"prompt": r.prompt, "max_tokens": 12}).json()["choices"][0]["text"]
+    real, entered, release = Sola.pretrain, threading.Event(), threading.Event()
+
+    def slow(self, requests):
+        entered.set()
+        assert release.wait(60)
+        return real(self, requests)
+
+    monkeypatch.setattr(Sola, "pretrain", slow)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(res=http.post(
+        "/v1/edits", json={"prompt": r.prompt, "target": r.target}, headers=AUTH)))
+    t.start()
+    try:
+        assert entered.wait(30)
+        during = http.post("/v1/completions", json={"prompt": r.prompt, "max_tokens": 12})
+        assert during.status_code == 200 and during.json()["choices"][0]["text"] == before, "served, old state"
+        assert http.get("/healthz").json()["editing"] is True
+    finally:
+        release.set()
+        t.join()
+    assert result["res"].status_code == 201, result["res"].text
+    after = http.post("/v1/completions", json={"prompt": r.prompt, "max_tokens": 12}).json()["choices"][0]["text"]
+    assert after.startswith(r.target)
+
+
+def test_a_pretrained_edit_is_bitwise_the_edit_computed_in_one_go(small_world, world_requests, tmp_path):
+    import torch
+
+    reqs = world_requests[6:9]
+    eds = [Editor.open(small_world.path, method="sola", store=tmp_path / f"{k}.db") for k in "ab"]
+    try:
+        for ed in eds:
+            ed.method.prepare()
+        plain = eds[0].edit(reqs, check=False)
+        seen: list[list[int]] = []
+        worker = threading.Thread(target=lambda: seen.extend(eds[1].generate_ids(
+            [q.prompt for q in world_requests[:8]], 4) for _ in range(20)))
+        worker.start()  # forwards through the same hooks while the LoRAs train
+        work = eds[1].pretrain(reqs)
+        worker.join()
+        assert work is not None and len(work) == 3
+        pre = eds[1].edit(reqs, check=False, pretrained=work)
+        for a, b in zip(plain, pre):
+            x, y = eds[0].method.artifacts(a.id), eds[1].method.artifacts(b.id)
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        base = seen[0]
+        assert all(s == base for s in seen), "the unedited model answered the same throughout the training"
+    finally:
+        for ed in eds:
+            ed.close()
