@@ -653,6 +653,9 @@ def serve(
                                                      "before 503.")] = 10.0,
     max_batch: Annotated[int, typer.Option(help="Completion rows per shared forward batch (1: one request at "
                                                 "a time).", min=1)] = 32,
+    batch_wait: Annotated[float, typer.Option(help="Under load, wait up to this fraction of the last batch's time "
+                                                   "for a batch as large as the recent ones (0: never wait).",
+                                              min=0.0)] = 0.5,
     access_log: Annotated[bool, typer.Option(help="One JSON line per request on stderr.")] = False,
     hp: Annotated[list[str] | None, typer.Option("--hp", help="Hyperparameter key=value (new store).")] = None,
 ) -> None:
@@ -680,7 +683,7 @@ def serve(
         raise
     try:
         app_ = create_app(ed, ServeConfig(token=token, max_body=max_body, read_timeout=read_timeout,
-                                          max_batch=max_batch))
+                                          max_batch=max_batch, batch_wait=batch_wait))
         if access_log:
             import logging
 

@@ -42,6 +42,7 @@ class ServeConfig:
     name: str = "editbank"
     max_batch: int = 32  # rows per shared generate (1: one request at a time)
     max_batch_tokens: int = 16384  # padded prompt + new tokens per batch
+    batch_wait: float = 0.5  # under load, wait up to this x the last batch's time for a batch as large as recent ones
     queue_timeout: float = 300.0  # seconds a request waits for its batch before 503
 
 
@@ -82,7 +83,7 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
     guard = ModelGuard(read_timeout=config.read_timeout)
     metrics = Metrics()
     batcher = Batcher(editor, guard, max_batch=config.max_batch, max_batch_tokens=config.max_batch_tokens,
-                      metrics=metrics)
+                      metrics=metrics, gather=config.batch_wait)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -152,11 +152,13 @@ class _Fanout:
 class Batcher:
     """The worker that runs every completion; `submit` a Job and wait on its `future`."""
 
-    def __init__(self, editor, guard, max_batch: int = 32, max_batch_tokens: int = 16384, metrics=None) -> None:
+    def __init__(self, editor, guard, max_batch: int = 32, max_batch_tokens: int = 16384, metrics=None,
+                 gather: float = 0.5) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.editor, self.guard, self.metrics = editor, guard, metrics
-        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        self.max_batch, self.max_batch_tokens, self.gather = max_batch, max_batch_tokens, gather
+        self._recent: deque[tuple[int, float]] = deque(maxlen=16)  # (rows, seconds) of the last batches
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._held: deque[Job] = deque()  # taken from the queue but not batched yet (kept in arrival order)
         self._closed = False
@@ -192,10 +194,37 @@ class Batcher:
                     return
                 self._held.append(job)
             self._drain()
+            self._gather()
             batch = self._take()
             self._depth()
             if batch:
+                started = time.perf_counter()
                 self._run(batch)
+                self._recent.append((sum(len(j.prompts) for j, _ in batch), time.perf_counter() - started))
+
+    def _gather(self) -> None:
+        """Under load, wait briefly for a batch as large as the recent ones.
+
+        Without this, a busy server settles into two alternating half-size batches: the clients answered by one
+        batch send their next requests while the other half runs. So while fewer rows wait than the largest of the
+        last batches had, wait for more, at most `gather` x the last batch's duration. One client (recent batches
+        of one row) never waits."""
+        if not self._recent or self.gather <= 0:
+            return
+        target = min(self.max_batch, max(rows for rows, _ in self._recent))
+        deadline = time.perf_counter() + self.gather * self._recent[-1][1]
+        while sum(len(j.prompts) for j in self._held) < target:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            try:
+                job = self._queue.get(timeout=left)
+            except queue.Empty:
+                return
+            if job is None:
+                self._queue.put(None)
+                return
+            self._held.append(job)
 
     def _drain(self) -> None:
         while True:
