@@ -129,13 +129,7 @@ def test_the_same_edits_and_seed_give_bitwise_identical_artifacts(small_world, w
         assert outputs[0][name] == outputs[1][name], f"{method}: {name} differs between two identical runs"
 
 
-REPAIR_UNDO = pytest.mark.xfail(strict=True, reason=(
-    "REPAIR's feedback state (its pool of failed edits, the reinitialisation counter its seeds use) is history: "
-    "undo retrains the shards but not that history, so the kept edits differ from a fresh editor's (max |logit| "
-    "difference 7.3 on the small world); issue 23"))
-
-
-@pytest.mark.parametrize("method", ["sola", "grace", "ft", "wise", pytest.param("repair", marks=REPAIR_UNDO), "rome",
+@pytest.mark.parametrize("method", ["sola", "grace", "ft", "wise", "repair", "rome",
                                     "memit", "alphaedit", "metake"])
 def test_undo_is_never_receiving_the_edit(small_world, world_requests, method):
     """Edits A, B, C then undo B is, bitwise on the CPU, a fresh editor fed A and C: an edit's randomness comes from

@@ -418,3 +418,57 @@ def test_several_irrelevant_prompts_are_other_subjects_and_are_pushed_below_the_
         ed.close()
     # the same 8 prompts score lower under the memory trained against them than under the one trained against one
     assert score(negatives, memories[8]).mean() < score(negatives, memories[1]).mean()
+
+
+@pytest.mark.parametrize("calls", [[16], [3, 3, 3, 3, 3, 1]])
+def test_repair_shards_follow_save_and_merge_freq_for_any_batch_size(small_world, world_requests, tmp_path, calls):
+    hp = dict(save_freq=5, merge_freq=15, batch_size=4, error_feedback=False, distillation=False, n_iter=5)
+    ed = open_editor(small_world, tmp_path, method="repair", **hp)
+    at = 0
+    for n in calls:
+        ed.edit(world_requests[at : at + n], check=False)
+        at += n
+    m = ed.method
+    assert [len(s.members) for s in m.shards] == [5, 5, 5, 1], "batches of 4 never overfill a shard of 5"
+    assert [g["shards"] for g in m.groups] == [[0, 1, 2]], "the first merge comes at 15 edits"
+    ed.close()
+
+
+def test_a_rolled_back_reintegration_costs_the_pool_nothing(small_world, world_requests, tmp_path, monkeypatch):
+    from editbank.methods.repair import Repair
+
+    real = Repair._reintegrate
+
+    def wreck(self, i):  # a reintegration that loses every edit it touched: keep_if_better rolls it back
+        real(self, i)
+        self.shards[i].delta = self.shards[i].delta * 0
+        self._stack = None
+
+    monkeypatch.setattr(Repair, "_reintegrate", wreck)
+    hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0)
+    ed = open_editor(small_world, tmp_path, method="repair", **hp)
+    stats = ed.edit(world_requests[:8], check=False)[0].stats
+    m = ed.method
+    assert stats["rejected"] >= 1 and stats["pool"] >= 1
+    assert m.attempts == {} and m.given_up == 0, "no pooled edit spent an attempt on the undone reintegration"
+    ed.close()
+
+
+def test_repair_undo_is_a_stream_that_never_received_the_edit(small_world, world_requests, tmp_path):
+    # batching (calls of 4 in batches of 2) and the feedback loop (it fires: weak training, zero thresholds) both act
+    hp = dict(n_iter=4, edit_lr=0.5, batch_size=2, save_freq=4, merge_freq=8, pool_threshold=0, prune_threshold=0.0)
+    reqs = world_requests[:8]
+    ed = open_editor(small_world, tmp_path, method="repair", name="ed.db", **hp)
+    first = ed.edit(reqs[:4], check=False)
+    ed.edit(reqs[4:], check=False)
+    assert first[0].stats["retries"] >= 1
+    ed.undo(first[2].id)
+    fresh = open_editor(small_world, tmp_path, method="repair", name="fresh.db", **hp)
+    fresh.edit([reqs[0], reqs[1], reqs[3]], check=False)
+    fresh.edit(reqs[4:], check=False)
+    for r in reqs:
+        for pair in [(r.prompt, r.target), *r.locality[:1]]:
+            assert torch.equal(logits_of(ed, pair), logits_of(fresh, pair)), pair
+    assert (len(ed.method.pool), ed.method.reinits) == (len(fresh.method.pool), fresh.method.reinits)
+    ed.close()
+    fresh.close()

@@ -343,7 +343,9 @@ class Editor:
             with self.store.transaction():
                 self._unlink_supersedes(edit)
                 if not self.method.remove(edit.id):
+                    carry = self.method.replay_carry()
                     self._replay(exclude=edit.id)
+                    self.method.replay_restore(carry, edit.id, edit.request)
                 self.store.update_edit(edit.id, status="reverted")
                 self.store.drop_snapshots_from(edit.id)
                 self._save_state(snapshot=False)

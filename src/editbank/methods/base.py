@@ -208,6 +208,14 @@ class Method:
         """Undo one edit exactly if the method can; return False (changing nothing) if it cannot."""
         return False
 
+    def replay_carry(self) -> Any:
+        """Before an undo by replay (`remove` returned False): state that is not a function of the held edits
+        (WISE's tombstones: a record of undos) and must survive the rebuild; handed to `replay_restore`."""
+        return None
+
+    def replay_restore(self, carry: Any, edit_id: int, request: EditRequest) -> None:
+        """After the replay that undid `edit_id` (whose request was `request`): put `carry` back."""
+
     def reset(self) -> None:
         """Forget every edit (method state only; the editor restores touched weights)."""
 

@@ -30,8 +30,10 @@
    on all of them jointly from the merged weights (n_iter steps, the full mask, REPAIR's losses). The refit is a
    function of the group's shards and edits, so a merge recomputed after an undo redoes it and undo stays exact.
 
-Undo works as in WISE: every shard (a re-initialised one too) is a function of its seed, init noise and training
-history, so the edit leaves every history and those shards are retrained; it also leaves the error pool.
+Undo replays: the editor rebuilds the state from the last snapshot before the edit and re-applies the later calls
+without it, so batching, distillation bounces and the feedback loop (pool, reintegrations, seeds) are recomputed as
+in a stream that never received the edit (retraining only the edit's shards, as WISE does, kept the decisions
+taken while it was there). An undo costs at most `snapshot_every` edits of replay.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class RepairHparams(WiseHparams):
 @register("repair")
 class Repair(Wise):
     Hparams = RepairHparams
+    snapshots = True  # undo replays from the last snapshot (see `remove`)
 
     def reset(self) -> None:
         super().reset()
@@ -229,7 +232,8 @@ class Repair(Wise):
             if hp.keep_if_better and sum(now) <= sum(was):
                 reinits = self.reinits
                 self.restore(before)  # reintegration lost more than it fixed: keep the memories as they were
-                self.reinits, self.rejected, now = reinits, self.rejected + 1, was
+                self.reinits, self.rejected = reinits, self.rejected + 1
+                break  # it costs the pool nothing (no attempt spent), and retrying the same state gives the same
             passed = {e for e, good in zip(touched, now) if good}
             self.pool = [e for e in self.pool if e not in passed]
             # an edit gets max_retries reintegrations in all, then stays where it is, out of the pool
@@ -275,10 +279,15 @@ class Repair(Wise):
         self._register(items)
         pending, bounced, losses = [it.id for it in items], set(), {}
         merged_from = len(self.groups)
+        hp = self.hparams
         while pending:
-            batch, *rest = self._batches(pending)
-            pending = [e for b in rest for e in b]
             shard = self.open_shard
+            # a batch never overfills the open shard nor runs past the next merge (as WISE's chunks): save_freq 5,
+            # merge_freq 15 and batches of 4 give shards of 5, 5, 5 merged at 15
+            room = max(1, min(hp.save_freq - len(shard.members), hp.merge_freq - self.count % hp.merge_freq))
+            batch, *rest = self._batches(pending)
+            batch, cut = batch[:room], batch[room:]
+            pending = cut + [e for b in rest for e in b]
             back = self._write_filtered(shard, batch, bounced)
             for e in batch:
                 if e not in back:
@@ -312,6 +321,25 @@ class Repair(Wise):
             return [1.0] * len(shards)
         losses = torch.tensor([s.loss for s in shards])
         return (torch.softmax(-self.hparams.merge_temperature * losses, dim=0) * len(shards)).tolist()
+
+    def remove(self, edit_id: int) -> bool:
+        """Undo by replay (the editor re-applies the later calls from the last snapshot without the edit), so the
+        batches, distillation bounces and feedback decisions are recomputed as if the edit had never been received;
+        retraining only the edit's shards would keep decisions taken while it was there. Tombstone undo as WISE."""
+        if self.hparams.undo == "tombstone" or edit_id not in self.requests or edit_id in self.ghosts:
+            return super().remove(edit_id)
+        return False  # "retrain" and "retrain+tombstone": replayed (the tombstone is laid in `replay_restore`)
+
+    def replay_carry(self) -> Any:
+        return {k: v.clone() for k, v in self.tombs.items()}, list(self.ghosts)
+
+    def replay_restore(self, carry: Any, edit_id: int, request) -> None:
+        tombs, ghosts = carry
+        self.tombs.update(tombs)
+        self.ghosts = sorted(set(self.ghosts) | set(ghosts))
+        if self.hparams.undo != "retrain":  # the key the undone edit had (the base model's, so the same)
+            self.tombs[edit_id] = self.activations([request.prompt], with_keys=True)[1][0]
+        self._stack = None
 
     def _forget(self, edit_id: int) -> None:
         self.pool = [e for e in self.pool if e != edit_id]
