@@ -32,7 +32,9 @@ def _env_line(summary: dict, params: dict, run: Path) -> str:
     env = sessions[-1]
     return (f"Data: {summary['data']}. Protocol: `{summary['protocol']}` on every number. Schedule: "
             f"{params['schedule']}. Seeds: {', '.join(map(str, summary['seeds']))}. Run on torch {env['torch']}, "
-            f"{env['device']}, {env['threads']} threads ({env['cuda'] or 'CPU'}). Run directory: "
+            f"{env['device']}, {env['threads']} threads ({env['cuda'] or 'CPU'}"
+            f"{', ' + env['cpu_capability'] if env.get('cpu_capability') else ''})"
+            f"{'; model weights sha256 ' + env['model_weights'] if env.get('model_weights') else ''}. Run directory: "
             f"`{run.relative_to(ROOT)}` (`params.json` holds every resolved hyperparameter).")
 
 

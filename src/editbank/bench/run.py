@@ -166,12 +166,15 @@ def _claim(out: Path, cfg: BenchConfig, digest: str) -> bool:
     return False
 
 
-def _environment(device: str | None, resumed: bool) -> dict[str, Any]:
+def _environment(device: str | None, resumed: bool, model: str | None = None) -> dict[str, Any]:
     import torch
 
     from .._version import __version__
+    from ..world.core import weights_digest
 
-    return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "resumed": resumed,
+    return {"model_weights": weights_digest(model) if model else None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "resumed": resumed,
             "editbank": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "device": device or "model default",
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -234,7 +237,7 @@ def _run_part(cfg: BenchConfig, out: Path, todo: list[tuple[str, int]], device, 
     check_leaks(cfg, data, ts)
     resumed = _claim(out, cfg, data_digest(data))
     if todo:
-        append_jsonl(out / "sessions.jsonl", [_environment(device, resumed)])
+        append_jsonl(out / "sessions.jsonl", [_environment(device, resumed, data.model)])
         if ts[-1] < max(cfg.edits):
             say(f"[yellow]T capped at {ts[-1]}: {data.describe}[/yellow]")
         say(f"{'resuming' if resumed else 'starting'} bench in {out}: {', '.join(cfg.methods)} on {data.describe}; "
