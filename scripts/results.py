@@ -147,7 +147,13 @@ TUNING = ("**What was tuned where.** The default world is the dev world: every d
           "(20%) feed the corpus and the key statistics and are never edited or probed; a dataset run holds 10% of the "
           "records out for its corpus (`editbank.leaks`), and `editbank bench` refuses a run whose corpus holds a "
           "rephrase or probe. **WISE and REPAIR route by key** in every row here (`route_by: key` on layer 0's input "
-          "with a cosine gate of 0.9): that router is ours, not the papers' (they route by the activation score).")
+          "with a cosine gate of 0.9): that router is ours, not the papers' (they route by the activation score). "
+          "**A world is a build, not only a spec.** The same spec, seed, torch version and one build thread train "
+          "other weights on another CPU instruction set: the dev world rebuilt on an AVX2 machine (2026-12-04) gave "
+          "SoLA rel/gen/loc 1.000/0.607/1.000 at T = 100 and GRACE 1.000/0.353/1.000, against 1.000/0.720/0.977 "
+          "and 1.000/0.420/1.000 below. Differences between builds are as large as many differences between "
+          "methods; compare figures only within one build (the environment lines name the weights' digest where "
+          "the run recorded it).")
 
 
 def write_results(out: Path) -> None:
