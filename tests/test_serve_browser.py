@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +57,14 @@ def browser():
     driver.quit()
 
 
+def shot(browser, name: str) -> None:
+    """With EDITBANK_SCREENSHOTS=DIR, keep a screenshot of this state (docs/images/page-*.png come from here)."""
+    folder = os.environ.get("EDITBANK_SCREENSHOTS")
+    if folder:
+        browser.set_window_size(1100, 1400)
+        browser.save_screenshot(str(Path(folder) / f"page-{name}.png"))
+
+
 def test_edit_ask_and_undo_through_the_page(server, browser, world_requests):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -62,34 +72,67 @@ def test_edit_ask_and_undo_through_the_page(server, browser, world_requests):
 
     ed, url = server
     r = world_requests[0]
+    probe, _ = r.locality[0]
     wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
     el = lambda i: browser.find_element(By.ID, i)  # noqa: E731
     browser.get(url)
 
     def ask() -> str:
         el("ask").click()
-        wait.until(lambda d: el("answer").text not in ("", "…") or el("error").text)
+        wait.until(lambda d: (el("answer").text not in ("", "…") and el("answer-info").text) or el("error").text)
         assert not el("error").text
         return el("answer").text.strip()
 
     el("prompt").send_keys(r.prompt)
     before = ask()
     assert before and not before.startswith(r.target.strip())
+    assert "no edit answered" in el("answer-info").text and before in el("answer-info").text
     el("edit-prompt").send_keys(r.prompt)
     el("edit-target").send_keys(r.target.strip())
     el("edit-subject").send_keys(r.subject)
+    el("edit-probes").send_keys(r.rephrases[0] + "\n" + probe)
+    el("apply").click()  # no token yet: the error shows beside the button and in the banner, nothing changes
+    wait.until(lambda d: el("edit-error").text)
+    assert "token" in el("edit-error").text and el("error").text == el("edit-error").text and ed.edits() == []
+    shot(browser, "error")
     el("token").send_keys(TOKEN)
     el("apply").click()
-    wait.until(lambda d: el("after").text or el("error").text)
+    wait.until(lambda d: el("took").text or el("edit-error").text)
     assert not el("error").text
     assert el("before").text.strip() == before and el("after").text.strip().startswith(r.target.strip())
+    assert el("took").text.startswith("edit 1 took") and "final loss" in el("took").text
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('#probe-rows tr')].map(tr => [...tr.children].map(td => td.innerText))")
+    assert [row[0] for row in rows] == [r.rephrases[0], probe]
+    assert rows[1][1] == rows[1][2], "the unrelated prompt answers as before"
     # the list is re-rendered on every refresh, so read it in one script call (no stale element references)
     table = lambda: browser.execute_script(  # noqa: E731
         "return [...document.querySelectorAll('#edits tr')].map(tr => tr.innerText)")
-    wait.until(lambda d: len(table()) == 1 and "active" in table()[0])
+    wait.until(lambda d: len(table()) == 1 and "active" in table()[0] and "yes" in table()[0])
     assert ed.edits("active")[0].request.prompt == r.prompt
-    assert ask().startswith(r.target.strip())
+    # the shown answer followed the edit by itself, and says which edit answered it
+    wait.until(lambda d: el("answer").text.strip().startswith(r.target.strip()))
+    wait.until(lambda d: "answered by edit 1" in el("answer-info").text)
+    assert before in el("answer-info").text, "beside the unedited model's answer"
+    shot(browser, "edited")
     browser.find_element(By.CSS_SELECTOR, "button.undo").click()
+    wait.until(lambda d: _alert(d))
+    browser.switch_to.alert.dismiss()  # undo asks first: dismissed, nothing changes
+    assert ed.edits()[0].status == "active"
+    browser.find_element(By.CSS_SELECTOR, "button.undo").click()
+    wait.until(lambda d: _alert(d))
+    browser.switch_to.alert.accept()
     wait.until(lambda d: "reverted" in table()[0])
     assert ed.edits()[0].status == "reverted"
+    wait.until(lambda d: el("answer").text.strip() == before and "no edit answered" in el("answer-info").text)
+    shot(browser, "undone")
     assert ask() == before
+
+
+def _alert(driver) -> bool:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return driver.switch_to.alert is not None
+    except NoAlertPresentException:
+        return False

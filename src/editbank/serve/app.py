@@ -59,6 +59,12 @@ class EditIn(BaseModel):
     check: bool = True  # refuse (422) an edit that did not take; false keeps it, marked "written": false
 
 
+class AskIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Annotated[list[Text], Field(min_length=1, max_length=32)]
+    max_tokens: int = Field(16, ge=1, le=64)
+
+
 class RouteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=64)]
@@ -183,6 +189,22 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
         with guard.read():
             owners = editor.method.routes(prompts)
         return {"object": "list", "data": [{"prompt": p, "edit": o} for p, o in zip(prompts, owners)]}
+
+    @app.post("/v1/ask", include_in_schema=True)
+    def ask(body: AskIn) -> dict[str, Any]:
+        """For the page: each prompt's greedy answer, the unedited model's, and the edit that answered it (methods
+        with a content router; otherwise null) — several prompts in one call, each answered as if alone."""
+        with guard.read():
+            try:
+                answers = editor.generate(body.prompt, max_new_tokens=body.max_tokens)
+                with editor.unedited():
+                    base = editor.generate(body.prompt, max_new_tokens=body.max_tokens)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from None
+            owners = editor.method.routes(body.prompt) if hasattr(editor.method, "routes") else None
+        return {"object": "list", "data": [
+            {"prompt": p, "answer": a, "unedited": b, "changed": a != b, "edit": None if owners is None else owners[i]}
+            for i, (p, a, b) in enumerate(zip(body.prompt, answers, base))]}
 
     @app.get("/v1/edits")
     def list_edits(status: Literal["active", "reverted", "superseded"] | None = None) -> dict[str, Any]:
