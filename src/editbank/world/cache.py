@@ -7,19 +7,10 @@ import shutil
 import time
 from pathlib import Path
 
+from ..cache import cache_root
+
 #: Written last into a build directory; its presence means the world is complete.
 MARKER = "world.complete"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $EDITBANK_CACHE, else $XDG_CACHE_HOME/editbank, else ~/.cache/editbank."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("EDITBANK_CACHE"):
-        return Path(os.environ["EDITBANK_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "editbank"
-    return Path.home() / ".cache" / "editbank"
 
 
 def world_dir(name: str, spec_hash: str, cache_dir: str | os.PathLike | None = None) -> Path:

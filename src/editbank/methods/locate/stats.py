@@ -77,7 +77,7 @@ def cache_file(root: Path, fingerprint: str, layer: int, n: int, digest: str) ->
 def cached_second_moment(model, tokenizer, path: str, layer: int, rows: list[list[int]], fingerprint: str,
                          batch_size: int = 32, cache_dir: Path | None = None) -> torch.Tensor:
     """`key_second_moment`, loaded from / saved to the editbank cache."""
-    from ...world.cache import cache_root
+    from ...cache import cache_root
 
     file = cache_file(cache_root(cache_dir), fingerprint, layer, len(rows), rows_digest(rows))
     if file.is_file():
@@ -93,9 +93,9 @@ def cached_second_moment(model, tokenizer, path: str, layer: int, rows: list[lis
 def precompute(model, tokenizer, layers: list[int], n_samples: int, texts: list[str] | None = None,
                text_file: str | None = None, batch_size: int = 32) -> list[Path]:
     """Compute (or find) the cached key statistics of `layers`, as the methods will ask for them; their files."""
+    from ...cache import cache_root
     from ...models.loading import model_fingerprint
     from ...models.registry import arch_of
-    from ...world.cache import cache_root
 
     arch = arch_of(model)
     fingerprint = model_fingerprint(model)
