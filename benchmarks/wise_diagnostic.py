@@ -1,0 +1,78 @@
+"""Why a WISE/REPAIR edit does not take: the router, or the memory.
+
+Edits the first T facts of a world in calls of 32 with the world presets (plus any `key=value` overrides), then
+sorts every edit whose target the final model does not answer (greedy exact match) into:
+
+- not routed: its own prompt reaches no memory;
+- other memory: it reaches a memory that does not hold it;
+- own memory wrong: it reaches the memory holding it, which does not produce the target;
+
+and checks each memory alone (added to every row, no routing) on the edits it holds.
+
+    python benchmarks/wise_diagnostic.py --world test-questions --T 100 [--method repair] [mask_ratio=0.5 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from editbank import Editor, World
+from editbank.bench.config import WORLD_PRESETS
+
+
+def value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", default="default")
+    ap.add_argument("--method", default="wise", choices=["wise", "repair"])
+    ap.add_argument("--T", type=int, default=100)
+    ap.add_argument("--call", type=int, default=32, help="requests per editor call (the bench's)")
+    ap.add_argument("overrides", nargs="*", help="hyperparameter key=value on top of the world preset")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    extra = {k: value(v) for k, v in (kv.split("=", 1) for kv in args.overrides)}
+    hp = {**WORLD_PRESETS[args.method], **extra}
+    world = World.build(args.world, progress=False)
+    reqs = world.edit_requests(n=min(args.T, len(world.editable_facts)), seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ed = Editor.open(world.path, method=args.method, store=Path(tmp) / "s.db", progress=False, **hp)
+        edits = []
+        for i in range(0, len(reqs), args.call):
+            edits += ed.edit(reqs[i : i + args.call], check=False)
+        m = ed.method
+        ids = [e.id for e in edits]
+        ok = m.check(ids)
+        memories = m._memories()
+        holder = {e: j for j, (_, members) in enumerate(memories) for e in members}
+        routed = dict(zip(ids, m.route_prompts([r.prompt for r in reqs]).tolist()))
+        alone = sum(sum(m.check_memory(d, members)) for d, members in memories)
+        failed = [e for e, good in zip(ids, ok) if not good]
+        scores = ed.evaluate(reqs, protocol="greedy_exact_match")
+        ed.close()
+    out = {"world": args.world, "method": args.method, "T": len(reqs), "overrides": extra,
+           "reliability": round(sum(ok) / len(ok), 3),
+           "failed": len(failed),
+           "not_routed": sum(routed[e] == -1 for e in failed),
+           "other_memory": sum(routed[e] not in (-1, holder.get(e)) for e in failed),
+           "own_memory_wrong": sum(routed[e] == holder.get(e) for e in failed),
+           "memory_alone_writes": f"{alone}/{len(holder)}", "memories": len(memories),
+           "median_loss": round(sorted(e.stats["loss"] for e in edits)[len(edits) // 2], 3),
+           "eval": {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
