@@ -244,3 +244,18 @@ def test_rome_without_mom2_adjustment_writes_along_the_key(small_world, world_re
     (u, v, k), = ed.method.log[-1].factors.values()
     assert torch.allclose(v[:, 0], k[:, 0] / k[:, 0].square().sum(), rtol=1e-4, atol=1e-7)  # C = I: (k / kᵀk)
     ed.close()
+
+
+def test_every_edit_records_the_weight_drift_of_each_written_layer(small_world):
+    reqs = small_world.edit_requests(n=2, seed=3)
+    ed = open_editor(small_world, "memit")
+    first = ed.edit(reqs[0], check=False)
+    second = ed.edit(reqs[1], check=False)
+    names = set(ed.method.touched_parameters())
+    assert set(first.stats["weight_drift"]) == names
+    for name, w in ed.method.touched_parameters().items():
+        w0 = ed._base_weights[name]
+        want = float((w.detach() - w0).norm() / w0.norm())
+        assert second.stats["weight_drift"][name] == pytest.approx(want, rel=1e-4) and want > 0
+    assert ed.store.get_edit(second.id).stats["weight_drift"] == second.stats["weight_drift"]
+    ed.close()

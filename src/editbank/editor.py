@@ -284,8 +284,9 @@ class Editor:
                 written = [verdict.get(e.id) for e in edits]
                 if check and not all(w is not False for w in written):
                     raise self._not_written(edits, stats, written)
+                drift = self._weight_drift()
                 for e, s, ok in zip(edits, stats, written):
-                    e.stats = {**s, "seconds": elapsed / len(edits), "written": ok}
+                    e.stats = {**s, "seconds": elapsed / len(edits), "written": ok, **drift}
                     self.store.update_edit(e.id, stats=e.stats)
                     self.store.put_artifacts(e.id, self.method.artifacts(e.id))
                     for older in s.get("supersedes", []):
@@ -298,6 +299,19 @@ class Editor:
             self._saved = {}  # the transaction rolled back: the store may not hold what was last written
             raise
         return edits[0] if single else edits
+
+    @torch.no_grad()
+    def _weight_drift(self) -> dict[str, Any]:
+        """For methods that write weights: ||W - W0|| / ||W0|| (Frobenius) of each written parameter after this
+        call, as `weight_drift` in every edit's stats (long streams of locate-then-edit collapse as it grows)."""
+        params = self.method.touched_parameters()
+        if not params:
+            return {}
+        out = {}
+        for k, p in params.items():
+            w0 = self._base_weights[k]
+            out[k] = round(float((p.detach().float() - w0.float()).norm() / w0.float().norm().clamp_min(1e-12)), 6)
+        return {"weight_drift": out}
 
     def _batch_seed(self, requests: list[EditRequest]) -> int:
         """The torch seed an editor call runs under: from the requests and `seed`, never from edit ids, so a replay
