@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -97,11 +96,11 @@ def test_a_completion_during_a_long_edit_gets_503_then_the_new_state(served, wor
     ed, client = served
     r = world_requests[0]
     real = Editor.edit
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
-    def slow(self, reqs, **kw):
+    def slow(self, reqs, **kw):  # holds the model until the test has seen the 503
         started.set()
-        time.sleep(1.0)
+        assert release.wait(30)
         return real(self, reqs, **kw)
 
     monkeypatch.setattr(Editor, "edit", slow)
@@ -113,6 +112,7 @@ def test_a_completion_during_a_long_edit_gets_503_then_the_new_state(served, wor
     busy = client.post("/v1/completions", json={"prompt": r.prompt, "max_tokens": 4})
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
     assert client.get("/healthz").json()["editing"] is True
+    release.set()
     t.join()
     assert result["res"].status_code == 201
     assert complete(client, r.prompt, max_tokens=12)["choices"][0]["text"].startswith(r.target)
