@@ -220,6 +220,11 @@ def test_a_pretrained_edit_is_bitwise_the_edit_computed_in_one_go(small_world, w
         work = eds[1].pretrain(reqs)
         worker.join()
         assert work is not None and len(work) == 3
+
+        def no_training(*args, **kwargs):
+            raise AssertionError("apply trained again instead of installing the pretrained LoRAs")
+
+        eds[1].method._train = no_training
         pre = eds[1].edit(reqs, check=False, pretrained=work)
         for a, b in zip(plain, pre):
             x, y = eds[0].method.artifacts(a.id), eds[1].method.artifacts(b.id)
@@ -229,3 +234,34 @@ def test_a_pretrained_edit_is_bitwise_the_edit_computed_in_one_go(small_world, w
     finally:
         for ed in eds:
             ed.close()
+
+
+def test_unseeded_sampling_draws_new_numbers_each_time(served, world_requests):
+    _, http, _ = served
+    body = {"prompt": world_requests[0].prompt, "max_tokens": 8, "temperature": 1.5}
+    texts = {http.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(5)}
+    assert len(texts) > 1, "each unseeded sample is a new draw"
+
+
+def test_routing_reads_stay_right_while_an_edit_trains_beside_them(small_world, world_requests, tmp_path):
+    ed = Editor.open(small_world.path, method="sola", store=tmp_path / "s.db")
+    ed.edit(world_requests[:4], check=False)
+    prompts = [r.prompt for r in world_requests[:4]] + [p for r in world_requests[4:8] for p, _ in r.locality[:1]]
+    want = ed.method.routes(prompts)
+    errors: list[BaseException] = []
+
+    def train():
+        try:
+            for _ in range(3):
+                ed.pretrain(world_requests[8:11])
+        except BaseException as exc:  # an edit that crashed beside the readers
+            errors.append(exc)
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    seen = []
+    while worker.is_alive():
+        seen.append(ed.method.routes(prompts))
+    worker.join()
+    ed.close()
+    assert not errors and seen and all(s == want for s in seen), "keys read beside a training stay the prompt's"

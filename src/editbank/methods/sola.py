@@ -170,6 +170,8 @@ class Sola(Method):
 
         def hook(module, inputs, output):
             x, here = inputs[0], self.thread  # per thread: a training thread and a serving one run at once
+            if i == 0 and getattr(here, "capture", None) is not None:  # `_keys_at` reads the master input here
+                here.capture.append(x.detach())
             train = getattr(here, "train_lora", None)
             if train is not None:  # training one edit: its LoRA on every row and position
                 A, B = train
@@ -253,9 +255,19 @@ class Sola(Method):
 
     def _keys_at(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Master keys [B, T, D] of a right-padded batch, every LoRA off."""
-        with self.disabled(), trace(self.model, self.paths[0], outputs=False) as tr:
-            self.model(input_ids=ids, attention_mask=mask)
-        return tr[self.paths[0]].input.float()
+        if not self._handles:  # not attached (yet): a temporary hook
+            with self.disabled(), trace(self.model, self.paths[0], outputs=False) as tr:
+                self.model(input_ids=ids, attention_mask=mask)
+            return tr[self.paths[0]].input.float()
+        # through the method's own hook, per thread: a temporary hook would also catch the forwards other threads
+        # run meanwhile (an edit training beside the readers), and adding hooks is not thread-safe
+        self.thread.capture = []
+        try:
+            with self.disabled():
+                self.model(input_ids=ids, attention_mask=mask)
+            return self.thread.capture[0].float()
+        finally:
+            self.thread.capture = None
 
     def _prompt_keys(self, prompts: list[str]) -> torch.Tensor:
         """Routing keys [N, D] of prompts (their last token), in batches of 64."""

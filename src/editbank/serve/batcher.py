@@ -17,11 +17,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..editor import _max_positions
 from ..tokens import prompt_ids
 
 
@@ -60,11 +62,12 @@ class Job:
     queued: float = field(default_factory=time.perf_counter)
 
     def key(self) -> tuple:
+        lp = self.logprobs is not None  # a logprobs job keeps every step's logits: never make others pay for it
         if self.temperature == 0:
-            return ("greedy",)
+            return ("greedy", lp)
         if self.seed is not None:
             return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p)
+        return ("sample", self.temperature, self.top_p, lp)
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature == 0:
@@ -110,7 +113,7 @@ class RowText:
     def _release(self) -> str:
         end = len(self.text)
         if self.finish is None:
-            if self.text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
+            while end and self.text[end - 1] == "\ufffd":  # a character split over tokens: wait for the rest
                 end -= 1
             for s in self.stops:  # the longest tail that could still grow into a stop sequence
                 for k in range(min(len(s) - 1, end), 0, -1):
@@ -198,9 +201,7 @@ class Batcher:
             batch = self._take()
             self._depth()
             if batch:
-                started = time.perf_counter()
                 self._run(batch)
-                self._recent.append((sum(len(j.prompts) for j, _ in batch), time.perf_counter() - started))
 
     def _gather(self) -> None:
         """Under load, wait briefly for a batch as large as the recent ones.
@@ -245,7 +246,7 @@ class Batcher:
             if key is not None and job.key() != key:
                 continue
             try:
-                ids = [prompt_ids(self.editor.tokenizer, p) for p in job.prompts]
+                ids = [self._prompt(p, job.max_tokens) for p in job.prompts]
             except ValueError as exc:
                 self._held.remove(job)
                 job.future.set_exception(exc)
@@ -260,6 +261,30 @@ class Batcher:
             key, rows, longest, new = job.key(), rows + len(ids), width, steps
         return batch
 
+    @staticmethod
+    @contextmanager
+    def _seeded(seed: int | None):
+        """A seeded job draws from its own seed and leaves the global generators as they were; an unseeded one
+        draws from them (forking them too would give every unseeded batch the same numbers)."""
+        if seed is None:
+            yield
+            return
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def _prompt(self, prompt: str, max_tokens: int) -> list[int]:
+        """The prompt's token ids; ValueError (that job's 422 alone) if it has none or does not fit the context."""
+        ids = prompt_ids(self.editor.tokenizer, prompt)
+        if not ids:
+            raise ValueError("the prompt has no tokens")
+        limit = _max_positions(self.editor.model.config)
+        if limit is not None and len(ids) + max_tokens > limit:
+            raise ValueError(f"the prompt ({len(ids)} tokens) and max_tokens ({max_tokens}) exceed the model's "
+                             f"context of {limit} tokens")
+        return ids
+
     def _run(self, batch: list[tuple[Job, list[list[int]]]]) -> None:
         tok = self.editor.tokenizer
         first = batch[0][0]
@@ -267,15 +292,14 @@ class Batcher:
         texts = [(job, i, RowText(tok, job.stops, job.max_tokens, lazy=job.events is None))
                  for job, ids in batch for i in range(len(ids))]
         want_logits = any(job.logprobs is not None for job, _ in batch)
-        started = time.perf_counter()
         try:
-            with self.guard.read(), torch.random.fork_rng(devices=[]):
-                if first.seed is not None:
-                    torch.manual_seed(first.seed)
+            with self.guard.read(), self._seeded(first.seed):
+                started = time.perf_counter()  # the generation alone, not the wait for the lock
                 fan = _Fanout(texts, tok.eos_token_id)
                 out, logits = self.editor.generate_rows(
                     rows, max(job.max_tokens for job, _ in batch), streamer=fan, logits=want_logits,
                     **first.generate_kwargs())
+                seconds = time.perf_counter() - started
                 results = self._results(batch, texts, logits, tok)
         except BaseException as exc:  # every waiting request gets the error
             for job, _ in batch:
@@ -283,9 +307,10 @@ class Batcher:
                     job.future.set_exception(exc)
                 self._finish_events(job)
             return
+        self._recent.append((len(rows), seconds))
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(rows))
-            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_seconds.observe(seconds)
         for (job, _), result in zip(batch, results):
             job.future.set_result(result)
             self._finish_events(job)
@@ -316,7 +341,7 @@ def _logprobs(tok, text: RowText, logits: torch.Tensor, top: int, offset: int) -
     out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     at = 0
     for step, token in enumerate(text.tokens):
-        if at >= len(text.text) and text.text:
+        if at >= len(text.text) and (text.text or text.finish == "stop"):
             break
         lp = torch.log_softmax(logits[step], -1)
         piece = tok.decode([token], skip_special_tokens=True)
