@@ -238,7 +238,7 @@ def test_a_pretrained_edit_is_bitwise_the_edit_computed_in_one_go(small_world, w
 
 def test_unseeded_sampling_draws_new_numbers_each_time(served, world_requests):
     _, http, _ = served
-    body = {"prompt": world_requests[0].prompt, "max_tokens": 8, "temperature": 1.5}
+    body = {"prompt": "The", "max_tokens": 8, "temperature": 2.0}  # open-ended: 20 of 20 draws differ in-process
     texts = {http.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(5)}
     assert len(texts) > 1, "each unseeded sample is a new draw"
 
@@ -265,3 +265,24 @@ def test_routing_reads_stay_right_while_an_edit_trains_beside_them(small_world, 
     worker.join()
     ed.close()
     assert not errors and seen and all(s == want for s in seen), "keys read beside a training stay the prompt's"
+
+
+def test_a_job_given_up_before_its_batch_never_runs(small_world, world_requests, tmp_path):
+    ed = Editor.open(small_world.path, method="sola", store=tmp_path / "s.db")
+    gate, metrics = Gate(), Metrics()
+    batcher = Batcher(ed, gate, metrics=metrics)
+    try:
+        first = batcher.submit(Job(prompts=[world_requests[0].prompt], max_tokens=2))
+        assert gate.reached.wait(30)
+        gone, kept = Job(prompts=[world_requests[1].prompt], max_tokens=2), Job(prompts=[world_requests[2].prompt],
+                                                                                   max_tokens=2)
+        batcher.submit(gone)
+        batcher.submit(kept)
+        gone.cancelled = True  # what the app does when the request's wait times out (503)
+        gate.opened.set()
+        first.result(60)
+        assert len(kept.future.result(60).choices) == 1 and gone.future.cancelled()
+    finally:
+        batcher.close()
+        ed.close()
+    assert metrics.registry.get_sample_value("editbank_batch_rows_sum") == 2, "only the live jobs ran"

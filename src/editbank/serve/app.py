@@ -144,6 +144,7 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
             try:
                 first = job.events.get(timeout=config.queue_timeout)
             except queue.Empty:
+                job.cancelled = True
                 raise Busy("the completion queue is too long; retry shortly") from None
             if first is not None:
                 return StreamingResponse(sse(job, first, kind, config.name, include_usage),
@@ -153,6 +154,7 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         except FutureTimeout:
+            job.cancelled = True  # not run later for nobody
             raise Busy("the completion queue is too long; retry shortly") from None
 
     @app.post("/v1/completions")

@@ -60,6 +60,7 @@ class Job:
     events: queue.Queue | None = None  # streaming: gets (choice index, text delta, finish reason or None), then None
     future: Future = field(default_factory=Future)
     queued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # its request gave up waiting (503): dropped before it runs
 
     def key(self) -> tuple:
         lp = self.logprobs is not None  # a logprobs job keeps every step's logits: never make others pay for it
@@ -243,6 +244,11 @@ class Batcher:
         batch: list[tuple[Job, list[list[int]]]] = []
         key, rows, longest, new = None, 0, 0, 0
         for job in list(self._held):
+            if job.cancelled:
+                self._held.remove(job)
+                job.future.cancel()
+                self._finish_events(job)
+                continue
             if key is not None and job.key() != key:
                 continue
             try:
