@@ -59,7 +59,6 @@ class Job:
     n: int = 1  # choices per distinct prompt: `prompts` holds each distinct prompt n times in a row
     events: queue.Queue | None = None  # streaming: gets (choice index, text delta, finish reason or None), then None
     future: Future = field(default_factory=Future)
-    queued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # its request gave up waiting (503): dropped before it runs
 
     def key(self) -> tuple:

@@ -34,31 +34,24 @@ class ModelGuard:
         """An edit or undo is in progress (computing or installing)."""
         return self._edits.locked()
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        if not self._lock.acquire(timeout=self.read_timeout):
-            raise Busy("the model is busy applying an edit; retry shortly")
-        try:
-            yield
-        finally:
-            self._lock.release()
+    def read(self):
+        return _held(self._lock, self.read_timeout, "the model is busy applying an edit; retry shortly")
 
-    @contextmanager
-    def editing(self) -> Iterator[None]:
+    def editing(self):
         """One edit or undo at a time; readers go on until the block enters `write()`."""
-        if not self._edits.acquire(timeout=self.write_timeout):
-            raise Busy("another edit is still being applied; retry shortly")
-        try:
-            yield
-        finally:
-            self._edits.release()
+        return _held(self._edits, self.write_timeout, "another edit is still being applied; retry shortly")
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
+    def write(self):
         """The model to this thread alone (inside `editing()`)."""
-        if not self._lock.acquire(timeout=self.write_timeout):
-            raise Busy("the model stayed busy; retry shortly")
-        try:
-            yield
-        finally:
-            self._lock.release()
+        return _held(self._lock, self.write_timeout, "the model stayed busy; retry shortly")
+
+
+@contextmanager
+def _held(lock: threading.Lock, timeout: float, busy: str) -> Iterator[None]:
+    """Hold `lock` for the block; `Busy(busy)` if it cannot be had within `timeout` seconds."""
+    if not lock.acquire(timeout=timeout):
+        raise Busy(busy)
+    try:
+        yield
+    finally:
+        lock.release()
