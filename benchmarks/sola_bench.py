@@ -9,6 +9,10 @@
    `--model llama-HIDDENxLAYERS` times a random Llama of that size instead of the world's model (with the
    world's tokenizer), to see the ratio at a size where the model, not the bank, dominates.
 
+Each configuration of `--configs` (`;`-separated sets of `key=value` SoLA hyperparameters; `default` is the
+defaults) is measured in the same run, so their ratios compare: by default the current defaults against the
+previous ones (`key=last,whitening=pca`).
+
     python benchmarks/sola_bench.py --device cpu
     python benchmarks/sola_bench.py --device cuda --model llama-1024x8
 """
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import parse_hp
 
 from editbank import Editor
 from editbank.tokens import make_batch
@@ -91,20 +96,41 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="world", help="'world' or llama-HIDDENxLAYERS (random) for the latency part")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--configs", default="default;key=last,whitening=pca",
+                    help="';'-separated SoLA hyperparameter sets (k=v,k=v; 'default': the defaults)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    world = World.build(args.size, progress=True)
+    for config in args.configs.split(";"):
+        hp = {} if config.strip() == "default" else parse_hp([x for x in config.split(",") if x])
+        out = measure(world, hp, args)
+        out["config"] = config
+        if args.json:
+            print(json.dumps(out))
+            continue
+        print(f"config {config}: device {args.device}, {out['threads']} threads; real edits on the {args.size} "
+              f"world: {out['edits']}")
+        print(f"median seconds per edit: {out['median_seconds_per_edit']:.4f}")
+        print(f"storage per edit: {out['store_bytes_per_edit']:.0f} bytes (store file), "
+              f"{out['artifact_bytes_per_edit']:.0f} bytes (artifacts)")
+        print(f"forward latency, model {args.model} (edited / base, median of {args.repeats}):")
+        print(f"{'batch':>6} {'edits':>7} {'base ms':>9} {'edited ms':>10} {'ratio':>7}")
+        for r in out["latency"]:
+            print(f"{r['batch']:6d} {r['bank']:7d} {r['base_ms']:9.3f} {r['edited_ms']:10.3f} {r['ratio']:7.3f}")
+
+
+def measure(world, hp: dict, args) -> dict:
     banks = [int(x) for x in args.banks.split(",")]
     batches = [int(x) for x in args.batch.split(",")]
-    world = World.build(args.size, progress=True)
-    out: dict = {"device": args.device, "threads": torch.get_num_threads(), "model": args.model}
+    out: dict = {"device": args.device, "threads": torch.get_num_threads(), "model": args.model, "hparams": hp}
 
     # 1. real edits: seconds and bytes per edit
     requests = world.edit_requests(min(args.edits, len(world.editable_facts)), seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "edits.db"
-        ed = Editor.open(world, method="sola", store=store, device=args.device)
+        ed = Editor.open(world, method="sola", store=store, device=args.device, **hp)
         ed.edit(requests[0], check=False)  # calibration happens here; not counted
         ed.store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         size0 = store.stat().st_size
@@ -122,11 +148,12 @@ def main() -> None:
 
     # 2. latency ratio against the base model
     if args.model == "world":
-        ed = Editor.open(world, method="sola", device=args.device)
+        ed = Editor.open(world, method="sola", device=args.device, **hp)
     else:
         tok = world.load_tokenizer()
         model = random_llama(args.model, len(tok), args.device)
-        ed = Editor(model, tok, method="sola", corpus=world.fact_prompts())
+        ed = Editor(model, tok, method="sola", corpus=world.fact_prompts(),
+                    paraphrases=world.calibration_paraphrases(), **hp)
     ed.method.calibrate()
     m = ed.method
     if args.model != "world":  # random model: random LoRAs of its shapes
@@ -153,17 +180,7 @@ def main() -> None:
                          "ratio": t_edit / t_base})
     ed.close()
     out["latency"] = rows
-    if args.json:
-        print(json.dumps(out))
-        return
-    print(f"device {args.device}, {out['threads']} threads; real edits on the {args.size} world: {out['edits']}")
-    print(f"median seconds per edit: {out['median_seconds_per_edit']:.4f}")
-    print(f"storage per edit: {out['store_bytes_per_edit']:.0f} bytes (store file), "
-          f"{out['artifact_bytes_per_edit']:.0f} bytes (artifacts)")
-    print(f"forward latency, model {args.model} (edited / base, median of {args.repeats}):")
-    print(f"{'batch':>6} {'edits':>7} {'base ms':>9} {'edited ms':>10} {'ratio':>7}")
-    for r in rows:
-        print(f"{r['batch']:6d} {r['bank']:7d} {r['base_ms']:9.3f} {r['edited_ms']:10.3f} {r['ratio']:7.3f}")
+    return out
 
 
 if __name__ == "__main__":

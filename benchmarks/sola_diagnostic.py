@@ -43,7 +43,8 @@ def diagnose(data: str, edits: int | None, seed: int, hp: dict) -> dict:
     cfg = BenchConfig(methods=["sola"], data=data, edits=[1], seeds=[seed])
     d = load_data(cfg, progress=True)
     reqs = d.draw(min(edits or d.available, d.available), seed)
-    ed = Editor.open(d.model, method="sola", corpus=d.corpus, stats_corpus=d.stats_corpus, **hp)
+    ed = Editor.open(d.model, method="sola", corpus=d.corpus, stats_corpus=d.stats_corpus,
+                     paraphrases=d.paraphrases, **hp)
     t0 = time.perf_counter()
     stream = run_stream(ed, reqs, protocol="greedy_exact_match", progress=True)
     seconds = time.perf_counter() - t0

@@ -36,7 +36,7 @@ def keys(ed, texts: list[str], subjects: list[str | None]) -> tuple[torch.Tensor
     last, subj = [], []
     for text, s in zip(texts, subjects):
         ids = torch.tensor([prompt_ids(tok, text)])
-        k = m._keys_at(ids, torch.ones_like(ids))[0]
+        k = m._keys_at(ids, torch.ones_like(ids))[0][0]
         pos = len(prompt_ids(tok, text[: text.index(s) + len(s)])) - 1 if s else k.shape[0] - 1
         last.append(k[-1])
         subj.append(k[min(pos, k.shape[0] - 1)])

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from editbank import Editor, World
-from editbank.bench.config import WORLD_PRESETS
+from editbank.methods.base import get_method
 
 
 def value(text: str):
@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     extra = {k: value(v) for k, v in (kv.split("=", 1) for kv in args.overrides)}
-    hp = {**WORLD_PRESETS[args.method], **extra}
+    hp = {**get_method(args.method).world_preset, **extra}
     world = World.build(args.world, progress=False)
     reqs = world.edit_requests(n=min(args.T, len(world.editable_facts)), seed=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,17 +28,17 @@ from rich.console import Console
 from rich.table import Table
 
 from editbank import Editor, World
-from editbank.bench.config import BATCH, WORLD_PRESETS
 from editbank.evaluate import evaluate, rollback_eval, run_stream
+from editbank.methods.base import get_method
 from editbank.tokens import make_batch
 
-# the built-in worlds' settings (editbank.bench.config.WORLD_PRESETS, where they are explained): Adam at lr 0.03,
-# three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch of 8 per shard, two
-# shards per merge; REPAIR with WISE's margins, distillation weight 0.1, "spread" batching of calls of 32 and
-# merge_fit.
+# the built-in worlds' settings (`Wise.world_preset` and `Repair.world_preset`, where they are explained): Adam
+# at lr 0.03, three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch of 8
+# per shard, two shards per merge; REPAIR with WISE's margins, distillation weight 0.1, "spread" batching of calls
+# of 32 and merge_fit.
 # "(paper routing)" rows keep the paper's top-1 by score; "repair (similar batching)" is the paper's grouping.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
-WISE_HP, REPAIR_HP = WORLD_PRESETS["wise"], WORLD_PRESETS["repair"]
+WISE_HP, REPAIR_HP = get_method("wise").world_preset, get_method("repair").world_preset
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wise": ("wise", WISE_HP),
     "repair": ("repair", REPAIR_HP),
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--T", default="1,10,100", help="comma-separated stream lengths")
     ap.add_argument("--ablation-T", type=int, default=100, help="T of REPAIR's ablation (0: none)")
     ap.add_argument("--configs", default="wise,repair", help="configs of the main table")
-    ap.add_argument("--batch", type=int, default=BATCH["repair"], help="requests per editor call")
+    ap.add_argument("--batch", type=int, default=get_method("repair").bench_batch, help="requests per editor call")
     ap.add_argument("--undo-fraction", type=float, default=0.1, help="share of the edits undone at the end (0: none)")
     ap.add_argument("--undo-modes", default="retrain,retrain+tombstone,tombstone",
                     help="undo modes measured, each on a copy of the final store")

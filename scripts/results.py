@@ -23,6 +23,9 @@ from editbank.bench.run import parse_shard
 from editbank.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
+# SoLA's key configurations compared on one build: the defaults (last token + pooled embeddings, whitened by the
+# paraphrase whitening, alpha_quantile 3e-4) and the previous defaults (last token, PCA whitening, 1e-4)
+SOLA_KEYS = {"pooled": {}, "last": {"key": "last", "whitening": "pca"}}
 ORDER = ("sola", "grace", "ft", "wise", "repair", "rome", "memit", "alphaedit", "metake")
 PUBLISHED = ROOT / "scripts" / "published.md"
 
@@ -100,7 +103,8 @@ def main() -> None:
     ap.add_argument("--slow-edits", default="1,10,100")
     ap.add_argument("--counterfact", default=str(ROOT.parent / "shared" / "data" / "easyedit_counterfact-val.json"))
     ap.add_argument("--zsre", default=str(ROOT.parent / "shared" / "data" / "zsre_mend_train-1k.json"))
-    ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise",
+    ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-pooled-world,"
+                    "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--report", action="store_true",
@@ -124,6 +128,10 @@ def main() -> None:
                             edits=ints(args.dataset_edits)),
         "zsre-wise": BenchConfig(methods=names(args.slow_methods), data=f"zsre:{args.zsre}",
                                  edits=ints(args.slow_edits)),
+        # SoLA's keys (issue 21): the current defaults and the previous ones, dev world and suite, one build
+        **{f"sola-keys-{keys}-{data}": BenchConfig(methods=["sola"], data=data, edits=ints(args.edits),
+                                                   hparams={"sola": hp})
+           for keys, hp in SOLA_KEYS.items() for data in ("world", "suite")},
     }
     chosen = [x for x in args.runs.split(",") if x]  # --runs "": only rewrite RESULTS.md
     unknown = sorted(set(chosen) - set(runs))
@@ -140,7 +148,7 @@ def main() -> None:
 
 
 TUNING = ("**What was tuned where.** The default world is the dev world: every default and every world preset "
-          "(`editbank.bench.config.WORLD_PRESETS`: WISE's and REPAIR's optimiser, prefixes, key router and shard "
+          "(each method class's `world_preset`: WISE's and REPAIR's optimiser, prefixes, key router and shard "
           "sizes; SoLA's alpha quantile and whitening; the locate methods' layers and steps) was chosen on it, and on "
           "nothing else. The held-out test worlds and the dataset worlds were built after those choices and run with "
           "the same code and presets, untouched. No method sees an evaluation prompt: a world's calibration subjects "
@@ -153,7 +161,34 @@ TUNING = ("**What was tuned where.** The default world is the dev world: every d
           "SoLA rel/gen/loc 1.000/0.607/1.000 at T = 100 and GRACE 1.000/0.353/1.000, against 1.000/0.720/0.977 "
           "and 1.000/0.420/1.000 below. Differences between builds are as large as many differences between "
           "methods; compare figures only within one build (the environment lines name the weights' digest where "
-          "the run recorded it).")
+          "the run recorded it). **SoLA's rows** in the suite, ZsRE, CounterFact and dev sections were measured with "
+          "its previous defaults (`key=\"last\"`, `whitening=\"pca\"`, alpha_quantile 1e-4); its current defaults are "
+          "in the last section, beside the previous ones on one build.")
+
+
+def sola_keys_section(out: Path) -> list[str]:
+    """SoLA's routing keys, the defaults against the previous defaults, dev world and suite, measured on one build."""
+    runs = {(k, d): out / f"sola-keys-{k}-{d}" for k in SOLA_KEYS for d in ("world", "suite")}
+    if not all((r / "summary.json").exists() for r in runs.values()):
+        return not_run("SoLA's keys: the defaults against the previous ones", "sola-keys-pooled-world,...",
+                       "Four runs (`sola-keys-{pooled,last}-{world,suite}`).")
+    lines = ["## SoLA's keys: the defaults against the previous ones (issue 21)", "",
+             "SoLA alone, with its defaults (`key=\"last+pooled\"`: the master input at the last prompt token and the "
+             "prompt's token embeddings averaged; `whitening=\"paraphrase\"`: whitened by the spread of the "
+             "calibration part's paraphrase groups; alpha_quantile 3e-4) and with the previous defaults "
+             "(`key=\"last\"`, `whitening=\"pca\"`, 1e-4), on the dev world and the suite, all four runs on this "
+             "machine's builds of the worlds in one session (the sections above are other builds: compare within "
+             "this section). The "
+             "defaults were chosen on the dev world (docs/methods/sola.md has the sweep).", ""]
+    for keys, label in (("pooled", "defaults: last + pooled keys, paraphrase whitening"),
+                        ("last", "previous defaults: last-token keys, PCA whitening")):
+        summary = json.loads((runs[(keys, "suite")] / "summary.json").read_text(encoding="utf-8"))
+        lines += [f"### Suite, {label}", "", f"Run directory: `{runs[(keys, 'suite')].relative_to(ROOT)}`. Mean ± "
+                  f"sample standard deviation over the {len(summary['parts'])} worlds.", ""]
+        lines += mean_table(summary["table"], len(summary["parts"])) + [""]
+        lines += section(f"Dev world, {label}", runs[(keys, "world")], "The dev world (defaults chosen here).",
+                         level="###")
+    return lines
 
 
 def write_results(out: Path) -> None:
@@ -205,6 +240,7 @@ def write_results(out: Path) -> None:
             lines += section(title, out / name, note)
         else:
             lines += not_run(title, name, note)
+    lines += sola_keys_section(out)
     lines += PUBLISHED.read_text(encoding="utf-8").splitlines()
     (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -14,6 +14,7 @@ from editbank.leaks import (
     LeakError,
     LeakWarning,
     calibration_corpus,
+    calibration_paraphrases,
     calibration_split,
     check_disjoint,
     evaluation_prompts,
@@ -38,6 +39,8 @@ def test_every_builtin_worlds_corpus_shares_no_prompt_with_its_requests(name):
     assert len(corpus) >= 10 and len(set(corpus)) == len(corpus)
     texts = w.calibration_texts()
     assert set(corpus) <= set(texts)
+    groups = w.calibration_paraphrases()
+    assert [p for g in groups for p in g] == texts and all(len(g) >= 2 for g in groups)
     n_all = len(w.editable_facts)
     for n in (1, 10, n_all // 2, n_all):
         for seed in (0, 1, 2):
@@ -61,6 +64,7 @@ def test_the_method_corpus_and_the_statistics_corpus_of_a_world_are_its_calibrat
         try:
             assert ed.method.corpus == small_world.fact_prompts()
             assert ed.method.stats_corpus == small_world.calibration_texts()
+            assert ed.method.paraphrases == small_world.calibration_paraphrases()
             for n, seed in ((5, 0), (20, 3), (len(small_world.editable_facts), 1)):
                 reqs = small_world.edit_requests(n=n, seed=seed)
                 assert not find_leaks(ed.method.corpus, reqs) and not find_leaks(ed.method.stats_corpus, reqs)
@@ -127,6 +131,15 @@ def test_a_dataset_run_takes_its_corpus_from_held_out_records_only():
     corpus = calibration_corpus(held, evaluated)
     assert corpus and not find_leaks(corpus, evaluated)
     assert not {p.strip() for p in corpus} & {r.prompt for r in evaluated}
+    # paraphrase groups: a held record's prompt is a neighbour's probe here, so its group is dropped (too small)
+    groups = calibration_paraphrases(held, evaluated)
+    flat = [p for g in groups for p in g]
+    assert all(len(g) >= 2 for g in groups)
+    assert not find_leaks(flat, evaluated) and not {p.strip() for p in flat} & {r.prompt for r in evaluated}
+    alone = [EditRequest(prompt=f"The capital of R{i} is", target="X", subject=f"R{i}",
+                         rephrases=[f"R{i}'s capital is", f"R{i} has its capital in"]) for i in range(20)]
+    held_alone, evaluated_alone = calibration_split(alone)
+    assert calibration_paraphrases(held_alone, evaluated_alone) == [[r.prompt, *r.rephrases] for r in held_alone]
     # the shared neighbourhood prompt and the neighbours' edit prompts were dropped, the held-out records' kept
     assert "The capital of Q is" not in corpus
     assert all(r.rephrases[0] in corpus for r in held)
@@ -144,4 +157,17 @@ def test_bench_dataset_data_holds_a_slice_out_and_draws_streams_from_the_rest(tm
     assert data.available == 18 and "2 more held out" in data.describe
     stream = data.draw(18, 0)
     assert not find_leaks(data.corpus, stream)
+    assert data.paraphrases and not find_leaks([p for g in data.paraphrases for p in g], stream)
     assert not {r.prompt for r in stream} & set(data.corpus)
+
+
+def test_bench_refuses_leaky_paraphrase_groups(small_world):
+    from editbank.bench.run import check_leaks
+
+    cfg = BenchConfig(methods=["sola"], data="world:small", edits=[5])
+    data = load_data(cfg, progress=False)
+    check_leaks(cfg, data, [5])  # the world's own groups pass
+    reqs = data.draw(5, 0)
+    data.paraphrases = data.paraphrases + [[reqs[1].rephrases[0], "Some other words"]]
+    with pytest.raises(BenchError, match="refusing a leaky run: 1 of the .* texts of the paraphrase groups"):
+        check_leaks(cfg, data, [5])

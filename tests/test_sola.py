@@ -30,7 +30,8 @@ def routed(ed: Editor, prompt: str) -> bool:
 @pytest.fixture
 def sola(world_model, small_world, tmp_path):
     model, tok = world_model
-    ed = Editor(model, tok, method="sola", store=tmp_path / "edits.db", corpus=small_world.fact_prompts())
+    ed = Editor(model, tok, method="sola", store=tmp_path / "edits.db", corpus=small_world.fact_prompts(),
+                paraphrases=small_world.calibration_paraphrases())
     yield ed
     ed.close()
 
@@ -73,7 +74,8 @@ def test_undo_equals_a_fresh_editor_fed_only_the_kept_edits(sola, small_world, w
     for i in sorted(undone):
         sola.undo(edits[i].id)
     model, tok = load_model(small_world.path)
-    fresh = Editor(model, tok, method="sola", corpus=small_world.fact_prompts())
+    fresh = Editor(model, tok, method="sola", corpus=small_world.fact_prompts(),
+                paraphrases=small_world.calibration_paraphrases())
     kept = [r for i, r in enumerate(reqs) if i not in undone]
     for r in kept:
         fresh.edit(r, check=False)
@@ -112,7 +114,8 @@ def test_mixed_batch_equals_rows_alone(sola, world_requests):
 def test_reopen_gives_identical_outputs(world_model, small_world, world_requests, tmp_path):
     model, tok = world_model
     path = tmp_path / "e.db"
-    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts())
+    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts(),
+                paraphrases=small_world.calibration_paraphrases())
     for r in world_requests[:4]:
         ed.edit(r)
     ed.undo(2)
@@ -172,7 +175,8 @@ def test_the_same_request_twice_supersedes_and_reopens_identically(world_model, 
     """One prompt never has two live keys: equal keys would be routed by slot order, which a reopen changes."""
     model, tok = world_model
     path = tmp_path / "e.db"
-    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts())
+    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts(),
+                paraphrases=small_world.calibration_paraphrases())
     for r in world_requests[:3]:
         ed.edit(r)
     ed.undo(1)
@@ -254,18 +258,21 @@ def test_failed_edit_changes_nothing(sola, world_requests, monkeypatch):
 
 def test_calibration_fixed_alpha_and_presets(world_model, small_world, world_requests):
     model, tok = world_model
-    ed = Editor(model, tok, method="sola", alpha=0.05, corpus=small_world.fact_prompts())
+    ed = Editor(model, tok, method="sola", alpha=0.05, corpus=small_world.fact_prompts(),
+                paraphrases=small_world.calibration_paraphrases())
     ed.edit(world_requests[0])
     assert ed.method.alpha == 0.05 and ed.method.reference_distance is not None
     ed.close()
     hp = SolaHparams(preset="paper")
     hp.validate()
     assert (hp.optimizer, hp.lr, hp.n_iter, hp.alpha, hp.standardize) == ("sgd", 0.05, 40, 0.01, False)
+    assert (hp.key, hp.whitening) == ("last", "pca"), "the paper keys by the master input at the last token"
     hp = SolaHparams(preset="paper", lr=0.2)
     hp.validate()
     assert hp.lr == 0.2, "a preset fills only the fields left at their defaults"
     bads = ({"preset": "nope"}, {"layers": [99]}, {"layers": [1, 0]}, {"distance": "manhattan"},
-            {"alpha_quantile": 2.0}, {"index": "annoy"}, {"rank": 0})
+            {"alpha_quantile": 2.0}, {"index": "annoy"}, {"rank": 0}, {"key": "mean"}, {"whitening": "lda"},
+            {"shrinkage": 1.5})
     for bad in bads:
         with pytest.raises(ValueError):
             Editor(model, tok, method="sola", **bad)
@@ -306,3 +313,83 @@ def test_export_import_round_trip(sola, small_world, world_requests, tmp_path):
         assert len(other.method.bank) == 3
         for r, w in zip(reqs, want):
             assert torch.equal(logits_of(other, r), w)
+
+
+def test_the_paraphrase_whitening_removes_wording_where_pca_keeps_it():
+    """Synthetic keys: loud 'wording' directions that vary inside each fact's group, a quiet 'fact' part that
+    separates the groups. PCA keeps the loud directions (nearest neighbours share wording); whitening by the
+    groups' own spread (no shrinkage here) divides the wording away (nearest neighbours are the same fact)."""
+    from editbank.methods.sola import _paraphrase_whitening, _whitening
+
+    g = torch.Generator().manual_seed(0)
+    n_facts, n_words, dim = 40, 8, 32
+    fact = torch.randn(n_facts, dim, generator=g) * 0.5
+    wording = torch.randn(n_words, dim, generator=g) * 5.0
+    keys = (fact[:, None] + wording[None] + 0.05 * torch.randn(n_facts, n_words, dim, generator=g)).reshape(-1, dim)
+    group = torch.arange(n_facts).repeat_interleave(n_words)
+
+    def same_fact_neighbours(center, proj):
+        z = torch.nn.functional.normalize((keys - center) @ proj, dim=1)
+        d = 1 - z @ z.T
+        d.fill_diagonal_(float("inf"))
+        return float((group[d.argmin(1)] == group).float().mean())
+
+    assert same_fact_neighbours(*_whitening(keys, 16)) < 0.2
+    assert same_fact_neighbours(*_paraphrase_whitening(keys, group, 16, 0.0)) > 0.95
+
+
+def test_a_world_editor_learns_the_key_space_from_paraphrases(small_world, world_requests):
+    ed = Editor.open(small_world.path, method="sola")
+    try:
+        assert ed.method.paraphrases == small_world.calibration_paraphrases()
+        ed.edit(world_requests[0])
+        m = ed.method
+        width = m.modules[0].weight.shape[1] + m.embeddings.weight.shape[1]  # last token + pooled embeddings
+        assert m.bank.keys.shape[1] == width and m.bank.projection.shape[0] == width
+        # every calibration group is one fact: alpha separates the texts of different groups
+        assert 0 < m.alpha < 1
+    finally:
+        ed.close()
+
+
+def test_a_pooled_key_does_not_depend_on_the_rows_padding(sola, world_requests):
+    reqs = world_requests[:3]
+    for r in reqs[:2]:
+        sola.edit(r)
+    seen = []
+    nearest = sola.method.bank.nearest
+
+    def spy(q):
+        seen.append(q.clone())
+        return nearest(q)
+
+    sola.method.bank.nearest = spy
+    prompts = [reqs[0].prompt, reqs[2].locality[0][0] + " and then", reqs[1].prompt]
+    together = sola.generate(prompts, max_new_tokens=3)
+    batch_keys = seen[0]
+    alone = [sola.generate(p, max_new_tokens=3) for p in prompts]
+    assert together == alone
+    e = sola.method.embeddings.weight.shape[1]  # the pooled part is the key's tail
+    for i in range(len(prompts)):
+        assert torch.equal(batch_keys[i, -e:], seen[1 + i][0, -e:]), "the pooled part ignores the row's padding"
+        torch.testing.assert_close(batch_keys[i], seen[1 + i][0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_store_made_before_pooled_keys_reopens_keyed_as_it_was(world_model, small_world, world_requests, tmp_path):
+    model, tok = world_model
+    path = tmp_path / "old.db"
+    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts(), key="last", whitening="pca")
+    for r in world_requests[:3]:
+        ed.edit(r)
+    want = [logits_of(ed, r) for r in world_requests[:4]]
+    ed.close()
+    store = EditStore(path)
+    hp = store.get_meta("hparams")
+    for k in ("key", "whitening", "shrinkage"):
+        del hp[k]
+    store.set_meta("hparams", hp)
+    store.close()
+    with Editor(model, tok, store=path) as ed:
+        assert (ed.method.hparams.key, ed.method.hparams.whitening) == ("last", "pca")
+        for r, w in zip(world_requests[:4], want):
+            assert torch.equal(logits_of(ed, r), w)

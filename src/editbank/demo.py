@@ -57,7 +57,8 @@ def run_demo(
     alpha = getattr(ed.method, "alpha", None)
     if alpha is not None:
         hp = ed.method.hparams
-        rule = "fixed" if hp.alpha is not None else f"calibrated, P(unrelated prompts closer) = {hp.alpha_quantile:g}"
+        q = ed.method.quantile_used
+        rule = "fixed" if hp.alpha is not None else f"calibrated, P(unrelated prompts closer) = {q:g}"
         say(f"routing: {hp.distance} distance, alpha {alpha:.4f} ({rule})")
 
     result: dict[str, Any] = {

@@ -63,12 +63,16 @@ class Editor:
         progress: bool = False,
         corpus: list[str] | None = None,
         stats_corpus: list[str] | None = None,
+        paraphrases: list[list[str]] | None = None,
         read_only: bool = False,
         **hparams: Any,
     ) -> None:
         for name, texts in (("corpus", corpus), ("stats_corpus", stats_corpus)):
             if texts is not None and not (isinstance(texts, list) and all(isinstance(c, str) for c in texts)):
                 raise TypeError(f"{name} must be a list of prompt strings")
+        if paraphrases is not None and not (isinstance(paraphrases, list) and all(
+                isinstance(g, list) and all(isinstance(c, str) for c in g) for g in paraphrases)):
+            raise TypeError("paraphrases must be a list of groups, each a list of prompt strings")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError("seed must be an int")
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
@@ -88,6 +92,7 @@ class Editor:
             self._setup(model, tokenizer, method, hparams)
             self.method.corpus = corpus
             self.method.stats_corpus = stats_corpus
+            self.method.paraphrases = paraphrases
         except BaseException:
             self._release()
             if own_store:
@@ -102,6 +107,8 @@ class Editor:
         name = method if method is not None else (known or DEFAULT_METHOD)
         cls = mbase.get_method(name)
         stored = self.store.get_meta("hparams")
+        if stored is not None:
+            stored = {**cls.stored_defaults, **stored}
         if stored is not None and hparams:
             base = dataclasses.asdict(mbase.build_hparams(cls.Hparams, stored))
             changed = {k: v for k, v in hparams.items() if base.get(k, object()) != v}
@@ -147,6 +154,7 @@ class Editor:
         progress: bool = False,
         corpus: list[str] | None = None,
         stats_corpus: list[str] | None = None,
+        paraphrases: list[list[str]] | None = None,
         read_only: bool = False,
         **hparams: Any,
     ) -> Editor:
@@ -157,6 +165,9 @@ class Editor:
         `World.edit_requests` rephrase or probe is in. Never pass prompts you will evaluate on.
         `stats_corpus`: texts the locate methods take key statistics from (default: `corpus`); a World supplies
         every training prompt of its calibration part (`World.calibration_texts()`).
+        `paraphrases`: groups of prompts, each one fact worded several ways, none evaluated (SoLA learns from them
+        which directions of its key are wording); a World supplies its calibration part's
+        (`World.calibration_paraphrases()`).
         `read_only`: only generate and evaluate; the store is not locked (a store another process writes, such as
         a running `editbank serve`, can be read) and `edit` / `undo` refuse.
         """
@@ -164,11 +175,13 @@ class Editor:
             mbase.get_method(method)  # fail on an unknown method before loading anything
         if hasattr(model, "path") and not isinstance(model, (str, Path)) and not hasattr(model, "config"):
             model = model.path  # a World
-        if corpus is None and isinstance(model, (str, Path)):
+        if isinstance(model, (str, Path)) and (corpus is None or paraphrases is None):
             from .world.core import World
 
             world = World.at(model)
-            if world is not None:
+            if world is not None and paraphrases is None:
+                paraphrases = world.calibration_paraphrases() or None
+            if world is not None and corpus is None:
                 corpus = world.fact_prompts() or None  # a dataset world has none
                 if corpus is None:
                     warnings.warn(f"world {world.name!r} was built from a dataset and has no calibration part: the "
@@ -179,7 +192,7 @@ class Editor:
         model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
         return cls(
             model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, progress=progress,
-            corpus=corpus, stats_corpus=stats_corpus, read_only=read_only, **hparams,
+            corpus=corpus, stats_corpus=stats_corpus, paraphrases=paraphrases, read_only=read_only, **hparams,
         )
 
     # -- context manager ----------------------------------------------------------------------
@@ -525,7 +538,8 @@ class Editor:
             attention_mask = torch.ones_like(input_ids)
         if query_index is None:
             query_index = attention_mask.sum(1) - 1
-        route = mbase.Route(query_index=query_index.to(self.device))
+        start = attention_mask.to(self.device).long().argmax(1)  # the first real token (left padding)
+        route = mbase.Route(query_index=query_index.to(self.device), query_start=start)
         with self.method.routing(route):
             return self.model(input_ids=input_ids, attention_mask=attention_mask.to(self.device)).logits
 
@@ -567,7 +581,10 @@ class Editor:
             ids[i, width - len(r) :] = torch.tensor(r)
             mask[i, width - len(r) :] = 1
         n_rows = len(rows) * int(kwargs.get("num_return_sequences", 1))  # generate repeats each prompt row
-        route = mbase.Route(query_index=torch.full((n_rows,), width - 1, device=self.device), keep_decisions=True)
+        starts = torch.tensor([width - len(r) for r in rows], device=self.device)
+        starts = starts.repeat_interleave(n_rows // len(rows))  # generate repeats each prompt row
+        route = mbase.Route(query_index=torch.full((n_rows,), width - 1, device=self.device), query_start=starts,
+                            keep_decisions=True)
         kwargs.setdefault("do_sample", False)
         if logits:
             kwargs.update(output_logits=True, return_dict_in_generate=True)
@@ -600,7 +617,8 @@ class Editor:
         from .evaluate.metrics import evaluate
         from .leaks import warn_leaks
 
-        warn_leaks([*(self.method.corpus or []), *(self.method.stats_corpus or [])], requests)
+        warn_leaks([*(self.method.corpus or []), *(self.method.stats_corpus or []),
+                    *(p for g in self.method.paraphrases or [] for p in g)], requests)
 
         return evaluate(self, requests, protocol=protocol, **kw)
 

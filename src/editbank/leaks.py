@@ -90,3 +90,15 @@ def calibration_corpus(calibration: list[EditRequest], evaluation: list[EditRequ
             if p.strip() not in banned:
                 out.setdefault(p, None)
     return list(out)
+
+
+def calibration_paraphrases(calibration: list[EditRequest], evaluation: list[EditRequest]) -> list[list[str]]:
+    """Paraphrase groups of a dataset run: each held-out record's prompt and rephrases (one fact worded several
+    ways), less every prompt of the evaluated records; groups left with fewer than two texts are dropped."""
+    banned = evaluation_prompts(evaluation) | {r.prompt.strip() for r in evaluation}
+    out = []
+    for r in calibration:
+        group = list(dict.fromkeys(p for p in (r.prompt, *r.rephrases) if p.strip() not in banned))
+        if len(group) >= 2:
+            out.append(group)
+    return out

@@ -1,4 +1,5 @@
-"""What a bench run is: its parameters (the identity of the run directory) and the per-method world presets."""
+"""What a bench run is: its parameters (the identity of the run directory); the per-method world presets and batch
+sizes live on the method classes (`Method.world_preset`, `Method.bench_batch`)."""
 
 from __future__ import annotations
 
@@ -13,27 +14,6 @@ class BenchError(ValueError):
     """A bench run cannot start or resume (bad parameters, or a run directory holding another run)."""
 
 
-# Settings for our built worlds (the built-in worlds and a dataset's own world), chosen on the default world only,
-# applied unless `presets=False` (each is recorded in params.json). WISE and
-# REPAIR's paper settings do not write into a 128-wide FFN (see docs/methods/wise_repair.md): Adam at lr 0.03, three
-# corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key (the first layer separates subjects that
-# the memory's layer confuses: locality 0.35 -> 0.90 at T = 1000), one joint batch of 8 per shard, two shards per
-# merge. REPAIR keeps WISE's margins (the paper's alpha 2 cost generalization), distils at 0.1 and spreads each call's
-# similar edits over different shards (grouping them cost 0.02 reliability at T = 1000) and refits a merge that loses
-# its own edits (merge_fit: reliability 0.909 -> 0.995 at T = 1000).
-_WISE_WORLD = {"n_prefixes": 3, "n_iter": 70, "optimizer": "adam", "edit_lr": 0.03, "route_by": "key",
-               "key_threshold": 0.9, "key_layer": 0, "save_freq": 8, "merge_freq": 16}
-WORLD_PRESETS: dict[str, dict[str, Any]] = {
-    "wise": dict(_WISE_WORLD),
-    "repair": {**_WISE_WORLD, "batch_size": 8, "act_margin": [5.0, 20.0, 10.0], "batching": "spread",
-               "kd_weight": 0.1, "merge_fit": True},
-}
-# requests per editor call: WISE/REPAIR take 32 (REPAIR batches from them; WISE fills its shards with them in order,
-# which is the same as calls of 8); locate-then-edit methods follow the AlphaEdit protocol (sequential batches of
-# 100); the others edit one request at a time
-BATCH: dict[str, int] = {"wise": 32, "repair": 32, "rome": 100, "memit": 100, "alphaedit": 100, "metake": 100}
-
-
 @dataclass
 class BenchConfig:
     methods: list[str]
@@ -43,7 +23,7 @@ class BenchConfig:
     edits: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
     seeds: list[int] = field(default_factory=lambda: [0])
     protocol: str = "greedy_exact_match"
-    batch: int | None = None  # requests per editor call (None: per method, BATCH)
+    batch: int | None = None  # requests per editor call (None: per method, its class's bench_batch)
     undo_fraction: float = 0.0
     undo_methods: list[str] | None = None  # the methods the rollback runs for (None: all)
     eval_every: int = 0  # the periodic schedule: every this many edits, score every edit so far (0: off)
@@ -120,11 +100,17 @@ class BenchConfig:
         return self.world_size is not None or self.model is None
 
     def method_hparams(self, method: str) -> dict[str, Any]:
-        base = WORLD_PRESETS.get(method, {}) if self.presets and self.edits_a_world else {}
+        """The method's class `world_preset` on our built worlds (unless presets=False), then this run's own."""
+        from ..methods.base import get_method
+
+        base = dict(get_method(method).world_preset) if self.presets and self.edits_a_world else {}
         return {**base, **self.hparams.get(method, {})}
 
     def method_batch(self, method: str) -> int:
-        return self.batch or BATCH.get(method, 1)
+        """Requests per editor call: --batch, else the method class's `bench_batch`."""
+        from ..methods.base import get_method
+
+        return self.batch or get_method(method).bench_batch
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -52,10 +52,12 @@ class Data:
     available: int  # requests the data can supply per seed
     describe: str
     draw: Callable[[int, int], list[EditRequest]]  # (n, seed) -> the stream
+    # groups of paraphrases of one fact each, from the same calibration part or slice as the corpus
+    paraphrases: list[list[str]] | None = None
 
 
 def load_data(cfg: BenchConfig, progress: bool) -> Data:
-    from ..leaks import calibration_corpus, calibration_split
+    from ..leaks import calibration_corpus, calibration_paraphrases, calibration_split
     from ..world import World
 
     size = cfg.world_size
@@ -63,7 +65,8 @@ def load_data(cfg: BenchConfig, progress: bool) -> Data:
         world = World.build(size, progress=progress)
         n = len(world.editable_facts)
         return Data(cfg.model or str(world.path), world.fact_prompts(), world.calibration_texts(), n,
-                    f"world '{world.name}' ({n} editable facts)", lambda k, seed: world.edit_requests(n=k, seed=seed))
+                    f"world '{world.name}' ({n} editable facts)", lambda k, seed: world.edit_requests(n=k, seed=seed),
+                    world.calibration_paraphrases())
     from ..data import load_requests
     from ..world.dataset import build_dataset_world
 
@@ -87,7 +90,7 @@ def load_data(cfg: BenchConfig, progress: bool) -> Data:
         return [reqs[i] for i in order[:k]]
 
     return Data(model, corpus, None, len(reqs), f"{fmt} {Path(path).name} ({len(reqs)} requests; {len(held)} more held "
-                f"out for calibration)", draw)
+                f"out for calibration)", draw, calibration_paraphrases(held, reqs) or None)
 
 
 def check_leaks(cfg: BenchConfig, data: Data, ts: list[int]) -> None:
@@ -98,6 +101,7 @@ def check_leaks(cfg: BenchConfig, data: Data, ts: list[int]) -> None:
     try:
         check_disjoint(data.corpus, streams, "the calibration corpus")
         check_disjoint(data.stats_corpus, streams, "the statistics corpus")
+        check_disjoint([p for g in data.paraphrases or [] for p in g], streams, "the paraphrase groups")
         for method in cfg.methods:
             stats = cfg.method_hparams(method).get("mom2_dataset")
             if stats:
@@ -291,6 +295,7 @@ class Cell:
         try:
             return Editor.open(self.data.model, method=self.method, store=store, seed=self.seed, device=self.device,
                                corpus=self.data.corpus, stats_corpus=self.data.stats_corpus,
+                               paraphrases=self.data.paraphrases,
                                **self.cfg.method_hparams(self.method))
         except (TypeError, ValueError) as exc:
             raise BenchError(f"{self.method}: {exc}") from None

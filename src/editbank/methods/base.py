@@ -90,11 +90,13 @@ class EditItem:
 class Route:
     """Per-forward routing context: where each row's prompt ends, and decisions kept for generation.
 
-    `query_index[b]` is the last prompt token of row b. In generation the decision taken on the
-    prompt (the first forward) is stored in `decisions` and reused for every generated token.
+    `query_index[b]` is the last prompt token of row b, `query_start[b]` its first (None: position 0; a
+    left-padded batch starts later). In generation the decision taken on the prompt (the first forward) is
+    stored in `decisions` and reused for every generated token.
     """
 
     query_index: torch.Tensor | None = None
+    query_start: torch.Tensor | None = None
     keep_decisions: bool = False
     decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -164,6 +166,13 @@ class Method:
     # hyperparameters that shape no written state (how the next undo is done, say): a reopened store may change
     # them, and the new values are recorded; every other hyperparameter is fixed when the store is created
     reopen_hparams: ClassVar[frozenset[str]] = frozenset()
+    # `editbank bench` on our built worlds (a built-in world or a dataset's own world): hyperparameters over the
+    # defaults, chosen on the dev world only (recorded in params.json; `BenchConfig(presets=False)` drops them)
+    world_preset: ClassVar[dict[str, Any]] = {}
+    bench_batch: ClassVar[int] = 1  # requests per editor call in `editbank bench` (its --batch overrides)
+    # values for hyperparameters a store made before they existed does not record: what that store's edits were
+    # made with (a new default must not reinterpret an old store's state)
+    stored_defaults: ClassVar[dict[str, Any]] = {}
     # True: every edit lives in the weights `touched_parameters` names, so the edited model's own
     # `save_pretrained` checkpoint holds them (FT-L, the locate family); False: edits live in routed side state
     # (adapters, codebooks, side memories) that a plain checkpoint cannot hold
@@ -184,6 +193,8 @@ class Method:
         self.corpus: list[str] | None = None
         # texts the key statistics of the locate methods are taken from (None: the corpus); set by the editor
         self.stats_corpus: list[str] | None = None
+        # groups of prompts, each one fact worded several ways, none evaluated (SoLA's key whitening); set by the editor
+        self.paraphrases: list[list[str]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self) -> None:

@@ -6,14 +6,26 @@ model (every other LoRA off) and freezes it. Its key is the input of the master 
 token, computed with every LoRA off, stored once and never changed. Since no LoRA sits before the master
 module, a query's key is the same whether LoRAs are on or off, so routing never depends on other edits.
 
-Routing, per row of a batch: the query is the master module's input at the row's last prompt token; its
-nearest key j* (exact search over the key matrix by one matrix product) switches LoRA j* on in every
-edited module, at every position of that row, if distance(q, e_j*) < alpha; otherwise the base model
+Routing, per row of a batch: the query is the row's key computed the same way (ending at its last prompt
+token); its nearest key j* (exact search over the key matrix by one matrix product) switches LoRA j* on in
+every edited module, at every position of that row, if distance(q, e_j*) < alpha; otherwise the base model
 answers. In generation the decision taken on the prompt is kept for every generated token.
 
-Distance: cosine distance 1 - cos(q', e') between *whitened* keys x' = (x - mean) P, where P standardizes
-each dimension and projects onto the top `key_dims` principal directions of a calibration corpus, divided
-by their standard deviations (a Mahalanobis-style metric; `standardize=False` compares raw keys,
+The key (`key`): "last" is the paper's, the master module's input at the last prompt token. That vector encodes
+the prompt's wording as much as its fact: a paraphrase under another template, or with a sentence in front, lands
+far from its edit's key while an unrelated prompt under the same template lands near (docs/methods/sola.md, the
+diagnostic). The default "last+pooled" appends the prompt's token embeddings averaged over its tokens, and the
+default `whitening="paraphrase"` compares keys relative to how one fact's paraphrases vary: a within-fact
+whitening learned from groups of paraphrases of calibration facts (the method's
+`paraphrases`; a World supplies its calibration part's, a dataset run its held-out records'), never an evaluated
+prompt. Both are computed with every LoRA off and before any LoRA acts, so routing still never depends on other
+edits.
+
+Distance: cosine distance 1 - cos(q', e') between *whitened* keys x' = (x - mean) P. With whitening="pca" P
+standardizes each dimension and projects onto the top `key_dims` principal directions of a calibration corpus,
+divided by their standard deviations; with "paraphrase" (`_paraphrase_whitening`) it whitens by the within-fact
+covariance of the paraphrase groups, so that wording counts little and the fact much (a Mahalanobis-style
+metric either way; `standardize=False` compares raw keys,
 `distance="l2"` uses Euclidean distance). Whitening removes the large components every hidden state
 shares, which otherwise pack all cosines near 1, and makes the scan key_dims wide instead of the module's
 input width. The paper fixes alpha = 0.01 and never names the distance; editbank calibrates both per model
@@ -23,9 +35,11 @@ subject; with no corpus, contexts of texts the model itself writes after random 
   1. mean, standardization and whitening come from the corpus prompts' keys, onto at most a quarter as many
      directions as there are keys (a World's 100-prompt corpus keeps 25 of `key_dims` 64);
   2. alpha = the `alpha_quantile` quantile of the distances between the keys of two different corpus
-     prompts: an unrelated prompt falls inside one edit's radius with probability alpha_quantile, and with
-     T edits is misrouted with probability at most about T x alpha_quantile.
-The default alpha_quantile is the knee of the generalization/locality curve measured by
+     prompts (whitening="paraphrase": two texts of different groups): an unrelated prompt falls inside one
+     edit's radius with probability alpha_quantile, and with T edits is misrouted with probability at most
+     about T x alpha_quantile.
+The default alpha_quantile (3e-4 with the paraphrase whitening, 1e-4 with the PCA one) was chosen on the dev world
+from the generalization/locality curve measured by
 `benchmarks/sola_alpha_sweep.py` (docs/methods/sola.md); `alpha=0.01, standardize=False` is the paper's rule
 (`preset="paper"` also takes its training schedule). The calibrated values persist with the store.
 
@@ -48,7 +62,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.hooks import trace
 from ..tokens import make_batch, pad_id, prompt_ids
 from .base import EditFailed, EditItem, Method, register, stable_seed
 from .key_index import require_faiss
@@ -57,8 +70,10 @@ from .lora_bank import DISTANCES, LoraBank
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's schedule and fixed threshold
     "paper": {"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "n_iter": 40, "stop_loss": 0.0, "alpha": 0.01,
-              "standardize": False},
+              "standardize": False, "key": "last", "whitening": "pca"},
 }
+KEYS = ("last", "pooled", "last+pooled")
+WHITENINGS = ("pca", "paraphrase")
 
 
 @dataclass
@@ -74,9 +89,21 @@ class SolaHparams:
     stop_loss: float = 1e-2  # stop once the target's mean NLL is below this (0: always run n_iter steps)
     distance: str = "cosine"  # "cosine" (1 - cos) or "l2"
     alpha: float | None = None  # fixed routing threshold (the paper: 0.01); None: calibrated per model
-    alpha_quantile: float = 1e-4  # calibrated alpha: P(distance < alpha) for two unrelated prompts
+    # calibrated alpha: P(distance < alpha) for two unrelated prompts; None: 3e-4 with the paraphrase whitening,
+    # 1e-4 with the PCA one (each the dev world's choice, docs/methods/sola.md)
+    alpha_quantile: float | None = None
     standardize: bool = True  # compare whitened keys (statistics of the calibration corpus); False: raw keys
-    key_dims: int = 64  # whitened principal components kept (0: all dimensions, standardized per dimension)
+    # whitened directions kept: whitening="pca" this many principal directions (0: every dimension, standardized);
+    # "paraphrase" 4 x this many (at most half the calibration texts)
+    key_dims: int = 64
+    # the routing key: "last" (the paper's: the master module's input at the last prompt token), "pooled" (the
+    # token embeddings averaged over the prompt), "last+pooled" (both, concatenated)
+    key: str = "last+pooled"
+    # "paraphrase": whitened by how one fact's paraphrases vary (the method's `paraphrases` groups: the key's
+    # wording is whitened away); "pca": principal directions of the corpus keys. Without paraphrase groups,
+    # "paraphrase" falls back to "pca" (with a warning)
+    whitening: str = "paraphrase"
+    shrinkage: float = 0.3  # whitening="paraphrase": the within-fact covariance is shrunk this far to its mean variance
     index: str = "exact"  # nearest-key search: "exact" (one matrix product) or "faiss" (HNSW, for 100,000+ keys)
     index_candidates: int = 16  # with index="faiss": candidates re-scored exactly per query
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
@@ -98,7 +125,7 @@ class SolaHparams:
             raise ValueError("rank, n_layers and n_iter must be >= 1")
         if self.lr <= 0 or self.lora_scale <= 0:
             raise ValueError("lr and lora_scale must be > 0")
-        if not 0 < self.alpha_quantile < 1:
+        if self.alpha_quantile is not None and not 0 < self.alpha_quantile < 1:
             raise ValueError("alpha_quantile must be in (0, 1)")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError("alpha must be > 0 (or None to calibrate it)")
@@ -118,6 +145,12 @@ class SolaHparams:
             raise ValueError("key_dims must be >= 0")
         if self.calibration_samples < 8:
             raise ValueError("calibration_samples must be >= 8")
+        if self.key not in KEYS:
+            raise ValueError(f"key must be one of {KEYS}, got {self.key!r}")
+        if self.whitening not in WHITENINGS:
+            raise ValueError(f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
+        if not 0 <= self.shrinkage <= 1:
+            raise ValueError("shrinkage must be in [0, 1]")
 
 
 @register("sola")
@@ -126,6 +159,7 @@ class Sola(Method):
     snapshots = False  # undo is always exact
     trains_beside_readers = True  # each LoRA trains alone against the frozen base (see `pretrain`)
     state_in_artifacts = True  # each edit's key and LoRA are stored once, as its artifacts
+    stored_defaults = {"key": "last", "whitening": "pca"}  # stores made before these existed keyed this way
 
     def __init__(self, model, tokenizer, arch, hparams: SolaHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)
@@ -142,9 +176,13 @@ class Sola(Method):
         w = arch.weight_out_in(self.modules[0])
         ann = hparams.index_candidates if hparams.index == "faiss" else 0
         devices = [arch.weight_out_in(m).device for m in self.modules]
-        self.bank = LoraBank(shapes[0][1], shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann, devices)
+        self.embeddings = model.get_input_embeddings()
+        width = {"last": shapes[0][1], "pooled": 0, "last+pooled": shapes[0][1]}[hparams.key]
+        width += self.embeddings.weight.shape[1] if "pooled" in hparams.key else 0
+        self.bank = LoraBank(width, shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann, devices)
         self.alpha: float | None = None
         self.reference_distance: float | None = None
+        self.quantile_used: float | None = hparams.alpha_quantile  # the calibration's (None: not calibrated here)
         self._handles: list[Any] = []
         self._pretrained: dict[tuple[str, str], tuple] = {}  # (prompt, target) -> `_train`'s result (pretrain)
         self.reset()
@@ -159,6 +197,11 @@ class Sola(Method):
     def attach(self) -> None:
         if not self._handles:
             self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
+            if "pooled" in self.hparams.key:  # the pooled key reads this forward's token embeddings
+                self._handles.append(self.embeddings.register_forward_hook(self._embedding_hook))
+
+    def _embedding_hook(self, module, inputs, output) -> None:
+        self.thread.embeds = output
 
     def detach(self) -> None:
         for h in self._handles:
@@ -171,7 +214,7 @@ class Sola(Method):
         def hook(module, inputs, output):
             x, here = inputs[0], self.thread  # per thread: a training thread and a serving one run at once
             if i == 0 and getattr(here, "capture", None) is not None:  # `_keys_at` reads the master input here
-                here.capture.append(x.detach())
+                here.capture.append((x.detach(), self._embeds(x)))
             train = getattr(here, "train_lora", None)
             if train is not None:  # training one edit: its LoRA on every row and position
                 A, B = train
@@ -204,7 +247,9 @@ class Sola(Method):
         decision = None
         if len(self.bank) and self.alpha is not None:
             qidx = None if route is None else route.query_index
-            q = x[:, -1] if qidx is None else x[torch.arange(b, device=x.device), qidx.to(x.device)]
+            qidx = torch.full((b,), s - 1, device=x.device) if qidx is None else qidx.to(x.device)
+            start = None if route is None else route.query_start
+            q = self._query(x, self._embeds(x), qidx, start)
             dist, slot = self.bank.nearest(q)
             hit = dist < self.alpha
             if b == 1:  # the common serving case: plain slices instead of gathers
@@ -219,6 +264,31 @@ class Sola(Method):
             route.decisions["sola"] = decision
         return decision
 
+    # -- keys -------------------------------------------------------------------------------------
+    def _embeds(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This forward's token embeddings (pooled keys), taken from the embedding hook once."""
+        if "pooled" not in self.hparams.key:
+            return None
+        e, self.thread.embeds = getattr(self.thread, "embeds", None), None
+        if e is None or e.shape[:2] != x.shape[:2]:
+            raise RuntimeError("SoLA's pooled key needs this forward's token embeddings: call the model with "
+                               "input_ids (not inputs_embeds)")
+        return e
+
+    def _query(self, x: torch.Tensor, embeds: torch.Tensor | None, qidx: torch.Tensor,
+               start: torch.Tensor | None) -> torch.Tensor:
+        """Routing keys [B, width] of the rows of one forward: the master input at `qidx` and/or the token
+        embeddings averaged over positions start..qidx (float64 sums: a row's key does not depend on its padding)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        parts = [] if self.hparams.key == "pooled" else [x[rows, qidx]]
+        if embeds is not None:
+            pos = torch.arange(embeds.shape[1], device=embeds.device)[None, :]
+            first = torch.zeros_like(qidx) if start is None else start.to(qidx.device)
+            keep = (pos >= first[:, None].to(pos.device)) & (pos <= qidx[:, None].to(pos.device))
+            total = (embeds.double() * keep[..., None]).sum(1)
+            parts.append((total / keep.sum(1, keepdim=True)).to(x.dtype).to(x.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     # -- calibration ------------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self) -> float:
@@ -227,8 +297,15 @@ class Sola(Method):
         if hp.alpha is not None and not hp.standardize:
             self.alpha = hp.alpha
             return self.alpha
-        keys, group = self._corpus_keys() if self.corpus else self._sampled_keys()
-        if hp.standardize:
+        paraphrase = hp.standardize and hp.whitening == "paraphrase" and hp.key_dims > 0  # key_dims 0: per dimension
+        groups = self._paraphrase_groups() if paraphrase else None
+        if groups is not None:  # the paraphrase whitening, and alpha between the groups' texts (different facts)
+            keys, group = self._prompt_keys([p for g in groups for p in g]), torch.tensor(
+                [i for i, g in enumerate(groups) for _ in g], device=self.bank.device)
+            self.bank.set_transform(*_paraphrase_whitening(keys, group, hp.key_dims, hp.shrinkage))
+        else:
+            keys, group = self._corpus_keys() if self.corpus else self._sampled_keys()
+        if hp.standardize and groups is None:
             # from the corpus keys alone: whitening on a World's every calibration prompt as well (600 keys, 64
             # directions, default world) spread the keys so that alpha, still the smallest of 4,950 corpus pairs,
             # grew to 0.18 and locality fell to 0.85 at T = 350 (0.985 this way, alpha 0.038, 25 directions)
@@ -240,7 +317,8 @@ class Sola(Method):
         self.calibration_distances = unrelated  # kept for diagnostics (alpha sweeps); not persisted
         if unrelated.numel() < 10:
             raise EditFailed("cannot calibrate alpha: fewer than 10 pairs of unrelated calibration prompts")
-        self.reference_distance = quantile(unrelated, hp.alpha_quantile)
+        self.quantile_used = hp.alpha_quantile or (3e-4 if groups is not None else 1e-4)
+        self.reference_distance = quantile(unrelated, self.quantile_used)
         median = float(unrelated[len(unrelated) // 2])
         advice = "give prompts about distinct facts, or a larger alpha_quantile, or a fixed alpha"
         if hp.alpha is None and not self.reference_distance > 1e-6 * median:
@@ -253,29 +331,62 @@ class Sola(Method):
         self.alpha = hp.alpha if hp.alpha is not None else self.reference_distance
         return self.alpha
 
-    def _keys_at(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Master keys [B, T, D] of a right-padded batch, every LoRA off."""
-        if not self._handles:  # not attached (yet): a temporary hook
-            with self.disabled(), trace(self.model, self.paths[0], outputs=False) as tr:
-                self.model(input_ids=ids, attention_mask=mask)
-            return tr[self.paths[0]].input.float()
-        # through the method's own hook, per thread: a temporary hook would also catch the forwards other threads
-        # run meanwhile (an edit training beside the readers), and adding hooks is not thread-safe
+    def _paraphrase_groups(self) -> list[list[str]] | None:
+        """The method's paraphrase groups for the paraphrase whitening (distinct prompts, each in one group, at
+        least two per group; groups sampled by calibration_seed down to about 4 x calibration_samples texts), or
+        None (with a warning) when there are too few to learn from."""
+        seen: set[tuple[int, ...]] = set()
+        groups = []
+        for g in self.paraphrases or []:
+            kept = []
+            for p in g:
+                ids = tuple(prompt_ids(self.tokenizer, p))
+                if ids not in seen:  # prompts that tokenize alike are one prompt, in the first group that has it
+                    seen.add(ids)
+                    kept.append(p)
+            if len(kept) >= 2:
+                groups.append(kept)
+        if len(groups) < 8:
+            warnings.warn(f"SoLA whitening='paraphrase' needs 8 or more groups of paraphrases (Editor(paraphrases=...);"
+                          f" a World supplies them), got {len(groups)}: whitening the corpus keys instead (pca)",
+                          stacklevel=3)
+            return None
+        budget = 4 * self.hparams.calibration_samples
+        if sum(map(len, groups)) > budget:
+            order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(self.hparams.calibration_seed))
+            picked, n = [], 0
+            for i in order.tolist():
+                if n + len(groups[i]) <= budget:
+                    picked.append(i)
+                    n += len(groups[i])
+            groups = [groups[i] for i in sorted(picked)]
+        return groups
+
+    def _keys_at(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Master inputs [B, T, D] and (pooled keys) token embeddings [B, T, E] of a right-padded batch, every
+        LoRA off, read through the method's own hooks, per thread: a temporary hook would also catch the forwards
+        other threads run meanwhile (an edit training beside the readers), and adding hooks is not thread-safe."""
+        attached = bool(self._handles)
+        if not attached:  # not attached (a closed editor's method): hooks for this forward only
+            self.attach()
         self.thread.capture = []
         try:
             with self.disabled():
                 self.model(input_ids=ids, attention_mask=mask)
-            return self.thread.capture[0].float()
+            x, embeds = self.thread.capture[0]
+            return x, embeds
         finally:
             self.thread.capture = None
+            if not attached:
+                self.detach()
 
     def _prompt_keys(self, prompts: list[str]) -> torch.Tensor:
-        """Routing keys [N, D] of prompts (their last token), in batches of 64."""
+        """Routing keys [N, width] of prompts (ending at their last token), in batches of 64."""
         keys = []
         for i in range(0, len(prompts), 64):
             batch = make_batch(self.tokenizer, [(p, " x") for p in prompts[i : i + 64]], device=self.bank.device)
-            k = self._keys_at(batch.input_ids, batch.attention_mask)
-            keys.append(k[torch.arange(k.shape[0], device=k.device), batch.query_index])
+            x, embeds = self._keys_at(batch.input_ids, batch.attention_mask)
+            keys.append(self._query(x, embeds, batch.query_index.to(x.device), None).float())
         return torch.cat(keys)
 
     def _corpus_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,17 +417,19 @@ class Sola(Method):
                 top_p=1.0, max_new_tokens=4, pad_token_id=pad_id(tok),
             )
         valid = _before_eos(out, tok.eos_token_id, ids.shape[1])
-        keys = self._keys_at(out, valid.long())
+        x, embeds = self._keys_at(out, valid.long())
         valid[:, : ids.shape[1] - 1] = False  # a bos alone is no context
         seen: dict[tuple[int, ...], int] = {}
-        rows, picks = [], []
+        rows, ends = [], []
         for r, p in valid.nonzero().tolist():
             context = tuple(out[r, : p + 1].tolist())
             if context not in seen:  # identical contexts have identical keys: count each once
                 seen[context] = len(seen)
                 rows.append(r)
-                picks.append(keys[r, p])
-        return torch.stack(picks), torch.tensor(rows, device=dev)  # grouped by text
+                ends.append(p)
+        r, p = torch.tensor(rows, device=dev), torch.tensor(ends, device=dev)
+        keys = self._query(x[r], None if embeds is None else embeds[r], p, None).float()
+        return keys, r  # grouped by text
 
     # -- editing ----------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -345,9 +458,11 @@ class Sola(Method):
 
     @torch.no_grad()
     def key_of(self, prompt: str) -> torch.Tensor:
-        """The routing key of a prompt: master module input at its last token, every LoRA off."""
+        """The routing key of a prompt (`key`: the master module's input at its last token and/or its pooled
+        token embeddings), every LoRA off."""
         ids = torch.tensor([prompt_ids(self.tokenizer, prompt)], device=self.bank.device)
-        return self._keys_at(ids, torch.ones_like(ids))[0, -1]
+        x, embeds = self._keys_at(ids, torch.ones_like(ids))
+        return self._query(x, embeds, torch.tensor([ids.shape[1] - 1], device=x.device), None)[0]
 
     @torch.no_grad()
     def routes(self, prompts: list[str]) -> list[int | None]:
@@ -509,6 +624,33 @@ def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tenso
     k = max(1, min(dims, keys.shape[0] // 4, keys.shape[1]))
     sd = (sv[:k] / math.sqrt(max(1, keys.shape[0] - 1))).clamp_min(1e-6 * float(sv[0]))
     return center, scale[:, None] * vh[:k].T / sd
+
+
+def _paraphrase_whitening(keys: torch.Tensor, group: torch.Tensor, dims: int, shrinkage: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center, projection) whitening away how one fact's paraphrases vary: keys are standardized and reduced to
+    their top 4 x `dims` principal directions (at most half as many as keys: the within-group covariance of every
+    dimension would be singular), then whitened by the within-group covariance (the spread of a group's texts
+    around their mean; shrunk by `shrinkage` towards its mean variance). Directions in which paraphrases of one
+    fact differ (wording) shrink; directions in which they agree (the fact) grow. Every direction is kept: picking
+    the few that best separate the calibration groups' means (a full linear discriminant) fitted the calibration
+    subjects and generalized worse on the dev world (docs/methods/sola.md)."""
+    n = keys.shape[0]
+    center = keys.mean(dim=0)
+    std = keys.std(dim=0)
+    scale = 1.0 / (std + 1e-3 * std.mean())
+    _, _, vh = torch.linalg.svd((keys - center) * scale, full_matrices=False)
+    p = max(1, min(4 * dims, n // 2, keys.shape[1]))
+    reduce = scale[:, None] * vh[:p].T
+    y = (keys - center) @ reduce
+    labels, inverse, counts = group.unique(return_inverse=True, return_counts=True)
+    means = torch.zeros(len(labels), p, dtype=y.dtype, device=y.device).index_add_(0, inverse, y) / counts[:, None]
+    spread = y - means[inverse]
+    within = spread.T @ spread / max(1, n - len(labels))
+    eye = torch.eye(p, dtype=y.dtype, device=y.device)
+    within = (1 - shrinkage) * within + shrinkage * eye * within.diagonal().mean()
+    ev, evec = torch.linalg.eigh(within)
+    return center, reduce @ (evec / ev.clamp_min(1e-8 * float(ev.max())).sqrt())
 
 
 def quantile(x: torch.Tensor, q: float) -> float:

@@ -6,8 +6,9 @@ SoLA is exactly "one LoRA per edit plus a router". The export writes, in the fol
   lora_scale so PEFT's scaling lora_alpha / r is SoLA's scale) on exactly SoLA's modules (full module names);
   `peft.PeftModel.from_pretrained(base, folder / str(id))` answers a routed prompt as editbank's edited model does;
 - `router.safetensors` (`keys` [N, D], the raw keys; `edit_ids` [N]; `center` and, when whitening is on,
-  `projection`) and `router.json` (how to compute a query and compare it: the module whose input at the last prompt
-  token is the key, computed by the base model with no adapter, the transform, the distance, alpha). A prompt
+  `projection`) and `router.json` (how to compute a query and compare it: the key (the input of `key_module` at the
+  last prompt token and/or the output of `embedding_module` averaged over the prompt, by the base model with no
+  adapter), the transform, the distance, alpha). A prompt
   routes to edit `edit_ids[j*]` where j* is its nearest key, if that distance is below alpha; otherwise the base
   model (no adapter) answers. `editbank route` and `POST /v1/route` compute the same decision.
 """
@@ -22,6 +23,18 @@ import torch
 from safetensors.torch import save_file
 
 ROUTER_FORMAT = "editbank-sola-router/1"
+
+
+KEY_TEXT = {
+    "last": "input of key_module at the last prompt token, base model, no adapter",
+    "pooled": "output of embedding_module averaged over the prompt's tokens",
+    "last+pooled": "input of key_module at the last prompt token, base model, no adapter, followed by the output of "
+                   "embedding_module averaged over the prompt's tokens (one vector, concatenated)",
+}
+
+
+def _name_of(model, module) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None)
 
 
 def export_peft(method, folder: str | Path, base_model: str | None = None) -> list[int]:
@@ -77,9 +90,10 @@ def _write(method, out: Path, active: list[int], config: dict[str, Any], base_mo
         router["projection"] = bank.projection.float().cpu()
     save_file(router, str(out / "router.safetensors"))
     info: dict[str, Any] = {
-        "format": ROUTER_FORMAT, "key_module": method.paths[0], "key": "input of key_module at the last prompt "
-        "token, base model, no adapter", "transform": "(key - center) @ projection" if bank.projection is not None
-        else "key - center", "distance": hp.distance,
+        "format": ROUTER_FORMAT, "key_module": method.paths[0], "key": KEY_TEXT[hp.key],
+        "embedding_module": _name_of(method.model, method.embeddings),
+        "transform": "(key - center) @ projection" if bank.projection is not None else "key - center",
+        "distance": hp.distance,
         "compare": "1 - cos(transform(query), transform(key)) < alpha" if hp.distance == "cosine"
         else "|transform(query) - transform(key)| < alpha", "alpha": method.alpha, "edits": active,
         "adapter_folders": "one per edit, named by its id", "base_model": base_model,

@@ -180,10 +180,16 @@ class World:
         """Every training-template prompt of the calibration part's facts: the texts the locate methods' key
         statistics are taken from (`Editor.open(world)` hands them over as `stats_corpus`); none is a prompt
         `edit_requests` edits, rephrases or probes."""
+        return [p for group in self.calibration_paraphrases() for p in group]
+
+    def calibration_paraphrases(self) -> list[list[str]]:
+        """The calibration part's facts, each as its training-template prompts: groups of paraphrases of one fact
+        (`Editor.open(world)` hands them over as `paraphrases`; SoLA learns from them which directions of a key
+        are wording and which are the fact). Reserved templates are never used: they are the rephrases' wording."""
         out = []
         for fact in self.calibration_facts:
             rel = self.relation(fact.relation)
-            out += [rel.fill(t, fact.subject) for t in rel.templates]
+            out.append([rel.fill(t, fact.subject) for t in rel.templates])
         return out
 
     def edit_requests(self, n: int = 20, seed: int = 0) -> list[EditRequest]:

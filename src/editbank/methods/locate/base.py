@@ -44,6 +44,7 @@ class LocateMethod(Method):
 
     needs_subject = True
     edits_in_weights = True
+    bench_batch = 100  # the AlphaEdit protocol: sequential batches of 100
     accumulates = False  # keeps C_p (earlier edits' K Kᵀ) per layer
     default_n_layers = 1
 
