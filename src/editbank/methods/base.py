@@ -170,6 +170,10 @@ class Method:
     # defaults, chosen on the dev world only (recorded in params.json; `BenchConfig(presets=False)` drops them)
     world_preset: ClassVar[dict[str, Any]] = {}
     bench_batch: ClassVar[int] = 1  # requests per editor call in `editbank bench` (its --batch overrides)
+    # EasyEdit YAML keys -> our hyperparameters (`methods.easyedit`; None: keys taken as they are) and the EasyEdit
+    # alg_names whose files this method reads
+    easyedit_rules: ClassVar[dict[str, Any] | None] = None
+    easyedit_names: ClassVar[tuple[str, ...]] = ()
     # values for hyperparameters a store made before they existed does not record: what that store's edits were
     # made with (a new default must not reinterpret an old store's state)
     stored_defaults: ClassVar[dict[str, Any]] = {}

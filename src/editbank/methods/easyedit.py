@@ -1,6 +1,7 @@
 """EasyEdit hyperparameter YAML files (as dicts) translated into editbank hyperparameters.
 
-Per method, `RULES[method]` maps each EasyEdit key to a rule: the editbank hyperparameter it sets (identity where the
+Each method class names its rules (`Method.easyedit_rules`, `Method.easyedit_names`: the EasyEdit alg_names it
+reads); they map each EasyEdit key to a rule: the editbank hyperparameter it sets (identity where the
 names agree), the values editbank honours (anything else is an error naming key and value), or why the key is
 dropped (run settings such as `alg_name`/`device`, and details editbank fixes itself). A method's own field names are
 accepted too; a key that is neither is an error naming it and listing the known ones. Like EasyEdit, top-level
@@ -47,7 +48,7 @@ def choice(allowed: dict[Any, dict[str, Any]], why: str = "") -> Rule:
     return rule
 
 
-def _inner_params(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
+def inner_params(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
     """`inner_params: [model.layers[27].mlp.down_proj.weight]` -> layer 27 (the MLP output projection only)."""
     paths = [str(p) for p in (value if isinstance(value, list) else [value])]
     layers = set()
@@ -64,89 +65,22 @@ def _inner_params(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
     return {"layer": layers.pop()}, None
 
 
-def _mom2_dataset(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
+def mom2_dataset(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
     """EasyEdit's dataset names mean nothing offline: the corpus (the world's, or --corpus) is used; a path is kept."""
     if isinstance(value, str) and value.lower() in ("wikipedia", "wikitext", "wiki"):
         return {}, "EasyEdit's statistics dataset: editbank estimates them on the corpus (the world's or --corpus)"
     return {"mom2_dataset": value}, None
 
 
-def _nullspace_threshold(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
+def nullspace_threshold(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
     """EasyEdit's threshold is absolute (eigenvalues of C below it span the null space)."""
     return {"nullspace_threshold": value, "nullspace_relative": False}, None
 
 
-def _dropout(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
+def dropout(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
     if value in (0, None):
         return {}, None
     raise ValueError(f"EasyEdit {key}: {value!r} is not supported by editbank (only 0)")
-
-
-WISE_RULES: dict[str, Rule] = {
-    "inner_params": _inner_params,
-    **{k: to(k) for k in ("edit_lr", "n_iter", "norm_constraint", "act_margin", "act_ratio", "mask_ratio",
-                          "save_freq", "merge_freq", "merge_alg", "densities", "retrieve", "replay")},
-    "objective_optimization": drop("EasyEdit's objective setting: editbank trains on the target tokens only"),
-    "weights": drop("EasyEdit's one merge weight for every shard: editbank weighs shards equally, as WISE does"),
-}
-
-GRACE_RULES: dict[str, Rule] = {
-    "inner_params": _inner_params,
-    "edit_lr": to("edit_lr"),
-    "n_iter": to("n_iter"),
-    "eps": to("eps_init"),
-    "dist_fn": choice({"euc": {}}, "editbank's codebook uses Euclidean distance"),
-    "eps_expand": choice({"coverage": {}}, "editbank grows a radius to cover a same-label key"),
-    "val_train": choice({"sgd": {}}, "editbank trains values by gradient steps, without perturbation"),
-    "dropout": _dropout,
-    "val_init": drop("value initialisation: editbank starts a value from the layer's output (warm)"),
-    "replacement": drop("replaced positions: editbank replaces per value_mode (per_token: the key and target "
-                        "positions; shared: one value from the key on)"),
-    "reg": drop("regularisation: editbank stops a value's training early once its loss is below stop_loss"),
-    "val_reg": drop("regularisation: editbank stops a value's training early once its loss is below stop_loss"),
-    "num_pert": drop("perturbation training is not used"),
-}
-
-_LOCATE_COMMON: dict[str, Rule] = {
-    **{k: to(k) for k in ("layers", "v_lr", "v_num_grad_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor",
-                          "mom2_n_samples")},
-    "mom2_dataset": _mom2_dataset,
-    "fact_token": choice({"subject_last": {"fact_token": "subject_last"}, "last": {"fact_token": "last"}}),
-    "layer_selection": choice({"all": {}}, "editbank edits every layer in layers"),
-    "v_loss_layer": drop("the target loss is always read at the model's output (EasyEdit's last layer)"),
-    "context_template_length_params": drop("context prefixes: editbank uses n_prefixes corpus prefixes of "
-                                           "prefix_words words"),
-}
-
-ROME_RULES: dict[str, Rule] = {
-    **_LOCATE_COMMON,
-    "mom2_adjustment": to("mom2_adjustment"),  # false: C = I (u = k), as in EasyEdit's llama ROME files
-}
-
-MEMIT_RULES: dict[str, Rule] = {
-    **_LOCATE_COMMON,
-    "mom2_update_weight": to("mom2_update_weight"),
-    "mom2_adjustment": drop("EasyEdit's MEMIT ignores it too (the covariance is always used)"),
-}
-
-ALPHAEDIT_RULES: dict[str, Rule] = {
-    **_LOCATE_COMMON,
-    "nullspace_threshold": _nullspace_threshold,
-    "L2": to("L2"),
-    "mom2_update_weight": drop("EasyEdit's AlphaEdit ignores it too (no covariance term in its solve)"),
-    "mom2_adjustment": drop("EasyEdit's AlphaEdit ignores it too (the covariance gives the null space)"),
-    "P_loc": drop("editbank computes the null-space projector itself (cached with the key statistics)"),
-}
-
-RULES: dict[str, dict[str, Rule]] = {
-    "wise": WISE_RULES, "repair": WISE_RULES, "grace": GRACE_RULES,
-    "rome": ROME_RULES, "memit": MEMIT_RULES, "alphaedit": ALPHAEDIT_RULES, "metake": ALPHAEDIT_RULES,
-}
-# the EasyEdit alg_name each method accepts (REPAIR reads WISE files, MetaKE AlphaEdit files)
-ALG_NAMES: dict[str, tuple[str, ...]] = {
-    "wise": ("wise",), "repair": ("wise", "repair"), "grace": ("grace",), "rome": ("rome",), "memit": ("memit",),
-    "alphaedit": ("alphaedit",), "metake": ("alphaedit", "metake"),
-}
 
 
 def _number(value: Any) -> Any:
@@ -166,11 +100,11 @@ def translate(method: str, cfg: dict[str, Any], known: set[str] | None = None) -
     hparams_cls = get_method(method).Hparams
     if known is None:
         known = {f.name for f in dataclasses.fields(hparams_cls)}
-    rules = RULES.get(method)
+    rules = get_method(method).easyedit_rules
     if rules is None:
         return dict(cfg), {}
     alg = cfg.get("alg_name")
-    if alg is not None and str(alg).lower() not in ALG_NAMES[method]:
+    if alg is not None and str(alg).lower() not in get_method(method).easyedit_names:
         raise ValueError(f"EasyEdit alg_name {alg!r} does not match method {method!r}")
     translated: dict[str, Any] = {}
     own: dict[str, Any] = {}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..models.hooks import trace
 from ..tokens import make_batch
+from . import easyedit as ee
 from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register
 
 
@@ -52,6 +53,24 @@ class GraceHparams:
 class Grace(OneModuleHook, Method):
     Hparams = GraceHparams
     snapshots = False  # undo is exact unless later edits touched the same entries (then replay from base)
+    easyedit_rules = {
+        "inner_params": ee.inner_params,
+        "edit_lr": ee.to("edit_lr"),
+        "n_iter": ee.to("n_iter"),
+        "eps": ee.to("eps_init"),
+        "dist_fn": ee.choice({"euc": {}}, "editbank's codebook uses Euclidean distance"),
+        "eps_expand": ee.choice({"coverage": {}}, "editbank grows a radius to cover a same-label key"),
+        "val_train": ee.choice({"sgd": {}}, "editbank trains values by gradient steps, without perturbation"),
+        "dropout": ee.dropout,
+        "val_init": ee.drop("value initialisation: editbank starts a value from the layer's output (warm)"),
+        "replacement": ee.drop("replaced positions: editbank replaces per value_mode (per_token: the key and target "
+                               "positions; shared: one value from the key on)"),
+        "reg": ee.drop("regularisation: editbank stops a value's training early once its loss is below stop_loss"),
+        "val_reg": ee.drop("regularisation: editbank stops a value's training early once its loss is below "
+                           "stop_loss"),
+        "num_pert": ee.drop("perturbation training is not used"),
+    }
+    easyedit_names = ("grace",)
 
     def __init__(self, model, tokenizer, arch, hparams: GraceHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)

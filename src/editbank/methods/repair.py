@@ -100,6 +100,7 @@ class Repair(Wise):
     world_preset = {**Wise.world_preset, "batch_size": 8, "act_margin": [5.0, 20.0, 10.0], "batching": "spread",
                     "kd_weight": 0.1, "merge_fit": True}
     bench_batch = 32  # REPAIR forms its batches from a call's edits
+    easyedit_names = ("wise", "repair")  # REPAIR reads WISE's files (WISE's rules)
 
     def reset(self) -> None:
         super().reset()

@@ -56,6 +56,7 @@ from ..merging import MERGE_METHODS, merge_deltas
 from ..models.hooks import trace
 from ..requests import EditRequest
 from ..tokens import make_batch
+from . import easyedit as ee
 from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register, stable_seed
 
 
@@ -148,6 +149,15 @@ class Wise(OneModuleHook, Method):
     world_preset = {"n_prefixes": 3, "n_iter": 70, "optimizer": "adam", "edit_lr": 0.03, "route_by": "key",
                     "key_threshold": 0.9, "key_layer": 0, "save_freq": 8, "merge_freq": 16}
     bench_batch = 32  # WISE fills its shards with a call's edits in order: the same as calls of 8
+    easyedit_rules = {
+        "inner_params": ee.inner_params,
+        **{k: ee.to(k) for k in ("edit_lr", "n_iter", "norm_constraint", "act_margin", "act_ratio", "mask_ratio",
+                                 "save_freq", "merge_freq", "merge_alg", "densities", "retrieve", "replay")},
+        "objective_optimization": ee.drop("EasyEdit's objective setting: editbank trains on the target tokens only"),
+        "weights": ee.drop("EasyEdit's one merge weight for every shard: editbank weighs shards equally, as WISE "
+                           "does"),
+    }
+    easyedit_names = ("wise",)
     reopen_hparams = frozenset({"undo"})  # the undo mode may be chosen anew whenever a store is opened
 
     def __init__(self, model, tokenizer, arch, hparams: WiseHparams) -> None:

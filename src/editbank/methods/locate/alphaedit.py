@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import easyedit as ee
 from ..base import register
 from .base import LocateMethod
 from .hparams import AlphaEditHparams
@@ -20,6 +21,15 @@ from .solvers import alphaedit_update, nullspace_projector
 
 @register("alphaedit")
 class AlphaEdit(LocateMethod):
+    easyedit_rules = {
+        **LocateMethod.easyedit_rules,
+        "nullspace_threshold": ee.nullspace_threshold,
+        "L2": ee.to("L2"),
+        "mom2_update_weight": ee.drop("EasyEdit's AlphaEdit ignores it too (no covariance term in its solve)"),
+        "mom2_adjustment": ee.drop("EasyEdit's AlphaEdit ignores it too (the covariance gives the null space)"),
+        "P_loc": ee.drop("editbank computes the null-space projector itself (cached with the key statistics)"),
+    }
+    easyedit_names = ("alphaedit",)
     Hparams = AlphaEditHparams
     default_n_layers = 3
     accumulates = True

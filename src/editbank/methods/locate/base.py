@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ...models.loading import model_fingerprint
+from .. import easyedit as ee
 from ..base import EditItem, Method
 from .keys import context_prefixes, lookup_rows, read_at
 from .stats import cached_second_moment, corpus_rows
@@ -45,6 +46,16 @@ class LocateMethod(Method):
     needs_subject = True
     edits_in_weights = True
     bench_batch = 100  # the AlphaEdit protocol: sequential batches of 100
+    easyedit_rules = {  # what ROME, MEMIT and AlphaEdit files share; each method adds its own
+        **{k: ee.to(k) for k in ("layers", "v_lr", "v_num_grad_steps", "v_weight_decay", "clamp_norm_factor",
+                                 "kl_factor", "mom2_n_samples")},
+        "mom2_dataset": ee.mom2_dataset,
+        "fact_token": ee.choice({"subject_last": {"fact_token": "subject_last"}, "last": {"fact_token": "last"}}),
+        "layer_selection": ee.choice({"all": {}}, "editbank edits every layer in layers"),
+        "v_loss_layer": ee.drop("the target loss is always read at the model's output (EasyEdit's last layer)"),
+        "context_template_length_params": ee.drop("context prefixes: editbank uses n_prefixes corpus prefixes of "
+                                                  "prefix_words words"),
+    }
     accumulates = False  # keeps C_p (earlier edits' K Kᵀ) per layer
     default_n_layers = 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import easyedit as ee
 from ..base import register
 from .base import LocateMethod
 from .hparams import MEMITHparams
@@ -18,6 +19,12 @@ from .solvers import memit_update
 
 @register("memit")
 class MEMIT(LocateMethod):
+    easyedit_rules = {
+        **LocateMethod.easyedit_rules,
+        "mom2_update_weight": ee.to("mom2_update_weight"),
+        "mom2_adjustment": ee.drop("EasyEdit's MEMIT ignores it too (the covariance is always used)"),
+    }
+    easyedit_names = ("memit",)
     Hparams = MEMITHparams
     default_n_layers = 3
 

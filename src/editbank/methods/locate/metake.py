@@ -25,6 +25,7 @@ from .target import optimize_targets
 
 @register("metake")
 class MetaKE(AlphaEdit):
+    easyedit_names = ("alphaedit", "metake")  # MetaKE reads AlphaEdit's files (AlphaEdit's rules)
     Hparams = MetaKEHparams
 
     def _plan(self, requests, prefixes: list[str]):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import easyedit as ee
 from ..base import EditItem, register
 from .base import LocateMethod
 from .hparams import ROMEHparams
@@ -20,6 +21,11 @@ from .solvers import rome_update
 
 @register("rome")
 class ROME(LocateMethod):
+    easyedit_rules = {
+        **LocateMethod.easyedit_rules,
+        "mom2_adjustment": ee.to("mom2_adjustment"),  # false: C = I (u = k), as in EasyEdit's llama ROME files
+    }
+    easyedit_names = ("rome",)
     Hparams = ROMEHparams
 
     def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
