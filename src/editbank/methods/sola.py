@@ -177,8 +177,8 @@ class Sola(Method):
         ann = hparams.index_candidates if hparams.index == "faiss" else 0
         devices = [arch.weight_out_in(m).device for m in self.modules]
         self.embeddings = model.get_input_embeddings()
-        width = {"last": shapes[0][1], "pooled": 0, "last+pooled": shapes[0][1]}[hparams.key]
-        width += self.embeddings.weight.shape[1] if "pooled" in hparams.key else 0
+        width = (0 if hparams.key == "pooled" else shapes[0][1]) + (
+            self.embeddings.weight.shape[1] if "pooled" in hparams.key else 0)  # the key: last and/or pooled part
         self.bank = LoraBank(width, shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann, devices)
         self.alpha: float | None = None
         self.reference_distance: float | None = None
@@ -626,8 +626,8 @@ def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tenso
     return center, scale[:, None] * vh[:k].T / sd
 
 
-def _paraphrase_whitening(keys: torch.Tensor, group: torch.Tensor, dims: int, shrinkage: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _paraphrase_whitening(keys: torch.Tensor, group: torch.Tensor, dims: int,
+                          shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(center, projection) whitening away how one fact's paraphrases vary: keys are standardized and reduced to
     their top 4 x `dims` principal directions (at most half as many as keys: the within-group covariance of every
     dimension would be singular), then whitened by the within-group covariance (the spread of a group's texts
