@@ -8,7 +8,6 @@ import torch
 from editbank.methods.locate.solvers import (
     alphaedit_update,
     memit_update,
-    metake_gate,
     metake_transfer,
     nullspace_projector,
     rome_update,
@@ -88,7 +87,7 @@ def test_alphaedit_leaves_preserved_keys_unchanged(with_prev):
 
 
 @pytest.mark.parametrize("l2", [0.1, 1.0, 10.0])
-def test_metake_gate_equals_realised_gain(l2):
+def test_metake_transfer_of_one_key_is_the_realised_gain(l2):
     g = _gen(9)
     k0 = torch.randn(D_IN, 6, generator=g, dtype=torch.float64)
     p = nullspace_projector(k0 @ k0.T, 1e-8)
@@ -96,7 +95,8 @@ def test_metake_gate_equals_realised_gain(l2):
     planned = torch.randn(D_OUT, 1, generator=g, dtype=torch.float64)
     u, v = alphaedit_update(key, planned, p, None, l2)
     realised = u @ v.T @ key
-    gate = metake_gate(key, p, l2)
+    pk2 = float((p @ key.reshape(-1)).square().sum())
+    gate = pk2 / (l2 + pk2)  # one key, no earlier edits: G = |Pk|^2 / (L2 + |Pk|^2)
     assert 0 < gate < 1
     torch.testing.assert_close(realised, gate * planned)
     torch.testing.assert_close(metake_transfer(key, p, None, l2), torch.tensor([[gate]], dtype=torch.float64))

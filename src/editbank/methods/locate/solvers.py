@@ -60,9 +60,3 @@ def metake_transfer(keys: torch.Tensor, proj: torch.Tensor, prev: torch.Tensor |
     changes the outputs at the keys Q by D·G."""
     m = _alpha_system(keys, proj, prev, l2)
     return keys.T @ proj @ _sym_solve(m, keys if queries is None else queries)
-
-
-def metake_gate(key: torch.Tensor, proj: torch.Tensor, l2: float) -> float:
-    """Single-request gate g = ‖Pk‖² / (L2 + ‖Pk‖²) (G for one key and no earlier edits)."""
-    pk2 = float((proj @ key.reshape(-1)).double().square().sum())
-    return pk2 / (l2 + pk2)
