@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editbank.merging import drop_and_rescale, merge_deltas, trim
+from editbank.methods.merging import drop_and_rescale, merge_deltas, trim
 
 D1 = torch.tensor([3.0, -1.0, 2.0, -4.0])
 D2 = torch.tensor([-2.0, 2.0, 1.0, 1.0])

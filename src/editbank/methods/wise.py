@@ -52,12 +52,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..merging import MERGE_METHODS, merge_deltas
 from ..models.hooks import trace
 from ..requests import EditRequest
 from ..tokens import make_batch
 from . import easyedit as ee
 from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register, stable_seed
+from .merging import MERGE_METHODS, merge_deltas
 
 
 @dataclass
