@@ -80,10 +80,15 @@ def calibration_split(requests: list[EditRequest], share: float = CALIBRATION_SH
     return [r for i, r in enumerate(requests) if i in held], [r for i, r in enumerate(requests) if i not in held]
 
 
+def _evaluated(evaluation: list[EditRequest]) -> set[str]:
+    """Every prompt of the evaluated records, their own edit prompts too (stripped): none may calibrate."""
+    return evaluation_prompts(evaluation) | {r.prompt.strip() for r in evaluation}
+
+
 def calibration_corpus(calibration: list[EditRequest], evaluation: list[EditRequest]) -> list[str]:
     """The corpus of a dataset run: the prompts, rephrases and probes of the held-out records, less every prompt
     of the evaluated records (their own prompts too: a corpus prompt must not be an edit either)."""
-    banned = evaluation_prompts(evaluation) | {r.prompt.strip() for r in evaluation}
+    banned = _evaluated(evaluation)
     out: dict[str, None] = {}
     for r in calibration:
         for p in (r.prompt, *r.rephrases, *(q for q, _ in r.locality)):
@@ -95,7 +100,7 @@ def calibration_corpus(calibration: list[EditRequest], evaluation: list[EditRequ
 def calibration_paraphrases(calibration: list[EditRequest], evaluation: list[EditRequest]) -> list[list[str]]:
     """Paraphrase groups of a dataset run: each held-out record's prompt and rephrases (one fact worded several
     ways), less every prompt of the evaluated records; groups left with fewer than two texts are dropped."""
-    banned = evaluation_prompts(evaluation) | {r.prompt.strip() for r in evaluation}
+    banned = _evaluated(evaluation)
     out = []
     for r in calibration:
         group = list(dict.fromkeys(p for p in (r.prompt, *r.rephrases) if p.strip() not in banned))
