@@ -13,7 +13,7 @@ import dataclasses
 import json
 import threading
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -99,6 +99,21 @@ class Route:
     query_start: torch.Tensor | None = None
     keep_decisions: bool = False
     decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def reuse(self, key: str, length: int, compute: Callable[[], Any],
+              advance: Callable[[Any], Any] | None = None) -> Any:
+        """The routing decision of this forward under `key`: `compute()`'s, kept when `keep_decisions`; a
+        one-token forward after it (a generated token) reuses the kept one instead, through `advance` where the
+        decision moves with each token (it returns the decision for this token, which is kept for the next)."""
+        if self.keep_decisions and length == 1 and key in self.decisions:
+            decision = self.decisions[key]
+            if advance is not None:
+                decision = self.decisions[key] = advance(decision)
+            return decision
+        decision = compute()
+        if self.keep_decisions:
+            self.decisions[key] = decision
+        return decision
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -305,16 +320,9 @@ class Method:
             self.enabled = previous
 
 
-class OneModuleHook:
-    """Mixin for methods that act through one forward hook, `self._hook`, on `self.module`."""
-
-    _handle: Any = None
-
-    def attach(self) -> None:
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+def pick_layer(arch, layer: int | None) -> int:
+    """A decoder layer from a hyperparameter (None: the architecture's upper-middle default), range-checked."""
+    index = layer if layer is not None else arch.default_layers(1)[0]
+    if not 0 <= index < arch.num_layers:
+        raise ValueError(f"layer {index} out of range: the model has {arch.num_layers} layers")
+    return index

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..tokens import make_batch
-from .base import EditFailed, EditItem, Method, register
+from .base import EditItem, Method, register
+from .fit import fit
 
 
 @dataclass
@@ -63,28 +64,28 @@ class FineTune(Method):
         w0 = self.weight.detach().float().clone()
         master = w0.clone().requires_grad_(True)
         opt = torch.optim.Adam([master], lr=hp.lr)
-        loss_value, steps = float("inf"), 0
+
+        def loss_fn() -> torch.Tensor:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100
+            )
+
+        def take_grad() -> None:  # the model weight's gradient drives the master copy
+            master.grad = self.weight.grad.float()
+            self.weight.grad = None
+
+        @torch.no_grad()
+        def bound() -> None:
+            master.copy_(torch.clamp(master, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
+            self.weight.copy_(master.to(self.weight.dtype))
+
         self.weight.requires_grad_(True)
         try:
-            for steps in range(1, hp.n_iter + 1):
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100
-                )
-                loss_value = float(loss.detach())
-                if not torch.isfinite(loss):
-                    raise EditFailed(f"FT-L diverged: loss is {loss_value} at step {steps}")
-                if loss_value < hp.stop_loss:
-                    break
-                self.weight.grad = None
-                loss.backward()
-                master.grad = self.weight.grad.float()
-                opt.step()
-                with torch.no_grad():
-                    master.copy_(torch.clamp(master, w0 - hp.norm_constraint, w0 + hp.norm_constraint))
-                    self.weight.copy_(master.to(self.weight.dtype))
+            done = fit(loss_fn, opt, hp.n_iter, what="FT-L", stop_loss=hp.stop_loss, before_step=take_grad,
+                       after_step=bound)
         finally:
             self.weight.requires_grad_(False)
             self.weight.grad = None
         delta = float((self.weight.float() - w0).abs().max())
-        return [{"loss": loss_value, "steps": steps, "max_abs_change": delta} for _ in items]
+        return [{"loss": done.loss, "steps": done.steps, "max_abs_change": delta} for _ in items]

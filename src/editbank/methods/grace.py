@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from ..models.hooks import trace
 from ..tokens import make_batch
 from . import easyedit as ee
-from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register
+from .base import EditItem, Route, pick_layer, register
+from .fit import fit
+from .routed import Routed
 
 
 @dataclass
@@ -50,7 +52,7 @@ class GraceHparams:
 
 
 @register("grace")
-class Grace(OneModuleHook, Method):
+class Grace(Routed):
     Hparams = GraceHparams
     snapshots = False  # undo is exact unless later edits touched the same entries (then replay from base)
     easyedit_rules = {
@@ -74,13 +76,10 @@ class Grace(OneModuleHook, Method):
 
     def __init__(self, model, tokenizer, arch, hparams: GraceHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)
-        n = arch.num_layers
-        self.layer = hparams.layer if hparams.layer is not None else arch.default_layers(1)[0]
-        if not 0 <= self.layer < n:
-            raise ValueError(f"layer {self.layer} out of range: the model has {n} layers")
+        self.layer = pick_layer(arch, hparams.layer)
         self.path = arch.layer_path(self.layer, "mlp_out")
         self.module = arch.module(self.path)
-        self._train_value: torch.Tensor | None = None
+        self.hook(self.module, self._hook)
         self.reset()
 
     # -- codebook ---------------------------------------------------------------------------------
@@ -106,38 +105,29 @@ class Grace(OneModuleHook, Method):
     def _span_of(self, n_values: int) -> int:
         return n_values if self.hparams.value_mode == "per_token" else _ALL_POSITIONS
 
-    def _decide(self, x: torch.Tensor, qidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row: whether an entry covers the query, its values [B, T, out] and span [B]."""
-        b = x.shape[0]
-        if self._train_value is not None:
-            span = torch.full((b,), self._span_of(self._train_value.shape[0]), device=x.device)
-            return torch.ones(b, dtype=torch.bool, device=x.device), self._train_value.expand(b, -1, -1), span
+    def _decide(self, x: torch.Tensor, qidx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per row: whether an entry covers the query, its values [B, T, out], span [B] and the offset of every
+        position from the query [B, S] (the value position it takes)."""
+        b, s = x.shape[:2]
+        offsets = torch.arange(s, device=x.device)[None, :] - qidx[:, None]
+        if self.trainee is not None:  # training one entry's values: they replace every row's
+            span = torch.full((b,), self._span_of(self.trainee.shape[0]), device=x.device)
+            return torch.ones(b, dtype=torch.bool, device=x.device), self.trainee.expand(b, -1, -1), span, offsets
         q = x[torch.arange(b, device=x.device), qidx]
         d = torch.cdist(q.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
         d = d.masked_fill(self.eps[None, :] < 0, float("inf"))  # superseded entries do not route
         dmin, j = d.min(dim=1)
-        return dmin <= self.eps[j], self.values[j], self.span[j]
+        return dmin <= self.eps[j], self.values[j], self.span[j], offsets
 
     def _hook(self, module, inputs, output):
-        if not self.enabled or (len(self.keys) == 0 and self._train_value is None):
+        if not self.enabled or (len(self.keys) == 0 and self.trainee is None):
             return None
         x = inputs[0]
         b, s = x.shape[:2]
-        route = self.route if self.route is not None else Route()
-        qidx = route.query_index
-        if qidx is None:
-            qidx = torch.full((b,), s - 1, device=x.device)
-        qidx = qidx.to(x.device)
-        cached = route.decisions.get(self.path) if route.keep_decisions else None
-        if cached is not None and s == 1:  # a generated token: keep the decision taken on the prompt
-            matched, values, span, offset = cached
-            offsets = offset[:, None]
-            route.decisions[self.path] = (matched, values, span, offset + 1)
-        else:
-            matched, values, span = self._decide(x, qidx)
-            offsets = torch.arange(s, device=x.device)[None, :] - qidx[:, None]
-            if route.keep_decisions:
-                route.decisions[self.path] = (matched, values, span, s - qidx)
+        qidx = self.query_index(b, s, x.device)
+        # a generated token keeps the prompt's decision, one value position further on
+        matched, values, span, offsets = self.decide(
+            self.path, s, lambda: self._decide(x, qidx), lambda d: (*d[:3], d[3][:, -1:] + 1))
         if not bool(matched.any()):
             return None
         idx = offsets.clamp(0, values.shape[1] - 1)
@@ -161,24 +151,14 @@ class Grace(OneModuleHook, Method):
         """Train the entry's values [T, out] so the target follows the prompt."""
         v = init.clone().float().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=self.hparams.edit_lr)
-        loss_value, steps = float("inf"), 0
-        self._train_value = v
-        try:
-            with self.routing(Route(query_index=batch.query_index)):
-                for steps in range(1, self.hparams.n_iter + 1):
-                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                    loss = F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
-                    loss_value = float(loss.detach())
-                    if not torch.isfinite(loss):
-                        raise EditFailed(f"GRACE value training diverged (loss {loss_value})")
-                    if loss_value < self.hparams.stop_loss:
-                        break
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-        finally:
-            self._train_value = None
-        return v.detach().to(self.values.dtype), loss_value, steps
+
+        def loss_fn() -> torch.Tensor:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
+
+        with self.training(v), self.routing(Route(query_index=batch.query_index)):
+            done = fit(loss_fn, opt, self.hparams.n_iter, what="GRACE value training", stop_loss=self.hparams.stop_loss)
+        return v.detach().to(self.values.dtype), done.loss, done.steps
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         return [self._apply_one(it) for it in items]

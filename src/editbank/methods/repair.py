@@ -147,7 +147,7 @@ class Repair(Wise):
     # -- distillation -------------------------------------------------------------------------------
     def _hook(self, module, inputs, output):
         out = super()._hook(module, inputs, output)
-        if self._train_delta is not None:
+        if self.trainee is not None:
             self._train_out = out
         return out
 
@@ -204,7 +204,7 @@ class Repair(Wise):
     def _final_kd(self, d: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor:
         """Each member's KD loss under the trained D (reusing the batch the training used)."""
         batch = inp["batch"]
-        with self._applied(d):
+        with self.training(d):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return self._kd_terms(logits, inp).cpu()
 

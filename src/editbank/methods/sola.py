@@ -63,9 +63,11 @@ import torch
 import torch.nn.functional as F
 
 from ..tokens import make_batch, pad_id, prompt_ids
-from .base import EditFailed, EditItem, Method, register, stable_seed
+from .base import EditFailed, EditItem, register, stable_seed
+from .fit import cosine_lr, fit, make_optimizer
 from .key_index import require_faiss
 from .lora_bank import DISTANCES, LoraBank
+from .routed import Routed
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's schedule and fixed threshold
@@ -154,7 +156,7 @@ class SolaHparams:
 
 
 @register("sola")
-class Sola(Method):
+class Sola(Routed):
     Hparams = SolaHparams
     snapshots = False  # undo is always exact
     trains_beside_readers = True  # each LoRA trains alone against the frozen base (see `pretrain`)
@@ -183,7 +185,10 @@ class Sola(Method):
         self.alpha: float | None = None
         self.reference_distance: float | None = None
         self.quantile_used: float | None = hparams.alpha_quantile  # the calibration's (None: not calibrated here)
-        self._handles: list[Any] = []
+        for i, m in enumerate(self.modules):
+            self.hook(m, self._make_hook(i))
+        if "pooled" in hparams.key:  # the pooled key reads this forward's token embeddings
+            self.hook(self.embeddings, self._embedding_hook)
         self._pretrained: dict[tuple[str, str], tuple] = {}  # (prompt, target) -> `_train`'s result (pretrain)
         self.reset()
 
@@ -194,19 +199,8 @@ class Sola(Method):
         self.facts: dict[int, str | None] = {}  # EditRequest.key of each held edit (see "Covers" above)
 
     # -- hooks ------------------------------------------------------------------------------------
-    def attach(self) -> None:
-        if not self._handles:
-            self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
-            if "pooled" in self.hparams.key:  # the pooled key reads this forward's token embeddings
-                self._handles.append(self.embeddings.register_forward_hook(self._embedding_hook))
-
     def _embedding_hook(self, module, inputs, output) -> None:
         self.thread.embeds = output
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     def _make_hook(self, i: int):
         scale = self.hparams.lora_scale
@@ -215,7 +209,7 @@ class Sola(Method):
             x, here = inputs[0], self.thread  # per thread: a training thread and a serving one run at once
             if i == 0 and getattr(here, "capture", None) is not None:  # `_keys_at` reads the master input here
                 here.capture.append((x.detach(), self._embeds(x)))
-            train = getattr(here, "train_lora", None)
+            train = self.trainee
             if train is not None:  # training one edit: its LoRA on every row and position
                 A, B = train
                 return output + ((x.float() @ A[i].T) @ B[i].T * scale).to(output.dtype)
@@ -239,30 +233,23 @@ class Sola(Method):
     def _decide(self, x: torch.Tensor):
         """Rows whose query routes to an edit, whether that is every row, and the routed rows' LoRAs per
         module (None: no row routes)."""
-        route = self.route
-        keep = route is not None and route.keep_decisions
         b, s = x.shape[:2]
-        if keep and s == 1 and "sola" in route.decisions:
-            return route.decisions["sola"]  # a generated token: keep the decision taken on the prompt
-        decision = None
-        if len(self.bank) and self.alpha is not None:
-            qidx = None if route is None else route.query_index
-            qidx = torch.full((b,), s - 1, device=x.device) if qidx is None else qidx.to(x.device)
+
+        def compute():
+            if not len(self.bank) or self.alpha is None:
+                return None
+            route = self.route
             start = None if route is None else route.query_start
-            q = self._query(x, self._embeds(x), qidx, start)
+            q = self._query(x, self._embeds(x), self.query_index(b, s, x.device), start)
             dist, slot = self.bank.nearest(q)
             hit = dist < self.alpha
             if b == 1:  # the common serving case: plain slices instead of gathers
-                if bool(hit[0]):
-                    decision = (None, True, self.bank.slices(int(slot[0])))
-            else:
-                rows = hit.nonzero().squeeze(1)
-                n = rows.numel()
-                if n:
-                    decision = (rows, n == b, self.bank.gather(slot if n == b else slot.index_select(0, rows)))
-        if keep:
-            route.decisions["sola"] = decision
-        return decision
+                return (None, True, self.bank.slices(int(slot[0]))) if bool(hit[0]) else None
+            rows = hit.nonzero().squeeze(1)
+            n = rows.numel()
+            return (rows, n == b, self.bank.gather(slot if n == b else slot.index_select(0, rows))) if n else None
+
+        return self.decide("sola", s, compute)  # a generated token keeps the decision taken on the prompt
 
     # -- keys -------------------------------------------------------------------------------------
     def _embeds(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -366,7 +353,7 @@ class Sola(Method):
         """Master inputs [B, T, D] and (pooled keys) token embeddings [B, T, E] of a right-padded batch, every
         LoRA off, read through the method's own hooks, per thread: a temporary hook would also catch the forwards
         other threads run meanwhile (an edit training beside the readers), and adding hooks is not thread-safe."""
-        attached = bool(self._handles)
+        attached = self.attached
         if not attached:  # not attached (a closed editor's method): hooks for this forward only
             self.attach()
         self.thread.capture = []
@@ -510,32 +497,20 @@ class Sola(Method):
         g = torch.Generator().manual_seed(stable_seed(hp.seed, prompt, target))
         A = [(torch.randn((hp.rank, i), generator=g) / math.sqrt(i)).to(d) for (_, i), d in zip(self.bank.shapes, devs)]
         B = [torch.zeros((o, hp.rank), device=d) for (o, _), d in zip(self.bank.shapes, devs)]
-        params = [t.requires_grad_(True) for t in A + B]
-        opt = torch.optim.SGD(params, lr=hp.lr) if hp.optimizer == "sgd" else torch.optim.Adam(params, lr=hp.lr)
-        loss_value, steps = float("inf"), 0
-        self.thread.train_lora = (A, B)
-        try:
-            for steps in range(1, hp.n_iter + 1):
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise EditFailed(f"SoLA LoRA training diverged (loss {loss_value})")
-                if loss_value < hp.stop_loss:
-                    break
-                if hp.schedule == "cosine":
-                    for g in opt.param_groups:
-                        g["lr"] = hp.lr * 0.5 * (1 + math.cos(math.pi * (steps - 1) / hp.n_iter))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        finally:
-            self.thread.train_lora = None
+        opt = make_optimizer(hp.optimizer, [t.requires_grad_(True) for t in A + B], hp.lr)
+
+        def loss_fn() -> torch.Tensor:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
+
+        with self.training((A, B)):
+            done = fit(loss_fn, opt, hp.n_iter, what="SoLA LoRA training", stop_loss=hp.stop_loss,
+                       lr=cosine_lr(hp.lr, hp.n_iter) if hp.schedule == "cosine" else None)
         A = [a.detach() for a in A]
         B = [b.detach() for b in B]
         if not all(torch.isfinite(t).all() for t in A + B):
             raise EditFailed("SoLA LoRA training produced non-finite weights")
-        return A, B, loss_value, steps
+        return A, B, done.loss, done.steps
 
     def remove(self, edit_id: int) -> bool:
         if edit_id not in self.bank.slot_of:

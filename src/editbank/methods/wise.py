@@ -42,10 +42,8 @@ Hyperparameter names follow EasyEdit's WISE YAML so such files port over.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +54,10 @@ from ..models.hooks import trace
 from ..requests import EditRequest
 from ..tokens import make_batch
 from . import easyedit as ee
-from .base import EditFailed, EditItem, Method, OneModuleHook, Route, register, stable_seed
+from .base import EditItem, Route, pick_layer, register, stable_seed
+from .fit import fit, make_optimizer
 from .merging import MERGE_METHODS, merge_deltas
+from .routed import Routed
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Shard:
 
 
 @register("wise")
-class Wise(OneModuleHook, Method):
+class Wise(Routed):
     Hparams = WiseHparams
     snapshots = False  # `remove` always undoes by retraining the edit's shard
     # the paper's settings do not write into a 128-wide FFN (docs/methods/wise_repair.md): Adam at lr 0.03, three
@@ -162,9 +162,7 @@ class Wise(OneModuleHook, Method):
 
     def __init__(self, model, tokenizer, arch, hparams: WiseHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)
-        self.layer = hparams.layer if hparams.layer is not None else arch.default_layers(1)[0]
-        if not 0 <= self.layer < arch.num_layers:
-            raise ValueError(f"layer {self.layer} out of range: the model has {arch.num_layers} layers")
+        self.layer = pick_layer(arch, hparams.layer)
         self.path = arch.layer_path(self.layer, "mlp_out")
         self.module = arch.module(self.path)
         w = arch.weight_out_in(self.module)
@@ -174,9 +172,10 @@ class Wise(OneModuleHook, Method):
             raise ValueError(f"key_layer {self.key_layer} must be in [0, layer={self.layer}]: the key is read "
                              "before the memory acts")
         self.key_path = arch.layer_path(self.key_layer, "mlp_out")
-        self._key_handle: Any = None
         self._key_x: torch.Tensor | None = None  # the key layer's input in the current forward
-        self._train_delta: torch.Tensor | None = None
+        self.hook(self.module, self._hook)
+        if self.key_layer != self.layer:
+            self.hook(arch.module(self.key_path), self._key_hook)
         self.reset()
 
     def reset(self) -> None:
@@ -283,7 +282,7 @@ class Wise(OneModuleHook, Method):
             return []
         reqs = [self.requests[e] for e in ids]
         batch = make_batch(self.tokenizer, [(r.prompt, r.target) for r in reqs], device=self.device)
-        ctx = self.routing(Route(query_index=batch.query_index)) if delta is None else self._applied(delta)
+        ctx = self.routing(Route(query_index=batch.query_index)) if delta is None else self.training(delta)
         with ctx:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         pred = logits[:, :-1].argmax(-1)
@@ -291,36 +290,21 @@ class Wise(OneModuleHook, Method):
         wrong = ((pred != labels) & (labels != -100)).any(dim=1)
         return (~wrong).tolist()
 
-    @contextlib.contextmanager
-    def _applied(self, delta: torch.Tensor) -> Iterator[None]:
-        """The side-memory hook adds x @ delta^T to every row (training, and checking one memory)."""
-        self._train_delta = delta
-        try:
-            yield
-        finally:
-            self._train_delta = None
-
     # -- the side-memory hook -----------------------------------------------------------------------
     def _hook(self, module, inputs, output):
         x = inputs[0]
-        if self._train_delta is not None:
-            return output + (x.float() @ self._train_delta.T).to(output.dtype)
+        if self.trainee is not None:  # training (or checking) one memory: it adds x @ D^T to every row
+            return output + (x.float() @ self.trainee.T).to(output.dtype)
         if not self.enabled or not self.requests:
             return None
-        route = self.route
         b, s = x.shape[:2]
-        keep = route is not None and route.keep_decisions
-        if keep and s == 1 and self.name in route.decisions:
-            choice = route.decisions[self.name]
-        else:
-            qidx = None if route is None else route.query_index
-            rows = slice(None), -1
-            if qidx is not None:
-                rows = torch.arange(b, device=x.device), qidx.to(x.device)
+
+        def choose() -> torch.Tensor:
+            rows = torch.arange(b, device=x.device), self.query_index(b, s, x.device)
             kx = self._key_x if self.key_layer != self.layer else None
-            choice = self.route_rows(x[rows], None if kx is None else kx[rows])
-            if keep:
-                route.decisions[self.name] = choice
+            return self.route_rows(x[rows], None if kx is None else kx[rows])
+
+        choice = self.decide(self.name, s, choose)
         if not bool((choice >= 0).any()):
             return None
         deltas, _ = self.stack()
@@ -330,16 +314,8 @@ class Wise(OneModuleHook, Method):
     def _key_hook(self, module, inputs, output):
         self._key_x = inputs[0]
 
-    def attach(self) -> None:
-        super().attach()
-        if self.key_layer != self.layer and self._key_handle is None:
-            self._key_handle = self.arch.module(self.key_path).register_forward_hook(self._key_hook)
-
     def detach(self) -> None:
         super().detach()
-        if self._key_handle is not None:
-            self._key_handle.remove()
-            self._key_handle = None
         self._key_x = None
 
     # -- training a shard ---------------------------------------------------------------------------
@@ -418,28 +394,23 @@ class Wise(OneModuleHook, Method):
         hp = self.hparams
         batch = inp["batch"]
         d = delta.clone().requires_grad_(True)
-        opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)([d], lr=hp.edit_lr)
-        loss_value = float("inf")
-        with self._applied(d):
-            for _ in range(hp.n_iter):
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
-                loss = ce + self._margin(d, inp)
-                extra = self._extra_loss(logits, inp)
-                if extra is not None:
-                    loss = loss + extra
-                loss_value = float(loss.detach())
-                if not torch.isfinite(loss):
-                    raise EditFailed(f"{self.name} side-memory training diverged (loss {loss_value})")
-                if loss_value < hp.stop_loss:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                d.grad.mul_(mask)
-                opt.step()
-                with torch.no_grad():
-                    d.clamp_(-hp.norm_constraint, hp.norm_constraint)
-        return d.detach(), loss_value
+        opt = make_optimizer(hp.optimizer, [d], hp.edit_lr)
+
+        def loss_fn() -> torch.Tensor:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
+            loss = loss + self._margin(d, inp)
+            extra = self._extra_loss(logits, inp)
+            return loss if extra is None else loss + extra
+
+        @torch.no_grad()
+        def bound() -> None:
+            d.clamp_(-hp.norm_constraint, hp.norm_constraint)
+
+        with self.training(d):
+            done = fit(loss_fn, opt, hp.n_iter, what=f"{self.name} side-memory training", stop_loss=hp.stop_loss,
+                       before_step=lambda: d.grad.mul_(mask), after_step=bound)
+        return d.detach(), done.loss
 
     def _write(self, shard: Shard, ids: list[int]) -> float:
         """Train `ids` as one batch into `shard` (appending to its history); return the loss."""

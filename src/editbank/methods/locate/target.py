@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ...models.hooks import patch
 from ...requests import EditRequest
 from ...tokens import batch_from_ids, pad_id, pair_ids
-from ..base import EditFailed
+from ..fit import fit
 from .keys import lookup_rows, read_at, subject_last_index
 
 # (token ids of each row, patched position of each row) -> T [n requests, rows]: row j gets Σ_i D_i T[i, j]
@@ -90,8 +90,9 @@ def optimize_targets(model, tokenizer, layer_path: str, requests: list[EditReque
         return out + add.to(out.dtype)
 
     nll = torch.full((n,), float("inf"))
-    steps = 0
-    for steps in range(1, hp.v_num_grad_steps + 1):
+
+    def loss_fn() -> torch.Tensor:
+        nonlocal nll, kl_init
         with patch(model, layer_path, add_delta):
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logp = logits[:n_nll, :-1].float().log_softmax(-1)
@@ -103,15 +104,12 @@ def optimize_targets(model, tokenizer, layer_path: str, requests: list[EditReque
             kl_init = kl_logp.detach()
         kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
         decay = (delta.norm(dim=1) ** 2 / h.norm(dim=1).clamp(min=1e-6) ** 2).sum()
-        loss = nll.sum() + hp.kl_factor * kl + hp.v_weight_decay * decay
-        if not torch.isfinite(loss):
-            raise EditFailed(f"target optimisation diverged: loss is {float(loss)} at step {steps}")
-        if bool((nll.detach() < hp.v_stop_loss).all()):
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            scale = (max_norm / delta.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
-            delta.mul_(scale)
-    return TargetResult(h, delta.detach(), [float(x) for x in nll.detach()], steps)
+        return nll.sum() + hp.kl_factor * kl + hp.v_weight_decay * decay
+
+    @torch.no_grad()
+    def clamp() -> None:
+        delta.mul_((max_norm / delta.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+
+    done = fit(loss_fn, opt, hp.v_num_grad_steps, what="target optimisation",
+               done=lambda _: bool((nll.detach() < hp.v_stop_loss).all()), after_step=clamp)
+    return TargetResult(h, delta.detach(), [float(x) for x in nll.detach()], done.steps)
