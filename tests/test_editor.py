@@ -388,3 +388,29 @@ def test_snapshots_are_counted_since_the_last_one_under_batch_calls(world_model,
         ed.edit(world_requests[3 * i : 3 * i + 3], check=False)
     assert ed.store.snapshot_ids() == [6, 12]
     ed.close()
+
+
+def test_grace_undo_replays_from_the_last_snapshot(world_model, world_requests, tmp_path):
+    """Overlapping GRACE edits make an undo replay: only the edits after the last snapshot are re-applied, from
+    the snapshot's radii and the stored entries, and the result equals a fresh editor fed the kept edits."""
+    model, tok = world_model
+    reqs = world_requests[:9]
+    ed = Editor(model, tok, method="grace", store=tmp_path / "g.db", eps_init=1e6, snapshot_every=3)
+    edits = [ed.edit(r, check=False) for r in reqs]  # every key lands in an earlier entry: splits
+    assert ed.store.snapshot_ids() == [3, 6, 9]
+    applied = []
+    apply = ed.method.apply
+    ed.method.apply = lambda items: applied.extend(it.id for it in items) or apply(items)
+    ed.undo(edits[7].id)  # edit 9 split edit 8's entry after it: not exactly removable
+    ed.method.apply = apply
+    assert applied == [edits[6].id, edits[8].id]  # from the snapshot after edit 6, not from the base model
+    got = [logits_of(ed, r) for r in reqs]
+    fresh = Editor(model, tok, method="grace", eps_init=1e6)
+    for r in reqs[:7] + reqs[8:]:
+        fresh.edit(r, check=False)
+    for g, r in zip(got, reqs):
+        assert torch.equal(g, logits_of(fresh, r))
+    ed.close()
+    reopened = Editor(model, tok, store=tmp_path / "g.db")  # the entries come back from the artifacts
+    for g, r in zip(got, reqs):
+        assert torch.equal(g, logits_of(reopened, r))

@@ -289,7 +289,8 @@ class Editor:
                 with _seeded(self._batch_seed(reqs)), torch.enable_grad(), self.method.pretrained(pretrained):
                     stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
                 elapsed = time.perf_counter() - t0
-                self._check_finite(stats, edits)
+                state = self._state_tensors()  # once per call: checked here, saved below
+                self._check_finite(stats, edits, state[0])
                 # an edit a later request of the same call superseded cannot answer; it is not checked (None)
                 gone = {o for s in stats for o in s.get("supersedes", [])} & {e.id for e in edits}
                 live = [e for e in edits if e.id not in gone]
@@ -306,7 +307,7 @@ class Editor:
                         self.store.update_edit(older, status="superseded")
                 # counted since the last snapshot: a multiple-of-N test skips multiples under batch calls
                 due = self.store.count_after(max(self.store.snapshot_ids(), default=0)) >= self.snapshot_every
-                self._save_state(snapshot=self.method.snapshots and not self.method.state_in_artifacts and due)
+                self._save_state(snapshot=self.method.snapshots and due, state=state)
         except BaseException:
             self._restore(ckpt)
             self._saved = {}  # the transaction rolled back: the store may not hold what was last written
@@ -411,7 +412,7 @@ class Editor:
             self._set_weights(self._base_weights)
         else:
             start, tensors, meta = snap
-            self._load_tensors(tensors, meta)
+            self._load_tensors(tensors, meta, upto=start)
         # superseded edits are replayed too (their successors supersede them again), so that undoing a
         # successor later finds them in the method's state
         todo = [e for e in self.store.edits() if e.status in HELD and e.id > start and e.id != exclude]
@@ -435,13 +436,15 @@ class Editor:
         tensors.update({f"weights.{k}": p for k, p in self.method.touched_parameters().items()})
         return tensors, meta
 
-    def _load_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], upto: int | None = None) -> None:
+        """Load a saved state (`upto`: a snapshot's, taken after edit `upto`: of the edits held now, those up to
+        it were held then; a later undo of an earlier edit dropped the snapshot)."""
         mt = {k[len("method.") :]: v for k, v in tensors.items() if k.startswith("method.")}
         wt = {k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")}
         self.method.reset()
         self.method.load_state_dict(mt, meta)
         if self.method.state_in_artifacts:
-            held = (e for e in self.store.edits() if e.status in HELD)
+            held = (e for e in self.store.edits() if e.status in HELD and (upto is None or e.id <= upto))
             self.method.load_artifacts((e.id, self.store.artifacts(e.id)) for e in held)
         self._set_weights(wt)
 
@@ -454,8 +457,8 @@ class Editor:
             for k, v in weights.items():
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
 
-    def _save_state(self, snapshot: bool) -> None:
-        tensors, meta = self._state_tensors()
+    def _save_state(self, snapshot: bool, state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
+        tensors, meta = state or self._state_tensors()
         # a tensor is unchanged since the last save if it is the same object at the same version counter
         # (references are kept, so a new tensor can never reuse a saved one's identity)
         unchanged = {k for k, t in tensors.items()
@@ -474,19 +477,21 @@ class Editor:
         self.method.restore(state)
         self._set_weights(weights)
 
-    def _check_finite(self, stats: list[dict[str, Any]], edits: list[Edit]) -> None:
+    def _check_finite(self, stats: list[dict[str, Any]], edits: list[Edit],
+                      tensors: dict[str, torch.Tensor] | None = None) -> None:
         if len(stats) != len(edits):
             raise mbase.EditFailed(f"method returned {len(stats)} results for {len(edits)} edits")
         for e, s in zip(edits, stats):
             for k, v in s.items():
                 if isinstance(v, float) and not math.isfinite(v):
                     raise mbase.EditFailed(f"edit of {e.request.prompt!r} failed: {k} is {v}")
-        for name, p in self.method.touched_parameters().items():
-            if not torch.isfinite(p).all():
-                raise mbase.EditFailed(f"edit produced non-finite values in {name}")
-        for name, t in self.method.state_dict()[0].items():
+        if tensors is None:
+            tensors = self._state_tensors()[0]
+        for name, t in tensors.items():  # the written weights and the method's state
             if t.is_floating_point() and not torch.isfinite(t).all():
-                raise mbase.EditFailed(f"edit produced non-finite values in method state {name}")
+                what = name.replace("weights.", "", 1) if name.startswith("weights.") else \
+                    f"method state {name.removeprefix('method.')}"
+                raise mbase.EditFailed(f"edit produced non-finite values in {what}")
 
     # -- getting the edited model out ---------------------------------------------------------
     def _check_exportable(self) -> None:

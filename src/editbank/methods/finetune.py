@@ -67,9 +67,7 @@ class FineTune(Method):
 
         def loss_fn() -> torch.Tensor:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            return F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100
-            )
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
 
         def take_grad() -> None:  # the model weight's gradient drives the master copy
             master.grad = self.weight.grad.float()

@@ -54,7 +54,9 @@ class GraceHparams:
 @register("grace")
 class Grace(Routed):
     Hparams = GraceHparams
-    snapshots = False  # undo is exact unless later edits touched the same entries (then replay from base)
+    # undo is exact unless later edits touched the same entries: then the editor replays from its last snapshot
+    # (the small mutable part: radii, owners; the entries themselves are each edit's artifacts, written once)
+    state_in_artifacts = True
     easyedit_rules = {
         "inner_params": ee.inner_params,
         "edit_lr": ee.to("edit_lr"),
@@ -80,6 +82,7 @@ class Grace(Routed):
         self.path = arch.layer_path(self.layer, "mlp_out")
         self.module = arch.module(self.path)
         self.hook(self.module, self._hook)
+        self._pending: list[int] | tuple | None = None  # entry owners a state load waits for (load_artifacts)
         self.reset()
 
     # -- codebook ---------------------------------------------------------------------------------
@@ -236,6 +239,7 @@ class Grace(Routed):
         return {**stats, "loss": loss, "steps": steps}
 
     def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
+        """The entry an edit created (fixed once written): key, values, span, and its radius then."""
         if not self.undo_log.get(edit_id, {}).get("created"):
             return {}
         r = self._row(edit_id)
@@ -266,30 +270,54 @@ class Grace(Routed):
 
     # -- persistence ------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {
-            "keys": self.keys,
-            "values": self.values,
-            "eps": self.eps,
-            "span": self.span,
-            "owner": self.owner,
-            "last_touch": self.last_touch,
-        }
-        meta = {"labels": list(self.labels), "undo_log": {str(k): v for k, v in self.undo_log.items()}}
-        return tensors, meta
+        """What later edits change: every entry's radius and last toucher, by owner, and its label (the entries'
+        keys and values are the edits' artifacts)."""
+        tensors = {"eps": self.eps, "owner": self.owner, "last_touch": self.last_touch}
+        return tensors, {"labels": list(self.labels), "undo_log": {str(k): v for k, v in self.undo_log.items()}}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.reset()
+        self._pending = None
         if not tensors:
             return
-        dev = self.keys.device
-        self.keys = tensors["keys"].to(dev, torch.float32)
-        self.values = tensors["values"].to(dev, self.values.dtype)
-        self.eps = tensors["eps"].to(dev, torch.float32)
-        self.span = tensors["span"].to(dev)
+        self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}
+        self.labels = list(meta["labels"])
+        if "keys" in tensors:  # a store from before the entries were artifacts: the whole codebook is here
+            dev = self.keys.device
+            self.keys = tensors["keys"].to(dev, torch.float32)
+            self.values = tensors["values"].to(dev, self.values.dtype)
+            self.span = tensors["span"].to(dev)
+            self._pending = ()
+        else:  # the entries come from the artifacts, in this order
+            self._pending = tensors["owner"].long().tolist()
+        self.eps = tensors["eps"].to(self.eps.device, torch.float32)
         self.owner = tensors["owner"].long().cpu()
         self.last_touch = tensors["last_touch"].long().cpu()
-        self.labels = list(meta["labels"])
-        self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}
+
+    def load_artifacts(self, held) -> None:
+        order, self._pending = self._pending, None
+        if not order:  # nothing held, or an old store's state already holds the entries
+            return
+        arts = {eid: a for eid, a in held if eid in set(order)}
+        missing = [e for e in order if not {"key", "value", "span"} <= set(arts.get(e, {}))]
+        if missing:
+            raise ValueError(f"stored GRACE edits {missing[:5]} lack their codebook entries")
+        dev = self.keys.device
+        width = max(int(arts[e]["value"].shape[0]) for e in order)
+        self.keys = torch.stack([arts[e]["key"] for e in order]).to(dev, torch.float32)
+        self.values = torch.stack([_pad_positions(arts[e]["value"][None], width)[0] for e in order]).to(
+            dev, self.values.dtype)
+        self.span = torch.cat([arts[e]["span"] for e in order]).to(dev)
+
+    def checkpoint(self) -> Any:
+        """Cheap: keys, values and span are replaced, never written in place; radii and touches are copied."""
+        return (self.keys, self.values, self.eps.clone(), self.span, self.owner, self.last_touch.clone(),
+                list(self.labels), dict(self.undo_log))
+
+    def restore(self, checkpoint: Any) -> None:
+        keys, values, eps, span, owner, touch, labels, log = checkpoint
+        self.keys, self.values, self.eps, self.span, self.owner = keys, values, eps.clone(), span, owner
+        self.last_touch, self.labels, self.undo_log = touch.clone(), list(labels), dict(log)
 
 
 _ALL_POSITIONS = 2**31 - 1  # GRACE's shared value replaces every position from the query on

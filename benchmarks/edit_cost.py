@@ -1,0 +1,130 @@
+"""Does an edit or an undo cost more as the store grows? Measured in one run, per method.
+
+One stream of `--edits` edits per method into a store on disk (a temporary folder), on a built world's model
+(`--world`, default "small": a small model makes the bookkeeping, which is what could grow, a large share of each
+edit), each method with its world preset as `editbank bench` runs it (`--no-presets`: its defaults). The
+requests are the world's edit requests with numbered subjects ("Arvelia 17"), so every prompt is distinct.
+Printed per method:
+
+- seconds per edit over edits 1..W and over the last W (`--window`, default 50) and their ratio (the goal: at
+  most 1.3 for the routed methods);
+- seconds per undo at T = 100 and at T = `--edits` (the mean of `--undos` undos of random held edits, each
+  followed by the same edit again so the stream goes on unchanged), their ratio, and how many of those undos the
+  editor did by replay;
+- the store's size per edit.
+
+    python benchmarks/edit_cost.py                            # grace, sola, wise, repair, ft; 1000 edits
+    python benchmarks/edit_cost.py --methods grace --edits 200 --window 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import parse_hp
+
+from editbank import Editor, EditRequest
+from editbank.methods.base import get_method
+from editbank.world import World
+
+
+def requests_for(world: World, n: int) -> list[EditRequest]:
+    """n distinct requests: the world's edit requests, their subjects numbered."""
+    base = world.edit_requests(n=len(world.editable_facts), seed=0)
+    out = []
+    for k in range(n):
+        r = base[k % len(base)]
+        subject = f"{r.subject} {k // len(base)}" if k >= len(base) else r.subject
+        out.append(EditRequest(prompt=r.prompt.replace(r.subject, subject), target=r.target, subject=subject,
+                               key=f"{subject}/{r.meta.get('relation')}"))
+    return out
+
+
+def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int]:
+    """Mean seconds of k undos of random held edits (each re-edited after), and how many the editor replayed."""
+    seconds, exact = [], []
+    remove = ed.method.remove
+    ed.method.remove = lambda eid: exact.append(remove(eid)) or exact[-1]  # False: the editor replays
+    try:
+        for _ in range(k):
+            e = rng.choice(ed.edits("active"))
+            t0 = time.perf_counter()
+            ed.undo(e.id)
+            seconds.append(time.perf_counter() - t0)
+            ed.edit(e.request, check=False)
+    finally:
+        ed.method.remove = remove
+    return statistics.mean(seconds), exact.count(False)
+
+
+def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> dict:
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "cost.db"
+        preset = {} if args.no_presets else get_method(method).world_preset
+        ed = Editor.open(world.path, method, store=store, corpus=world.fact_prompts(),
+                         stats_corpus=world.calibration_texts(), paraphrases=world.calibration_paraphrases(),
+                         **{**preset, **hp})
+        ed.method.prepare()  # calibration is one-time work, not an edit's cost
+        times: list[float] = []
+        undo: dict[int, tuple[float, int]] = {}
+        marks = sorted({min(100, len(reqs)), len(reqs)})
+        for i in range(0, len(reqs), args.batch):
+            chunk = reqs[i : i + args.batch]
+            t0 = time.perf_counter()
+            ed.edit(chunk, check=False)
+            times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
+            done = i + len(chunk)
+            if done in marks:
+                undo[done] = undo_cost(ed, rng, args.undos)
+            if args.progress and done % 100 == 0:
+                print(f"  {method}: {done} edits, last {statistics.mean(times[-args.window:]):.3f} s/edit", flush=True)
+        size = store.stat().st_size
+        ed.close()
+    w = args.window
+    first, last = statistics.mean(times[:w]), statistics.mean(times[-w:])
+    (t1, (u1, r1)), (t2, (u2, r2)) = sorted(undo.items())[0], sorted(undo.items())[-1]
+    return {"method": method, "first": first, "last": last, "ratio": last / first, "undo_at": (t1, t2),
+            "undo": (u1, u2), "undo_ratio": u2 / u1, "replays": (r1, r2), "bytes_per_edit": size / len(reqs)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="grace,sola,wise,repair,ft")
+    p.add_argument("--edits", type=int, default=1000)
+    p.add_argument("--window", type=int, default=50)
+    p.add_argument("--undos", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="requests per editor call")
+    p.add_argument("--world", default="small")
+    p.add_argument("--hp", action="append", default=[], help="method:key=value (a method's hyperparameter)")
+    p.add_argument("--no-presets", action="store_true", help="the methods' defaults, not their world presets")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    world = World.build(args.world, progress=False)
+    reqs = requests_for(world, args.edits)
+    hps: dict[str, dict] = {}
+    for item in args.hp:
+        m, _, kv = item.partition(":")
+        hps.setdefault(m, {}).update(parse_hp([kv]))
+    print(f"world {args.world}, {args.edits} edits in calls of {args.batch}, window {args.window}, "
+          f"{args.undos} undos at each T, {args.threads} thread(s)")
+    print("| method | s/edit 1..W | s/edit last W | ratio | s/undo T=100 | s/undo T=max | ratio | replayed "
+          "| store bytes/edit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m in args.methods.split(","):
+        r = run(m, world, reqs, args, hps.get(m, {}))
+        print(f"| {m} | {r['first']:.4f} | {r['last']:.4f} | {r['ratio']:.2f} | {r['undo'][0]:.4f} | "
+              f"{r['undo'][1]:.4f} | {r['undo_ratio']:.2f} | {r['replays'][0]}/{r['replays'][1]} of "
+              f"{args.undos} | {r['bytes_per_edit']:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
