@@ -414,3 +414,28 @@ def test_grace_undo_replays_from_the_last_snapshot(world_model, world_requests, 
     reopened = Editor(model, tok, store=tmp_path / "g.db")  # the entries come back from the artifacts
     for g, r in zip(got, reqs):
         assert torch.equal(g, logits_of(reopened, r))
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_a_store_in_the_earlier_state_format_reopens_bitwise(world_model, world_requests, tmp_path, method):
+    """GRACE's codebook and WISE's requests used to be saved whole with every edit; a store written that way
+    (rewritten here into that format) reopens to the same model."""
+    model, tok = world_model
+    ed = Editor(model, tok, method=method, store=tmp_path / "s.db")
+    for r in world_requests[:4]:
+        ed.edit(r, check=False)
+    want = [logits_of(ed, r) for r in world_requests[:6]]
+    tensors, meta = ed.store.get_state()
+    mt = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
+    if method == "grace":  # the whole codebook in the state, as before
+        g = ed.method
+        mt.update(keys=g.keys, values=g.values, span=g.span)
+    else:  # every held request in the meta, as before
+        meta = {**meta, "requests": {str(e): ed.method.requests[e].to_dict() for e in meta.pop("edits")}}
+    with ed.store.transaction():
+        ed.store.put_state({f"method.{k}": v for k, v in mt.items()}, meta)
+    ed.close()
+    again = Editor(model, tok, store=tmp_path / "s.db")
+    assert "requests" in again.store.get_state()[1] or method == "grace"
+    for w, r in zip(want, world_requests[:6]):
+        assert torch.equal(logits_of(again, r), w)

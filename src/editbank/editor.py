@@ -131,6 +131,7 @@ class Editor:
         self._base_weights = {k: p.detach().clone() for k, p in self.method.touched_parameters().items()}
         self._base_cache: dict[tuple[str, str, str], Any] = {}
         self._saved: dict[str, tuple[torch.Tensor, int]] = {}  # state tensors as last written to the store
+        self.method.request_of = lambda edit_id: self.store.get_edit(edit_id).request
         self.method.attach()
         if not self.method.edits_in_weights:
             model.save_pretrained = self._refuse_checkpoint  # the base weights alone would lose every edit

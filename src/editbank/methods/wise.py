@@ -536,7 +536,7 @@ class Wise(Routed):
 
     # -- persistence ------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        return {"requests": {str(k): r.to_dict() for k, r in self.requests.items()},
+        return {"edits": list(self.requests),  # their requests are the store's (`request_of`)
                 "shards": [s.meta() for s in self.shards], "groups": copy.deepcopy(self.groups), "count": self.count,
                 "ghosts": list(self.ghosts)}
 
@@ -555,7 +555,12 @@ class Wise(Routed):
         self.reset()
         if not meta:
             return
-        self.requests = {int(k): EditRequest.from_dict(r) for k, r in meta["requests"].items()}
+        if "requests" in meta:  # a store from before states referred to edits by id
+            self.requests = {int(k): EditRequest.from_dict(r) for k, r in meta["requests"].items()}
+        else:
+            if self.request_of is None:
+                raise ValueError(f"{self.name}'s state names its edits by id: it loads through an Editor (its store)")
+            self.requests = {e: self.request_of(e) for e in meta["edits"]}
         self.acts = {e: tensors[f"act.{e}"].to(self.device, torch.float32) for e in self.requests}
         self.keys = {e: tensors.get(f"key.{e}", tensors[f"act.{e}"]).to(self.device, torch.float32)
                      for e in self.requests}
@@ -574,8 +579,12 @@ class Wise(Routed):
 
     def checkpoint(self) -> Any:
         # tensors are replaced, never written in place, so references are a faithful copy
-        return self.state_dict()
+        return self.state_dict(), dict(self.requests)
 
     def restore(self, checkpoint: Any) -> None:
-        tensors, meta = checkpoint
-        self.load_state_dict(tensors, copy.deepcopy(meta))
+        (tensors, meta), requests = checkpoint
+        lookup, self.request_of = self.request_of, requests.__getitem__  # the requests as they were, not the store's
+        try:
+            self.load_state_dict(tensors, copy.deepcopy(meta))
+        finally:
+            self.request_of = lookup
