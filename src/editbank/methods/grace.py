@@ -82,7 +82,6 @@ class Grace(Routed):
         self.path = arch.layer_path(self.layer, "mlp_out")
         self.module = arch.module(self.path)
         self.hook(self.module, self._hook)
-        self._pending: list[int] | tuple | None = None  # entry owners a state load waits for (load_artifacts)
         self.reset()
 
     # -- codebook ---------------------------------------------------------------------------------
@@ -277,47 +276,38 @@ class Grace(Routed):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.reset()
-        self._pending = None
         if not tensors:
             return
         self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}
         self.labels = list(meta["labels"])
-        if "keys" in tensors:  # a store from before the entries were artifacts: the whole codebook is here
-            dev = self.keys.device
-            self.keys = tensors["keys"].to(dev, torch.float32)
-            self.values = tensors["values"].to(dev, self.values.dtype)
-            self.span = tensors["span"].to(dev)
-            self._pending = ()
-        else:  # the entries come from the artifacts, in this order
-            self._pending = tensors["owner"].long().tolist()
         self.eps = tensors["eps"].to(self.eps.device, torch.float32)
         self.owner = tensors["owner"].long().cpu()
         self.last_touch = tensors["last_touch"].long().cpu()
 
     def load_artifacts(self, held) -> None:
-        order, self._pending = self._pending, None
-        if not order:  # nothing held, or an old store's state already holds the entries
-            return
+        """The entries, in the order of `owner` (an older store's state also held them whole: not read)."""
+        order = self.owner.tolist()
         arts = {eid: a for eid, a in held if eid in set(order)}
         missing = [e for e in order if not {"key", "value", "span"} <= set(arts.get(e, {}))]
         if missing:
             raise ValueError(f"stored GRACE edits {missing[:5]} lack their codebook entries")
-        dev = self.keys.device
-        width = max(int(arts[e]["value"].shape[0]) for e in order)
-        self.keys = torch.stack([arts[e]["key"] for e in order]).to(dev, torch.float32)
-        self.values = torch.stack([_pad_positions(arts[e]["value"][None], width)[0] for e in order]).to(
-            dev, self.values.dtype)
-        self.span = torch.cat([arts[e]["span"] for e in order]).to(dev)
+        if order:
+            width = max(int(arts[e]["value"].shape[0]) for e in order)
+            dev = self.keys.device
+            self.keys = torch.stack([arts[e]["key"] for e in order]).to(dev, torch.float32)
+            values = [_pad_positions(arts[e]["value"][None], width)[0] for e in order]
+            self.values = torch.stack(values).to(dev, self.values.dtype)
+            self.span = torch.cat([arts[e]["span"] for e in order]).to(dev)
 
     def checkpoint(self) -> Any:
-        """Cheap: keys, values and span are replaced, never written in place; radii and touches are copied."""
-        return (self.keys, self.values, self.eps.clone(), self.span, self.owner, self.last_touch.clone(),
-                list(self.labels), dict(self.undo_log))
+        """Cheap: keys, values, span and owner are replaced, never written in place; radii and touches copied."""
+        return self.keys, self.values, self.eps.clone(), self.span, self.owner, self.last_touch.clone(), \
+            list(self.labels), dict(self.undo_log)
 
     def restore(self, checkpoint: Any) -> None:
         keys, values, eps, span, owner, touch, labels, log = checkpoint
-        self.keys, self.values, self.eps, self.span, self.owner = keys, values, eps.clone(), span, owner
-        self.last_touch, self.labels, self.undo_log = touch.clone(), list(labels), dict(log)
+        self.keys, self.values, self.span, self.owner, self.labels = keys, values, span, owner, list(labels)
+        self.eps, self.last_touch, self.undo_log = eps.clone(), touch.clone(), dict(log)
 
 
 _ALL_POSITIONS = 2**31 - 1  # GRACE's shared value replaces every position from the query on
