@@ -75,3 +75,36 @@ def test_state_rows_skip_unchanged_tensors_and_read_old_single_blob_states(tmp_p
     tensors, meta = st.get_state()
     assert meta == {"n": 0} and torch.equal(tensors["a"], a)
     st.close()
+
+
+def test_snapshots_store_each_tensor_once_and_read_old_single_blob_snapshots(tmp_path):
+    import json
+
+    from editbank.store import tensors_to_bytes
+
+    st = EditStore(tmp_path / "s.db")
+    shared, w = torch.arange(1000.0), [torch.full((4,), float(i)) for i in range(3)]
+    for i, after in enumerate((2, 4, 6)):  # a tensor every snapshot holds (a closed memory) and one that changes
+        st.put_snapshot(after, {"closed": shared, "open": w[i]}, {"i": i})
+
+    def blobs():
+        return st._db.execute("SELECT COUNT(*) FROM state WHERE name LIKE 'blob/%'").fetchone()[0]
+
+    assert blobs() == 4  # the shared tensor once, plus three versions of the open one
+    after, tensors, meta = st.latest_snapshot_before(5)
+    assert (after, meta) == (4, {"i": 1}) and torch.equal(tensors["closed"], shared)
+    assert torch.equal(tensors["open"], w[1])
+    st.drop_snapshots_from(4)  # blobs no snapshot names any more go with them
+    assert st.snapshot_ids() == [2] and blobs() == 2
+    st.put_snapshot(2, {"closed": shared}, {"i": 9})  # a replaced snapshot releases what only it named
+    assert blobs() == 1
+    out = tmp_path / "shared"
+    st.export(out)  # an export writes whole snapshots
+    assert set(st.latest_snapshot_before(3)[1]) == {"closed"}
+    assert json.loads((out / "manifest.json").read_text())["snapshots"] == [{"after_edit": 2, "meta": {"i": 9}}]
+    # a store written before content-addressed snapshots kept each snapshot in one blob
+    st._db.execute("INSERT INTO snapshots(after_edit, created, data, meta) VALUES (8, 0, ?, ?)",
+                   (tensors_to_bytes({"x": shared}), json.dumps({"old": True})))
+    after, tensors, meta = st.latest_snapshot_before(9)
+    assert after == 8 and meta == {"old": True} and torch.equal(tensors["x"], shared)
+    st.close()

@@ -7,6 +7,7 @@ the model knows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -410,21 +411,55 @@ class EditStore:
         return tensors, head["meta"]
 
     def put_snapshot(self, after_edit: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO snapshots(after_edit, created, data, meta) VALUES (?, ?, ?, ?)",
-            (after_edit, time.time(), tensors_to_bytes(tensors), json.dumps(meta)),
-        )
+        """A copy of the state after `after_edit`. Each tensor is stored once by its content (a row 'blob/<digest>'
+        of the state table) and a snapshot names its tensors' digests, so what many snapshots share (a closed
+        side memory, a frozen weight) costs its bytes once, not once per snapshot."""
+        refs = {}
+        for name, t in tensors.items():
+            data = tensors_to_bytes({"t": t})
+            refs[name] = hashlib.blake2b(data, digest_size=16).hexdigest()
+            self._db.execute("INSERT OR IGNORE INTO state(name, data, meta) VALUES (?, ?, '{}')",
+                             (f"blob/{refs[name]}", data))
+        head = {_SNAPSHOT_FORMAT: 2, "meta": meta, "tensors": refs}
+        replaced = self._db.execute("DELETE FROM snapshots WHERE after_edit=?", (after_edit,)).rowcount
+        self._db.execute("INSERT INTO snapshots(after_edit, created, data, meta) VALUES (?, ?, ?, ?)",
+                         (after_edit, time.time(), tensors_to_bytes({}), json.dumps(head)))
+        if replaced:
+            self._drop_unused_blobs()
+
+    def _snapshot(self, data: bytes, meta: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        head = json.loads(meta)
+        if not (isinstance(head, dict) and head.get(_SNAPSHOT_FORMAT) == 2):  # one blob (stores written before content-addressed snapshots)
+            return bytes_to_tensors(data), head
+        tensors = {}
+        for name, digest in head["tensors"].items():
+            row = self._db.execute("SELECT data FROM state WHERE name=?", (f"blob/{digest}",)).fetchone()
+            if row is None:
+                raise ValueError(f"store {self.path} is damaged: snapshot tensor {name!r} is missing")
+            tensors[name] = bytes_to_tensors(row[0])["t"]
+        return tensors, head["meta"]
 
     def latest_snapshot_before(self, edit_id: int) -> tuple[int, dict[str, torch.Tensor], dict] | None:
         row = self._db.execute(
             "SELECT after_edit, data, meta FROM snapshots WHERE after_edit < ? ORDER BY after_edit DESC",
             (edit_id,),
         ).fetchone()
-        return None if row is None else (row[0], bytes_to_tensors(row[1]), json.loads(row[2]))
+        return None if row is None else (row[0], *self._snapshot(row[1], row[2]))
 
     def drop_snapshots_from(self, edit_id: int) -> None:
         """Snapshots taken after `edit_id` contain it; they are invalid once it is undone."""
-        self._db.execute("DELETE FROM snapshots WHERE after_edit >= ?", (edit_id,))
+        if self._db.execute("DELETE FROM snapshots WHERE after_edit >= ?", (edit_id,)).rowcount:
+            self._drop_unused_blobs()
+
+    def _drop_unused_blobs(self) -> None:
+        used = set()
+        for (meta,) in self._db.execute("SELECT meta FROM snapshots"):
+            head = json.loads(meta)
+            if isinstance(head, dict) and head.get(_SNAPSHOT_FORMAT) == 2:
+                used.update(head["tensors"].values())
+        for (name,) in self._db.execute("SELECT name FROM state WHERE name LIKE 'blob/%'").fetchall():
+            if name[len("blob/"):] not in used:
+                self._db.execute("DELETE FROM state WHERE name=?", (name,))
 
     def snapshot_ids(self) -> list[int]:
         return [r[0] for r in self._db.execute("SELECT after_edit FROM snapshots ORDER BY after_edit")]
@@ -446,9 +481,11 @@ class EditStore:
         if state is not None:
             (out / "state.safetensors").write_bytes(tensors_to_bytes(state[0]))
         snaps = []
-        for after, data, meta in self._db.execute("SELECT after_edit, data, meta FROM snapshots ORDER BY after_edit"):
-            (out / f"snapshot-{after}.safetensors").write_bytes(data)
-            snaps.append({"after_edit": after, "meta": json.loads(meta)})
+        rows = self._db.execute("SELECT after_edit, data, meta FROM snapshots ORDER BY after_edit").fetchall()
+        for after, data, meta in rows:
+            tensors, meta = self._snapshot(data, meta)
+            (out / f"snapshot-{after}.safetensors").write_bytes(tensors_to_bytes(tensors))
+            snaps.append({"after_edit": after, "meta": meta})
         manifest = {
             "format": "editbank-store",
             "schema_version": SCHEMA_VERSION,
@@ -521,6 +558,7 @@ class EditStore:
 
 
 _STATE_FORMAT = "__editbank_state_format__"
+_SNAPSHOT_FORMAT = "__editbank_snapshot_format__"
 
 
 def _inside(folder: Path, name: str) -> Path:
