@@ -9,8 +9,9 @@ Printed per method:
 - seconds per edit over edits 1..W and over the last W (`--window`, default 50) and their ratio (the goal: at
   most 1.3 for the routed methods);
 - seconds per undo at T = 100 and at T = `--edits` (the mean of `--undos` undos of random held edits, each
-  followed by the same edit again so the stream goes on unchanged), their ratio, and how many of those undos the
-  editor did by replay;
+  followed by the same edit again so the stream goes on unchanged), their ratio, how many of those undos the
+  editor did by replay and how many edits each re-applied on average (a replay re-applies every held edit after
+  the last snapshot before the undone one: an undo of an early edit replays the stream after it);
 - the store's size per edit.
 
     python benchmarks/edit_cost.py                            # grace, sola, wise, repair, ft; 1000 edits
@@ -46,21 +47,25 @@ def requests_for(world: World, n: int) -> list[EditRequest]:
     return out
 
 
-def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int]:
-    """Mean seconds of k undos of random held edits (each re-edited after), and how many the editor replayed."""
-    seconds, exact = [], []
-    remove = ed.method.remove
+def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float]:
+    """Mean seconds of k undos of random held edits (each re-edited after), how many the editor did by replay, and
+    the mean number of edits those replays re-applied."""
+    seconds, exact, applied = [], [], []
+    remove, apply = ed.method.remove, ed.method.apply
     ed.method.remove = lambda eid: exact.append(remove(eid)) or exact[-1]  # False: the editor replays
+    ed.method.apply = lambda items: applied.append(len(items)) or apply(items)
     try:
         for _ in range(k):
             e = rng.choice(ed.edits("active"))
             t0 = time.perf_counter()
             ed.undo(e.id)
             seconds.append(time.perf_counter() - t0)
+            ed.method.apply = apply
             ed.edit(e.request, check=False)
+            ed.method.apply = lambda items: applied.append(len(items)) or apply(items)
     finally:
-        ed.method.remove = remove
-    return statistics.mean(seconds), exact.count(False)
+        ed.method.remove, ed.method.apply = remove, apply
+    return statistics.mean(seconds), exact.count(False), sum(applied) / k
 
 
 def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> dict:
@@ -73,7 +78,7 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
                          **{**preset, **hp})
         ed.method.prepare()  # calibration is one-time work, not an edit's cost
         times: list[float] = []
-        undo: dict[int, tuple[float, int]] = {}
+        undo: dict[int, tuple[float, int, float]] = {}
         marks = sorted({min(100, len(reqs)), len(reqs)})
         for i in range(0, len(reqs), args.batch):
             chunk = reqs[i : i + args.batch]
@@ -85,13 +90,13 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
                 undo[done] = undo_cost(ed, rng, args.undos)
             if args.progress and done % 100 == 0:
                 print(f"  {method}: {done} edits, last {statistics.mean(times[-args.window:]):.3f} s/edit", flush=True)
-        size = store.stat().st_size
         ed.close()
+        size = sum(f.stat().st_size for f in Path(tmp).glob("cost.db*"))
     w = args.window
     first, last = statistics.mean(times[:w]), statistics.mean(times[-w:])
-    (t1, (u1, r1)), (t2, (u2, r2)) = sorted(undo.items())[0], sorted(undo.items())[-1]
-    return {"method": method, "first": first, "last": last, "ratio": last / first, "undo_at": (t1, t2),
-            "undo": (u1, u2), "undo_ratio": u2 / u1, "replays": (r1, r2), "bytes_per_edit": size / len(reqs)}
+    (u1, r1, a1), (u2, r2, a2) = undo[min(undo)], undo[max(undo)]
+    return {"method": method, "first": first, "last": last, "ratio": last / first, "undo": (u1, u2),
+            "undo_ratio": u2 / u1, "replays": (r1, r2), "reapplied": (a1, a2), "bytes_per_edit": size / len(reqs)}
 
 
 def main() -> None:
@@ -116,14 +121,15 @@ def main() -> None:
         hps.setdefault(m, {}).update(parse_hp([kv]))
     print(f"world {args.world}, {args.edits} edits in calls of {args.batch}, window {args.window}, "
           f"{args.undos} undos at each T, {args.threads} thread(s)")
-    print("| method | s/edit 1..W | s/edit last W | ratio | s/undo T=100 | s/undo T=max | ratio | replayed "
-          "| store bytes/edit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | s/edit 1..W | s/edit last W | ratio | s/undo T=100 | s/undo T=max | ratio | undos replayed "
+          "| edits re-applied per undo | store bytes/edit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in args.methods.split(","):
         r = run(m, world, reqs, args, hps.get(m, {}))
         print(f"| {m} | {r['first']:.4f} | {r['last']:.4f} | {r['ratio']:.2f} | {r['undo'][0]:.4f} | "
-              f"{r['undo'][1]:.4f} | {r['undo_ratio']:.2f} | {r['replays'][0]}/{r['replays'][1]} of "
-              f"{args.undos} | {r['bytes_per_edit']:,.0f} |", flush=True)
+              f"{r['undo'][1]:.4f} | {r['undo_ratio']:.2f} | {r['replays'][0]}, {r['replays'][1]} of "
+              f"{args.undos} | {r['reapplied'][0]:.0f}, {r['reapplied'][1]:.0f} | {r['bytes_per_edit']:,.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,15 @@ def test_ft_undo_by_replay_equals_never_edited(world_model, world_requests, smal
     ed = Editor(model, tok, method="ft", snapshot_every=2)
     for r in world_requests[:5]:
         ed.edit(r)
-    ed.undo(2)  # before the first snapshot: replay from the base weights
-    ed.undo(4)  # after a snapshot that contained it: that snapshot is dropped
+    assert ed.store.snapshot_ids() == [2, 4]
+    applied = []
+    apply = ed.method.apply
+    ed.method.apply = lambda items: applied.extend(it.id for it in items) or apply(items)
+    ed.undo(2)  # before the first snapshot: replay from the base weights, snapshotting as it goes
+    assert applied == [1, 3, 4, 5] and ed.store.snapshot_ids() == [3]
+    ed.undo(4)  # after a snapshot that contained it: that snapshot is dropped; the replay's own one serves
+    assert applied == [1, 3, 4, 5, 5]
+    ed.method.apply = apply
     ref = Editor(*load_model(small_world.path), method="ft")
     for i in (0, 2, 4):
         ref.edit(world_requests[i])

@@ -371,12 +371,12 @@ class Editor:
         try:
             with self.store.transaction():
                 self._unlink_supersedes(edit)
+                self.store.drop_snapshots_from(edit.id)  # they hold the edit (the replay takes new ones)
                 if not self.method.remove(edit.id):
                     carry = self.method.replay_carry()
                     self._replay(exclude=edit.id)
                     self.method.replay_restore(carry, edit.id, edit.request)
                 self.store.update_edit(edit.id, status="reverted")
-                self.store.drop_snapshots_from(edit.id)
                 self._save_state(snapshot=False)
         except BaseException:
             self._restore(ckpt)
@@ -420,6 +420,8 @@ class Editor:
         groups: dict[int, list[Edit]] = {}
         for e in todo:
             groups.setdefault(e.batch, []).append(e)
+        since = 0  # edits replayed since the last snapshot: the replay snapshots as the edits did, so the next
+        # undo of a later edit replays from near it again
         for group in track(
             groups.values(), description="replaying edits", total=len(groups),
             disable=not (self.progress and len(groups) > 1), transient=True, console=Console(stderr=True),
@@ -429,6 +431,10 @@ class Editor:
             self._check_finite(stats, group)
             for e in group:  # keep the stored artifacts true to the rebuilt state
                 self.store.put_artifacts(e.id, self.method.artifacts(e.id))
+            since += len(group)
+            if self.method.snapshots and since >= self.snapshot_every and group[-1].id != todo[-1].id:
+                self.store.put_snapshot(group[-1].id, *self._state_tensors())
+                since = 0
 
     # -- state handling -----------------------------------------------------------------------
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

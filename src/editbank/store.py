@@ -429,7 +429,7 @@ class EditStore:
 
     def _snapshot(self, data: bytes, meta: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         head = json.loads(meta)
-        if not (isinstance(head, dict) and head.get(_SNAPSHOT_FORMAT) == 2):  # one blob (stores written before content-addressed snapshots)
+        if not (isinstance(head, dict) and head.get(_SNAPSHOT_FORMAT) == 2):  # one blob (written before digests)
             return bytes_to_tensors(data), head
         tensors = {}
         for name, digest in head["tensors"].items():
