@@ -15,7 +15,7 @@
    batch = it and its `batch_size` - 1 nearest; repeat on the rest. Off: batches of `batch_size` in order.
    `batching="spread"` (ours) keeps those batches' sizes but puts each edit, group by group, into the batch with
    room whose members it is least similar to, so similar edits land in different shards: in one joint batch they
-   interfere (large world, T = 1000, calls of 32: reliability 0.871 grouped, 0.892 in order, 0.909 spread).
+   interfere (docs/methods/wise_repair.md measures it).
 3. `distillation` (in-batch): the seed is the teacher; with o_i the edited layer's output at the last prompt
    token, L_KD = kd_weight * mean(1 - cos(o_i, o_0)) + kd_mse * mean ||o_i - mean(o)||^2
    (+ kd_logit_weight * KL of the next-token distributions at temperature kd_temperature). After training, members
@@ -24,9 +24,8 @@
 4. `loss_aware_merge`: shard weights w_i = softmax(-merge_temperature * L_i) in the merge, with L_i the shard's
    mean training loss (off: equal weights). Frequent merging is the default cadence (`save_freq` 5,
    `merge_freq` 15 as in the paper's code).
-5. `merge_fit` (ours, off by default; on in the world presets): merging is where edits are lost (large world,
-   T = 256: every one of the 20 edits failing at the end was routed to its own memory, a merged one, which did not
-   produce its target). After each merge the merged memory alone is checked on its edits; if any fails, it is refit
+5. `merge_fit` (ours, off by default; on in the world presets): merging is where edits are lost (edits that fail
+   at the end were routed to their own memory, a merged one; docs/methods/wise_repair.md). After each merge the merged memory alone is checked on its edits; if any fails, it is refit
    on all of them jointly from the merged weights (n_iter steps, the full mask, REPAIR's losses). The refit is a
    function of the group's shards and edits, so a merge recomputed after an undo redoes it and undo stays exact.
 
@@ -94,9 +93,8 @@ class RepairHparams(WiseHparams):
 class Repair(Wise):
     Hparams = RepairHparams
     snapshots = True  # undo replays from the last snapshot (see `remove`)
-    # WISE's world settings; REPAIR keeps WISE's margins (the paper's alpha 2 cost generalization), distils at 0.1,
-    # spreads each call's similar edits over different shards (grouping them cost 0.02 reliability at T = 1000) and
-    # refits a merge that loses its own edits (merge_fit: reliability 0.909 -> 0.995 at T = 1000)
+    # WISE's world settings; REPAIR keeps WISE's margins, distils at 0.1, spreads each call's similar edits over
+    # different shards and refits a merge that loses its own edits (docs/methods/wise_repair.md: why, measured)
     world_preset = {**Wise.world_preset, "batch_size": 8, "act_margin": [5.0, 20.0, 10.0], "batching": "spread",
                     "kd_weight": 0.1, "merge_fit": True}
     bench_batch = 32  # REPAIR forms its batches from a call's edits
@@ -277,7 +275,7 @@ class Repair(Wise):
         shard.sigma = self.hparams.reinit_sigma
         shard.members = shard.members + moved
         # one joint batch: edits written one after another into a shared memory overwrite each other, while a
-        # joint write holds them all (measured on the default world: 5 edits per shard, 0.60 -> 0.95 reliability)
+        # joint write holds them all (docs/methods/wise_repair.md)
         shard.history = [list(shard.members)]
         self._retrain(shard)
 

@@ -293,9 +293,8 @@ class Sola(Routed):
         else:
             keys, group = self._corpus_keys() if self.corpus else self._sampled_keys()
         if hp.standardize and groups is None:
-            # from the corpus keys alone: whitening on a World's every calibration prompt as well (600 keys, 64
-            # directions, default world) spread the keys so that alpha, still the smallest of 4,950 corpus pairs,
-            # grew to 0.18 and locality fell to 0.85 at T = 350 (0.985 this way, alpha 0.038, 25 directions)
+            # from the corpus keys alone (whitening on every calibration text as well spread the keys and cost
+            # locality: docs/methods/sola.md, "What the goal asked")
             self.bank.set_transform(*_whitening(keys, hp.key_dims))
         z = self.bank.index_form(keys)
         d = 1.0 - z @ z.T if hp.distance == "cosine" else torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist")

@@ -142,10 +142,9 @@ class Shard:
 class Wise(Routed):
     Hparams = WiseHparams
     snapshots = False  # `remove` always undoes by retraining the edit's shard
-    # the paper's settings do not write into a 128-wide FFN (docs/methods/wise_repair.md): Adam at lr 0.03, three
-    # corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key (the first layer separates subjects
-    # that the memory's layer confuses: locality 0.35 -> 0.90 at T = 1000), one joint batch of 8 per shard, two
-    # shards per merge (chosen on the default world)
+    # the paper's settings do not write into a 128-wide FFN: Adam at lr 0.03, three corpus prefixes, key routing
+    # with a cosine gate of 0.9 on layer 0's key, one joint batch of 8 per shard, two shards per merge (chosen on the
+    # default world; docs/methods/wise_repair.md has the measurements)
     world_preset = {"n_prefixes": 3, "n_iter": 70, "optimizer": "adam", "edit_lr": 0.03, "route_by": "key",
                     "key_threshold": 0.9, "key_layer": 0, "save_freq": 8, "merge_freq": 16}
     bench_batch = 32  # WISE fills its shards with a call's edits in order: the same as calls of 8
