@@ -25,9 +25,10 @@
    mean training loss (off: equal weights). Frequent merging is the default cadence (`save_freq` 5,
    `merge_freq` 15 as in the paper's code).
 5. `merge_fit` (ours, off by default; on in the world presets): merging is where edits are lost (edits that fail
-   at the end were routed to their own memory, a merged one; docs/methods/wise_repair.md). After each merge the merged memory alone is checked on its edits; if any fails, it is refit
-   on all of them jointly from the merged weights (n_iter steps, the full mask, REPAIR's losses). The refit is a
-   function of the group's shards and edits, so a merge recomputed after an undo redoes it and undo stays exact.
+   at the end were routed to their own memory, a merged one; docs/methods/wise_repair.md). After each merge the
+   merged memory alone is checked on its edits; if any fails, it is refit on all of them jointly from the merged
+   weights (n_iter steps, the full mask, REPAIR's losses). The refit is a function of the group's shards and
+   edits, so a merge recomputed after an undo redoes it and undo stays exact.
 
 Undo replays: the editor rebuilds the state from the last snapshot before the edit and re-applies the later calls
 without it, so batching, distillation bounces and the feedback loop (pool, reintegrations, seeds) are recomputed as
