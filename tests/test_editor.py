@@ -446,3 +446,19 @@ def test_a_store_in_the_earlier_state_format_reopens_bitwise(world_model, world_
     assert "requests" in again.store.get_state()[1] or method == "grace"
     for w, r in zip(want, world_requests[:6]):
         assert torch.equal(logits_of(again, r), w)
+
+
+def test_grace_undo_replays_when_a_later_edit_decided_by_the_undone_entry(world_model, world_requests):
+    """A later edit whose nearest entry was the undone one's added its own entry only because that entry was too far;
+    without it another entry may be near enough to split or expand, so undo replays (and equals never receiving)."""
+    model, tok = world_model
+    ed = Editor(model, tok, method="grace", eps_init=1e-6)  # tiny radii: every edit adds an entry, none touches
+    edits = [ed.edit(r, check=False) for r in world_requests[:6]]
+    near = {e.id: ed.method.undo_log[e.id]["near"] for e in edits[1:]}
+    assert all(e.stats["action"] == "new" for e in edits)
+    free = [e for e in edits if e.id not in near.values()]  # no later edit read it
+    decided = [e for e in edits if any(n == e.id and later != free[0].id for later, n in near.items())]
+    assert decided and free
+    assert ed.method.remove(free[0].id) is True  # exact: nothing later depended on it
+    assert ed.method.remove(decided[0].id) is False  # a later edit read it: the editor replays instead
+    ed.close()

@@ -9,8 +9,9 @@ last prompt token on is `value_mode="shared"`. On our small models a single shar
 multi-token targets (reliability 0.45-0.8 vs 1.0 on the small world). New keys get radius `eps_init`; a key that
 falls inside an entry with the same target expands that entry's radius (if that entry's values spell the
 target after the new prompt too), otherwise the two radii split at half the distance. Undo deletes the
-entry (restoring any radius it changed) exactly; if a later edit has touched the same entries, the
-editor replays instead.
+entry (restoring any radius it changed) exactly; if a later edit has touched the same entries, or decided by
+one of them (it was that edit's nearest entry: without it the nearest, and the decision, may differ), the editor
+replays from its last snapshot instead.
 """
 
 from __future__ import annotations
@@ -168,12 +169,14 @@ class Grace(Routed):
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req, eid = item.request, item.id
         key, out, batch = self._key_and_output(req.prompt, req.target)
-        log: dict[str, Any] = {"created": False, "modified": []}
+        log: dict[str, Any] = {"created": False, "modified": [], "near": None}
         stats: dict[str, Any] = {}
         if len(self.keys):
             d = torch.linalg.vector_norm(self.keys - key, dim=1).masked_fill(self.eps < 0, float("inf"))
             dist, j = float(d.min()), int(d.argmin())
             stats["nearest_distance"] = dist
+            if dist < float("inf"):  # the entry this edit's decision read (exact undo checks it, see `remove`)
+                log["near"] = int(self.owner[j])
         else:
             dist, j = float("inf"), -1
         eps0 = self.hparams.eps_init
@@ -252,6 +255,10 @@ class Grace(Routed):
         touched += [owner for owner, _, _ in log["modified"]]
         if any(int(self.last_touch[self._row(o)]) != edit_id for o in touched):
             return False  # a later edit changed the same entries: let the editor replay
+        # a later edit whose nearest entry was one of them decided by it (without it, its nearest, and so whether it
+        # splits, expands or adds, may differ): replay too (a log from before "near" was recorded: assume so)
+        if any("near" not in later or later["near"] in touched for e, later in self.undo_log.items() if e > edit_id):
+            return False
         for owner, old_eps, old_touch in log["modified"]:
             r = self._row(owner)
             self.eps[r] = old_eps
