@@ -180,31 +180,26 @@ class Grace(Routed):
         else:
             dist, j = float("inf"), -1
         eps0 = self.hparams.eps_init
+
+        def set_radius(radius: float) -> None:  # entry j's radius changes: logged for undo
+            log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
+            self.eps[j], self.last_touch[j] = radius, eid
+
         same_key = j >= 0 and dist <= 1e-4 * max(float(key.norm()), 1e-6)  # the same prompt edited again
         if same_key and self.labels[j] != req.target:
             # newer supersedes older: the old entry stops routing (radius -1) until this edit is undone
-            log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
             stats.update(action="supersede", supersedes=[int(self.owner[j])])
-            self.eps[j] = -1.0
-            self.last_touch[j] = eid
+            set_radius(-1.0)
             return self._add_entry(item, key, out, batch, eps0, log, stats)
         near = j >= 0 and dist <= float(self.eps[j]) + eps0
         if near and self.labels[j] == req.target and self._realises(j, dist, batch):
-            log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
-            self.eps[j] = max(float(self.eps[j]), dist)
-            self.last_touch[j] = eid
+            set_radius(max(float(self.eps[j]), dist))
             stats.update(action="expand", loss=0.0, steps=0)
         else:
-            new_eps = eps0
             if near:  # a conflicting label, or the same label that the entry's values cannot spell here
-                log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
-                new_eps = dist / 2
-                self.eps[j] = min(float(self.eps[j]), dist / 2)
-                self.last_touch[j] = eid
-                stats["action"] = "split"
-            else:
-                stats["action"] = "new"
-            return self._add_entry(item, key, out, batch, new_eps, log, stats)
+                set_radius(min(float(self.eps[j]), dist / 2))
+            stats["action"] = "split" if near else "new"
+            return self._add_entry(item, key, out, batch, dist / 2 if near else eps0, log, stats)
         self.undo_log[eid] = log
         return stats
 
