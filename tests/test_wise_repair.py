@@ -9,7 +9,7 @@ from editbank import Editor, EditRequest
 from editbank.methods.base import build_hparams
 from editbank.methods.easyedit import translate
 from editbank.methods.repair import RepairHparams
-from editbank.methods.wise import WiseHparams
+from editbank.methods.wise import Wise, WiseHparams
 from editbank.tokens import make_batch
 
 FAST = {"n_prefixes": 2, "n_iter": 30, "edit_lr": 3.0}
@@ -320,6 +320,28 @@ def test_merge_fit_refits_a_merge_that_loses_its_edits(small_world, world_reques
     assert sum(on.method.check(ids)) > sum(off.method.check(ids))  # and the routed model answers them
     for a, b in zip(off.method.shards, on.method.shards):  # the shards are the same: only the merge is refit
         assert torch.equal(a.delta, b.delta)
+    off.close()
+    on.close()
+
+
+def test_wise_offers_merge_fit(small_world, world_requests, tmp_path):
+    """merge_fit is a property of merging: WISE refits a merge that loses its own edits too (REPAIR inherits it)."""
+    reqs = world_requests[:8]
+    hp = {**Wise.world_preset, "save_freq": 4, "merge_freq": 8}
+    off = open_editor(small_world, tmp_path, method="wise", name="off.db", **hp)
+    on = open_editor(small_world, tmp_path, method="wise", name="on.db", **hp, merge_fit=True)
+    off.edit(reqs, check=False)
+    on.edit(reqs, check=False)
+    ids = [e for s in on.method.shards if s.group == 0 for e in s.members]
+    assert len(ids) == 8 and len(on.method.groups) == 1
+    for a, b in zip(off.method.shards, on.method.shards):  # the shards are the same: only the merge is refit
+        assert torch.equal(a.delta, b.delta)
+    kept_off = sum(off.method.check_memory(off.method.merged[0], ids))
+    kept_on = sum(on.method.check_memory(on.method.merged[0], ids))
+    if kept_off < len(ids):
+        assert kept_on > kept_off
+    else:  # nothing lost: nothing refit
+        assert torch.equal(on.method.merged[0], off.method.merged[0])
     off.close()
     on.close()
 

@@ -65,7 +65,6 @@ class RepairHparams(WiseHparams):
     pool_threshold: int = 8  # ... or when the error pool holds more edits than this
     max_retries: int = 2  # reintegrations per call at most
     keep_if_better: bool = True  # undo a reintegration that leaves fewer of the edits it touched passing
-    merge_fit: bool = False  # ours: refit a merged memory that fails one of its own edits (see the module doc)
     reinit_sigma: float = 1e-3
     # batching and distillation
     batch_size: int = 4
@@ -310,17 +309,6 @@ class Repair(Wise):
                     or (s.group is not None and s.group >= merged_from) for e in s.members if e not in ids]
             info.update(self._feedback(ids))
         return [{**self._edit_stats(it.id, losses[it.id]), **info} for it in items]
-
-    def _merge_group(self, gi: int) -> torch.Tensor:
-        """The merge, then (merge_fit) a joint refit of the merged memory on its edits when it fails one of them."""
-        merged = super()._merge_group(gi)
-        if not self.hparams.merge_fit:
-            return merged
-        groups = {gi} if self.hparams.retrieve else set(range(gi + 1))  # Merge mode: each fold holds the earlier
-        ids = [e for s in self.shards if s.group in groups for e in s.members]
-        if not ids or all(self.check_memory(merged, ids)):
-            return merged
-        return self._fit(merged, torch.ones_like(merged, dtype=torch.bool), self._batch_inputs(ids))[0]
 
     def _merge_weights(self, shards: list[Shard]) -> list[float]:
         if not self.hparams.loss_aware_merge:

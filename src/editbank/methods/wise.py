@@ -75,6 +75,7 @@ class WiseHparams:
     merge_alg: str = "ties"
     densities: float = 0.53
     retrieve: bool = True  # Retrieve mode (one memory per merge) vs Merge mode (one memory for everything)
+    merge_fit: bool = False  # ours: refit a merged memory that fails one of its own edits (see REPAIR's module doc)
     replay: bool = False  # EasyEdit's replay of past edits while writing: not implemented (must stay False)
     n_prefixes: int = 10  # random corpus prefixes the prompt is also trained behind
     n_irrelevant: int = 1  # corpus prompts each edit's margin keeps below alpha (the paper: 1, its locality probe)
@@ -444,7 +445,16 @@ class Wise(Routed):
         if not self.hparams.retrieve and gi > 0:  # Merge mode: the previous merged memory takes part
             deltas, weights = [self.merged[gi - 1]] + deltas, [1.0] + weights
         gen = torch.Generator(device=self.device).manual_seed(g["seed"])
-        return merge_deltas(deltas, self.hparams.merge_alg, weights, self.hparams.densities, generator=gen)
+        merged = merge_deltas(deltas, self.hparams.merge_alg, weights, self.hparams.densities, generator=gen)
+        if not self.hparams.merge_fit:
+            return merged
+        # merge_fit: a joint refit of the merged memory on its edits when it fails one of them (part of the merge,
+        # so a merge recomputed after an undo redoes it)
+        groups = {gi} if self.hparams.retrieve else set(range(gi + 1))  # Merge mode: each fold holds the earlier
+        ids = [e for s in self.shards if s.group in groups for e in s.members]
+        if not ids or all(self.check_memory(merged, ids)):
+            return merged
+        return self._fit(merged, torch.ones_like(merged, dtype=torch.bool), self._batch_inputs(ids))[0]
 
     def _merge(self) -> None:
         todo = [i for i, s in enumerate(self.shards) if s.closed and s.group is None]
