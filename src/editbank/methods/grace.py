@@ -55,7 +55,7 @@ class GraceHparams:
 @register("grace")
 class Grace(Routed):
     Hparams = GraceHparams
-    # undo is exact unless later edits touched the same entries: then the editor replays from its last snapshot
+    # undo is exact unless later edits touched or read the same entries: then the editor replays from its last snapshot
     # (the small mutable part: radii, owners; the entries themselves are each edit's artifacts, written once)
     state_in_artifacts = True
     easyedit_rules = {
