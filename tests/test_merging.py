@@ -34,6 +34,15 @@ def test_ties_trim_elect_and_disjoint_mean():
     assert torch.equal(merge_deltas([D1, D2], "ties", [1, 3], scale=2.0), torch.tensor([-4.0, 4, 2.5, -8]))
 
 
+def test_consensus_sums_agreeing_entries_and_picks_the_largest_otherwise():
+    """REPAIR's merge rule: no trim; per entry the weighted sum where the signs agree, else the largest |w d|."""
+    a = torch.tensor([1.0, 2.0, -3.0, 0.0, 0.5])
+    b = torch.tensor([2.0, -1.0, -1.0, 4.0, -0.6])
+    assert torch.equal(merge_deltas([a, b], "consensus"), torch.tensor([3.0, 2.0, -4.0, 4.0, -0.6]))
+    # weights scale each delta before the rule: [2, 4, -6, 0, 1] and [6, -3, -3, 12, -1.8]
+    assert torch.allclose(merge_deltas([a, b], "consensus", [2.0, 3.0]), torch.tensor([8.0, 4.0, -9.0, 12.0, -1.8]))
+
+
 def test_dare_without_dropping_is_linear_or_ties():
     want = torch.tensor([-0.75, 1.25, 1.25, -0.25])
     assert torch.equal(merge_deltas([D1, D2], "dare_linear", [1, 3], density=1.0), want)

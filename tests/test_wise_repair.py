@@ -262,13 +262,19 @@ def test_error_feedback_reintegrates_failures_and_is_bounded(small_world, world_
               keep_if_better=False)
     on = open_editor(small_world, tmp_path, method="repair", name="on.db", **hp)
     stats = [e.stats for e in on.edit(reqs, check=False)]
-    assert 1 <= stats[0]["retries"] <= 2 and on.method.reinits == stats[0]["retries"]
-    reint = [s for s in on.method.shards if s.sigma > 0]
-    assert reint and len(reint[0].history) == 1, "reintegration re-edits the shard's edits in one joint batch"
-    assert set(on.method.pool) <= {e for s in on.method.shards for e in s.members}
+    counts = stats[0]["mechanisms"]
+    assert 1 <= stats[0]["retries"] <= 2 and counts["reintegrations"] == stats[0]["retries"] <= counts["triggers"]
+    fresh = [s for s in on.method.shards if s.standalone and s.members]  # (a later reintegration may empty one)
+    assert fresh and all(s.sigma > 0 and s.closed and len(s.history) == 1 for s in fresh), \
+        "the pool is re-edited into fresh memories of its own, one joint batch each"
+    assert all(s.group is None for s in fresh), "and they are never merged"
+    assert all(len(s.members) <= on.method.hparams.save_freq for s in fresh)
+    held = [e for s in on.method.shards for e in s.members]
+    assert sorted(held) == sorted(on.method.requests), "every edit is held by exactly one shard"
+    assert set(on.method.mech.feedback.pool) <= set(held)
     off = open_editor(small_world, tmp_path, method="repair", name="off.db", **{**hp, "error_feedback": False})
     off.edit(reqs, check=False)
-    assert off.method.reinits == 0 and off.method.pool == []
+    assert off.method.counts["reintegrations"] == 0 and off.method.mech.feedback is None
     on.close()
     off.close()
 
@@ -298,7 +304,7 @@ def test_feedback_keeps_a_reintegration_only_if_more_edits_pass(small_world, wor
     ids = sorted(keep.method.requests)
     assert stats["retries"] >= 1
     assert sum(keep.method.check(ids)) >= sum(off.method.check(ids))
-    if stats["rejected"] == stats["retries"]:  # every reintegration undone: the memories are the unrepaired ones
+    if stats["mechanisms"]["rejected"] == stats["retries"]:  # every reintegration undone: the unrepaired memories
         for k, v in state_tensors(off).items():
             assert torch.equal(v, state_tensors(keep)[k]), k
     off.close()
@@ -352,19 +358,20 @@ def test_similarity_batching_groups_similar_features(small_world, world_requests
     u, v = torch.zeros(m.shape[1]), torch.zeros(m.shape[1])
     u[0], v[1] = 1.0, 1.0
     m.acts = {0: u, 1: v, 2: u + 0.1 * v, 3: v + 0.1 * u, 4: u + 0.05 * v}
-    batches = m._batches([0, 1, 2, 3, 4])
+    batches = m.mech.batches([0, 1, 2, 3, 4])
     assert all(set(b) <= {0, 2, 4} or set(b) <= {1, 3} for b in batches), batches
     assert [1, 3] in [sorted(b) for b in batches] and sorted(map(len, batches)) == [1, 2, 2]
     m.hparams.batching = "spread"  # the same batch sizes, each batch one of {0, 2, 4} and one of {1, 3, 5}
     m.acts[5] = v + 0.05 * u
-    spread = m._batches([0, 1, 2, 3, 4, 5])
+    spread = m.mech.batches([0, 1, 2, 3, 4, 5])
     assert sorted(e for b in spread for e in b) == [0, 1, 2, 3, 4, 5]
     assert list(map(len, spread)) == [2, 2, 2] and all(len(set(b) & {0, 2, 4}) == 1 for b in spread), spread
     m.hparams.batch_size = 4  # sizes [4, 1] as in the similar batches: a shard still gets save_freq edits
-    assert list(map(len, m._batches([0, 1, 2, 3, 4]))) == [4, 1]
+    assert list(map(len, m.mech.batches([0, 1, 2, 3, 4]))) == [4, 1]
+    assert m.counts["grouped_calls"] == 3 and m.mech.batches([0, 1, 2, 3]) == [[0, 1, 2, 3]]
     m.hparams.batch_size = 2
     m.hparams.similarity_batching = False
-    assert m._batches([0, 1, 2, 3, 4]) == [[0, 1], [2, 3], [4]]
+    assert m._mechanisms().batches([0, 1, 2, 3, 4]) == [[0, 1], [2, 3], [4]]
     ed.close()
 
 
@@ -381,13 +388,17 @@ def test_distillation_filter_sends_members_back_once(small_world, world_requests
 def test_loss_aware_merge_weights(small_world, tmp_path):
     from editbank.methods.wise import Shard
 
-    ed = open_editor(small_world, tmp_path, method="repair")
-    shards = [Shard(seed=0, losses=[0.0]), Shard(seed=1, losses=[1.0])]
-    w = ed.method._merge_weights(shards)
+    ed = open_editor(small_world, tmp_path, method="repair", densities=0.5)
+    shards = [Shard(seed=0, losses=[0.0], delta=torch.tensor([[4.0, 3.0, 0.1, 0.2]])),
+              Shard(seed=1, losses=[1.0], delta=torch.tensor([[5.0, 0.1, 2.0, 0.2]]))]
+    w = ed.method.mech.weigh(shards)
     expected = torch.softmax(-torch.tensor([0.0, 1.0]), 0) * 2
     assert w == pytest.approx(expected.tolist())
+    counts = ed.method.counts  # the weights can act on 1 entry of 4: the only one both trimmed shards keep
+    assert counts["merges_weighted"] == 1 and counts["weight_reach"] == pytest.approx(0.25)
+    assert counts["weight_spread"] == pytest.approx(max(w) - min(w))
     ed.method.hparams.loss_aware_merge = False
-    assert ed.method._merge_weights(shards) == [1.0, 1.0]
+    assert ed.method._mechanisms().weigh is None  # equal weights
     ed.close()
 
 
@@ -457,22 +468,24 @@ def test_repair_shards_follow_save_and_merge_freq_for_any_batch_size(small_world
 
 
 def test_a_rolled_back_reintegration_costs_the_pool_nothing(small_world, world_requests, tmp_path, monkeypatch):
-    from editbank.methods.repair import Repair
+    from editbank.methods.repair_mechanisms import Feedback
 
-    real = Repair._reintegrate
+    real = Feedback.reintegrate
 
-    def wreck(self, i):  # a reintegration that loses every edit it touched: keep_if_better rolls it back
-        real(self, i)
-        self.shards[i].delta = self.shards[i].delta * 0
-        self._stack = None
+    def wreck(self, moved):  # a reintegration that loses every edit it touched: keep_if_better rolls it back
+        real(self, moved)
+        for s in self.r.shards:
+            s.delta = s.delta * 0
+        self.r._stack = None
 
-    monkeypatch.setattr(Repair, "_reintegrate", wreck)
+    monkeypatch.setattr(Feedback, "reintegrate", wreck)
     hp = dict(n_iter=2, edit_lr=0.5, distillation=False, max_retries=2, pool_threshold=0, prune_threshold=0.0)
     ed = open_editor(small_world, tmp_path, method="repair", **hp)
     stats = ed.edit(world_requests[:8], check=False)[0].stats
     m = ed.method
-    assert stats["rejected"] >= 1 and stats["pool"] >= 1
-    assert m.attempts == {} and m.given_up == 0, "no pooled edit spent an attempt on the undone reintegration"
+    assert stats["mechanisms"]["rejected"] >= 1 and stats["pool"] >= 1
+    assert m.mech.feedback.attempts == {} and m.counts["given_up"] == 0, \
+        "no pooled edit spent an attempt on the undone reintegration"
     ed.close()
 
 
@@ -491,6 +504,72 @@ def test_repair_undo_is_a_stream_that_never_received_the_edit(small_world, world
     for r in reqs:
         for pair in [(r.prompt, r.target), *r.locality[:1]]:
             assert torch.equal(logits_of(ed, pair), logits_of(fresh, pair)), pair
-    assert (len(ed.method.pool), ed.method.reinits) == (len(fresh.method.pool), fresh.method.reinits)
+    pooled = [[m.requests[e].prompt for e in m.mech.feedback.pool] for m in (ed.method, fresh.method)]
+    assert pooled[0] == pooled[1]  # the same edits (their ids differ: the fresh stream numbers them anew)
+    assert ed.method.counts["reintegrations"] == fresh.method.counts["reintegrations"]
     ed.close()
     fresh.close()
+
+
+def test_feedback_blames_the_memory_that_routed_each_failure(small_world, world_requests, tmp_path, monkeypatch):
+    ed = open_editor(small_world, tmp_path, method="repair", n_iter=2, save_freq=2, merge_freq=100, batch_size=2,
+                     error_feedback=True, pool_threshold=100, prune_threshold=1.0, distillation=False)
+    ed.edit(world_requests[:4], check=False)  # two memories of two edits
+    m, fb = ed.method, ed.method.mech.feedback
+    held = [members for _, members in m._memories()]
+    assert len(held) == 2
+    fb.pool = list(held[0])  # both edits of memory 0 failed, but memory 1 routed them
+    monkeypatch.setattr(m, "route_rows", lambda a, k=None: torch.ones(len(a), dtype=torch.long))
+    assert fb.blame() == {1: 1.0}
+    monkeypatch.setattr(m, "route_rows", lambda a, k=None: torch.full((len(a),), -1))  # unrouted: the holder
+    assert fb.blame() == {0: 1.0}
+    ed.close()
+
+
+def test_the_distillation_filter_reads_the_unweighted_distance(small_world, world_requests, tmp_path):
+    # a weight of 1e-9 makes every weighted KD loss far below the threshold; the distances themselves are not
+    ed = open_editor(small_world, tmp_path, method="repair", batch_size=4, kd_weight=1e-9, kd_threshold=1e-6,
+                     error_feedback=False)
+    ed.edit(world_requests[:4], check=False)
+    assert len(ed.method.shards[0].history[0]) == 1 and ed.method.counts["reclustered"] == 3
+    ed.close()
+
+
+def test_progressive_intervention_decays_easy_edits_and_touches_the_memory_less(small_world, world_requests,
+                                                                                   tmp_path):
+    reqs = world_requests[:2]
+    hp = dict(optimizer="sgd", batch_size=2, save_freq=2, merge_freq=100, error_feedback=False, distillation=False,
+              monitor=False, n_iter=10)
+    configs = {"off": {"progressive": False}, "on": {"threshold": 1e9, "decay_factor": 0.5, "min_intervention": 0.1}}
+    eds = {k: open_editor(small_world, tmp_path, method="repair", name=f"{k}.db", **hp, **kw)
+           for k, kw in configs.items()}
+    for ed in eds.values():
+        ed.edit(reqs, check=False)
+    on, off = eds["on"].method, eds["off"].method
+    assert off.counts["decays"] == 0 and on.counts["decays"] >= 2 * 3  # two edits, at least 3 steps each
+    # every edit counts as easy from the first step: its strength falls to 0.1 and the memory moves less
+    assert on.shards[0].delta.norm() < off.shards[0].delta.norm()
+    for ed in eds.values():
+        ed.close()
+
+
+def test_monitoring_rolls_a_diverging_memory_back_and_lowers_a_stagnating_rate(small_world, world_requests,
+                                                                                 tmp_path, monkeypatch):
+    from editbank.methods.repair_mechanisms import Steer
+
+    seen: list[float] = []
+    real = Steer.monitor
+    monkeypatch.setattr(Steer, "monitor", lambda self, *a: seen.append(self.plain) or real(self, *a))
+    hp = dict(optimizer="sgd", batch_size=2, save_freq=2, merge_freq=100, error_feedback=False, distillation=False,
+              progressive=False, n_iter=20)
+    # any rise above the best so far counts as a divergence here
+    ed = open_editor(small_world, tmp_path, method="repair", name="div.db", **hp, edit_lr=50.0,
+                     divergence_factor=1.0001)
+    stats = ed.edit(world_requests[:2], check=False)[0].stats
+    assert stats["mechanisms"]["rollbacks"] == 1 and seen[-1] > min(seen)
+    assert stats["loss"] == min(seen), "the memory written is the best step's, with its loss"
+    ed.close()
+    ed = open_editor(small_world, tmp_path, method="repair", name="stag.db", **hp, patience=1, stagnation_tol=0.999)
+    ed.edit(world_requests[:2], check=False)
+    assert ed.method.counts["lr_adjusts"] >= 1 and ed.method.counts["rollbacks"] == 0
+    ed.close()

@@ -1,10 +1,12 @@
 """One training loop for every method that optimises (FT-L, SoLA, GRACE, WISE/REPAIR, the locate target).
 
-Each step: compute the loss; a non-finite loss raises `EditFailed` (the one divergence rule: nothing is written,
-the editor rolls the call back); a loss that meets the stop rule ends the loop before stepping (the one stop rule:
-the returned loss is the last one computed, `steps` counts the forwards); otherwise the learning-rate schedule is
-set for this step, gradients are cleared, the loss is backpropagated, `before_step` may rewrite the gradients (a
-mask, a float32 master copy), the optimiser steps and `after_step` may project the parameters (a clamp).
+Each step: compute the loss; a `monitor` (REPAIR's in-loop monitoring) sees it first and may adjust the
+optimiser or end the loop (a divergence it detects, it handles itself by rolling back); otherwise a non-finite
+loss raises `EditFailed` (the one divergence rule: nothing is written, the editor rolls the call back); a loss
+that meets the stop rule ends the loop before stepping (the one stop rule: the returned loss is the last one
+computed, `steps` counts the forwards); otherwise the learning-rate schedule is set for this step, gradients are
+cleared, the loss is backpropagated, `before_step` may rewrite the gradients (a mask, a float32 master copy), the
+optimiser steps and `after_step` may project the parameters (a clamp).
 """
 
 from __future__ import annotations
@@ -41,13 +43,16 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.op
 def fit(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, n_iter: int, *, what: str,
         stop_loss: float | None = None, done: Callable[[float], bool] | None = None,
         lr: Callable[[int], float] | None = None, before_step: Callable[[], None] | None = None,
-        after_step: Callable[[], None] | None = None) -> Fitted:
+        after_step: Callable[[], None] | None = None,
+        monitor: Callable[[int, float, torch.optim.Optimizer], bool] | None = None) -> Fitted:
     """Run at most n_iter steps of `opt` on `loss_fn()`; stop once the loss is below `stop_loss` (or `done(loss)`
     says so). `what` names the training in the divergence error."""
     loss_value, steps = float("inf"), 0
     for steps in range(1, n_iter + 1):
         loss = loss_fn()
         loss_value = float(loss.detach())
+        if monitor is not None and monitor(steps, loss_value, opt):
+            break
         if not math.isfinite(loss_value):
             raise EditFailed(f"{what} diverged: loss is {loss_value} at step {steps}")
         if (stop_loss is not None and loss_value < stop_loss) or (done is not None and done(loss_value)):

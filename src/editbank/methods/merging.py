@@ -11,7 +11,9 @@ the base). The steps, named as in the papers:
 - disjoint mean (TIES): per entry, sum_i w_i d_i over the deltas whose sign agrees with the elected one,
   divided by sum_i w_i over those same deltas (0 where none agrees). With equal weights this is the
   paper's mean over agreeing entries; with weights it is their weighted mean (REPAIR's loss-aware merge);
-- linear: sum_i w_i d_i / sum_i w_i (`normalize=False`: the plain weighted sum).
+- linear: sum_i w_i d_i / sum_i w_i (`normalize=False`: the plain weighted sum);
+- consensus (REPAIR's merge rule, its Algorithm 4; no trim): per entry, with x_i = w_i d_i, the sum of the x_i
+  where every non-zero x_i has one sign, else the x_i of largest magnitude.
 
 The result is scaled by `scale` (TIES's lambda).
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "consensus")
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -62,6 +64,15 @@ def disjoint_mean(deltas: torch.Tensor, weights: torch.Tensor, sign: torch.Tenso
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(deltas.dtype).tiny), torch.zeros_like(num))
 
 
+def consensus(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per entry of stacked deltas [N, ...] weighted by w: their sum where the non-zero ones agree in sign, else
+    the one of largest magnitude."""
+    x = deltas * _expand(weights, deltas)
+    agree = ((x >= 0).all(dim=0)) | ((x <= 0).all(dim=0))
+    pick = x.gather(0, x.abs().argmax(dim=0, keepdim=True))[0]
+    return torch.where(agree, x.sum(dim=0), pick)
+
+
 def merge_deltas(
     deltas: Sequence[torch.Tensor],
     method: str = "ties",
@@ -91,7 +102,9 @@ def merge_deltas(
         stacked = torch.stack([drop_and_rescale(d, density, generator) for d in stacked])
     elif method == "ties":
         stacked = torch.stack([trim(d, density) for d in stacked])
-    if method in ("linear", "dare_linear"):
+    if method == "consensus":
+        merged = consensus(stacked, w)
+    elif method in ("linear", "dare_linear"):
         merged = (stacked * _expand(w, stacked)).sum(dim=0)
         if normalize:
             if float(w.sum()) == 0:

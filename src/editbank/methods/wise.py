@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,15 +129,28 @@ class Shard:
     losses: list[float] = field(default_factory=list)  # final loss of each batch of the history
     closed: bool = False
     group: int | None = None  # index of the merge it went into
+    standalone: bool = False  # a memory of its own, never merged (REPAIR's reintegrations)
     delta: torch.Tensor | None = None
 
     def meta(self) -> dict[str, Any]:
         return {k: copy.deepcopy(getattr(self, k))
-                for k in ("seed", "sigma", "history", "members", "losses", "closed", "group")}
+                for k in ("seed", "sigma", "history", "members", "losses", "closed", "group", "standalone")}
 
     @property
     def loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else 0.0
+
+
+@dataclass
+class Mechanisms:
+    """What REPAIR changes in WISE's bank, as strategy objects (None: WISE's own behaviour; each documented in
+    methods/repair_mechanisms.py)."""
+
+    batches: Callable[[list[int]], list[list[int]]] | None = None  # a call's edits -> batches (None: in order)
+    distill: Any = None  # .loss(logits, inp) in training; .write(shard, ids, bounced) -> edits sent back
+    weigh: Callable[[list[Shard]], list[float]] | None = None  # shard weights in a merge (None: equal)
+    feedback: Any = None  # .after(call's ids, first group merged in the call) -> stats; .forget(edit id)
+    steer: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None  # per fit: .loss(...), .monitor, .result
 
 
 @register("wise")
@@ -176,6 +190,7 @@ class Wise(Routed):
         self.hook(self.module, self._hook)
         if self.key_layer != self.layer:
             self.hook(arch.module(self.key_path), self._key_hook)
+        self.mech = self._mechanisms()
         self.reset()
 
     def reset(self) -> None:
@@ -189,6 +204,10 @@ class Wise(Routed):
         self.merged: list[torch.Tensor] = []  # one per group (Merge mode: the fold up to that group)
         self.count = 0  # edits written since the last merge point counter
         self._stack: tuple[torch.Tensor, ...] | None = None
+
+    def _mechanisms(self) -> Mechanisms:
+        """WISE's bank as its paper has it; REPAIR plugs its mechanisms in here."""
+        return Mechanisms()
 
     # -- memories -----------------------------------------------------------------------------------
     @property
@@ -294,7 +313,10 @@ class Wise(Routed):
     def _hook(self, module, inputs, output):
         x = inputs[0]
         if self.trainee is not None:  # training (or checking) one memory: it adds x @ D^T to every row
-            return output + (x.float() @ self.trainee.T).to(output.dtype)
+            out = output + (x.float() @ self.trainee.T).to(output.dtype)
+            if self.mech.distill is not None:
+                self.mech.distill.out = out
+            return out
         if not self.enabled or not self.requests:
             return None
         b, s = x.shape[:2]
@@ -369,7 +391,7 @@ class Wise(Routed):
                 "irr_owner": torch.tensor(irr_owner, dtype=torch.long, device=self.device)}
 
     def _margin(self, d: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor:
-        """Mean over edits of max(0, beta - Delta(a_e)) plus, averaged over the edit's irrelevant prompts,
+        """Per edit [n]: max(0, beta - Delta(a_e)) plus, averaged over the edit's irrelevant prompts,
         max(0, Delta(a_irr) - alpha) + max(0, gamma - (Delta(a_e) - Delta(a_irr)))."""
         alpha, beta, gamma = self.hparams.act_margin
         s_e = torch.linalg.vector_norm(inp["a_e"] @ d.T, dim=1)
@@ -380,27 +402,26 @@ class Wise(Routed):
             extra = F.relu(s_irr - alpha) + F.relu(gamma - (s_e[own] - s_irr))
             n = torch.zeros_like(s_e).index_add_(0, own, torch.ones_like(extra))
             loss = loss + torch.zeros_like(s_e).index_add_(0, own, extra) / n.clamp_min(1)
-        return loss.mean()
+        return loss
 
-    def _extra_loss(self, logits: torch.Tensor, inp: dict[str, Any]) -> torch.Tensor | None:
-        """Hook for subclasses (REPAIR's in-batch distillation)."""
-        return None
-
-    def _train_batch(self, delta: torch.Tensor, mask: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, float]:
-        """Train D on one batch of edits; return the new D and the final loss."""
-        return self._fit(delta, mask, self._batch_inputs(ids))
-
-    def _fit(self, delta: torch.Tensor, mask: torch.Tensor, inp: dict[str, Any]) -> tuple[torch.Tensor, float]:
-        hp = self.hparams
+    def _fit(self, delta: torch.Tensor, mask: torch.Tensor, inp: dict[str, Any],
+             steered: bool = True) -> tuple[torch.Tensor, float]:
+        """Train D on one batch of edits (`_batch_inputs`); return the new D and the final loss. `steered`: REPAIR's
+        intervention and monitoring act (a shard's write; not merge_fit's refit)."""
+        hp, mech = self.hparams, self.mech
         batch = inp["batch"]
         d = delta.clone().requires_grad_(True)
         opt = make_optimizer(hp.optimizer, [d], hp.edit_lr)
+        steer = mech.steer(d, inp) if mech.steer is not None and steered else None
 
         def loss_fn() -> torch.Tensor:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
-            loss = loss + self._margin(d, inp)
-            extra = self._extra_loss(logits, inp)
+            if steer is None:
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
+                loss = loss + self._margin(d, inp).mean()
+            else:  # REPAIR's progressive intervention weighs each edit's terms
+                loss = steer.loss(logits, self._margin(d, inp))
+            extra = mech.distill.loss(logits, inp) if mech.distill is not None else None
             return loss if extra is None else loss + extra
 
         @torch.no_grad()
@@ -409,12 +430,13 @@ class Wise(Routed):
 
         with self.training(d):
             done = fit(loss_fn, opt, hp.n_iter, what=f"{self.name} side-memory training", stop_loss=hp.stop_loss,
-                       before_step=lambda: d.grad.mul_(mask), after_step=bound)
-        return d.detach(), done.loss
+                       before_step=lambda: d.grad.mul_(mask), after_step=bound,
+                       monitor=None if steer is None else steer.monitor)
+        return (d.detach(), done.loss) if steer is None else steer.result(done.loss)
 
     def _write(self, shard: Shard, ids: list[int]) -> float:
         """Train `ids` as one batch into `shard` (appending to its history); return the loss."""
-        shard.delta, loss = self._train_batch(shard.delta, self._mask(shard), ids)
+        shard.delta, loss = self._fit(shard.delta, self._mask(shard), self._batch_inputs(ids))
         shard.history.append(list(ids))
         shard.losses.append(loss)
         shard.members += [e for e in ids if e not in shard.members]
@@ -434,14 +456,11 @@ class Wise(Routed):
         self._stack = None
 
     # -- merging --------------------------------------------------------------------------------------
-    def _merge_weights(self, shards: list[Shard]) -> list[float]:
-        return [1.0] * len(shards)
-
     def _merge_group(self, gi: int) -> torch.Tensor:
         g = self.groups[gi]
         shards = [self.shards[s] for s in g["shards"]]
         deltas = [s.delta for s in shards]
-        weights = self._merge_weights(shards)
+        weights = [1.0] * len(shards) if self.mech.weigh is None else self.mech.weigh(shards)
         if not self.hparams.retrieve and gi > 0:  # Merge mode: the previous merged memory takes part
             deltas, weights = [self.merged[gi - 1]] + deltas, [1.0] + weights
         gen = torch.Generator(device=self.device).manual_seed(g["seed"])
@@ -454,10 +473,10 @@ class Wise(Routed):
         ids = [e for s in self.shards if s.group in groups for e in s.members]
         if not ids or all(self.check_memory(merged, ids)):
             return merged
-        return self._fit(merged, torch.ones_like(merged, dtype=torch.bool), self._batch_inputs(ids))[0]
+        return self._fit(merged, torch.ones_like(merged, dtype=torch.bool), self._batch_inputs(ids), steered=False)[0]
 
     def _merge(self) -> None:
-        todo = [i for i, s in enumerate(self.shards) if s.closed and s.group is None]
+        todo = [i for i, s in enumerate(self.shards) if s.closed and s.group is None and not s.standalone]
         if not todo:
             return
         gi = len(self.groups)
@@ -499,15 +518,26 @@ class Wise(Routed):
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         self._register(items)
-        hp, losses, ids = self.hparams, {}, [it.id for it in items]
-        while ids:  # one joint batch per shard: a call that overflows the open shard goes on into the next, in order
+        hp, mech, losses = self.hparams, self.mech, {}
+        pending, bounced, merged_from = [it.id for it in items], set(), len(self.groups)
+        while pending:
+            # one joint batch per shard (WISE: the call's edits in order); a batch never overfills the open shard
+            # nor runs past the next merge: what is cut off goes on into the next shard
             shard = self.open_shard
             room = max(1, min(hp.save_freq - len(shard.members), hp.merge_freq - self.count % hp.merge_freq))
-            chunk, ids = ids[:room], ids[room:]
-            loss = self._write(shard, chunk)
-            losses.update(dict.fromkeys(chunk, loss))
-            self._after_write(len(chunk))
-        return [self._edit_stats(it.id, losses[it.id]) for it in items]
+            batch, *rest = [pending] if mech.batches is None else mech.batches(pending)
+            batch, pending = batch[:room], batch[room:] + [e for b in rest for e in b]
+            if mech.distill is None:
+                back = []
+                self._write(shard, batch)
+            else:  # members the distillation sends back are written later, with the call's other edits
+                back = mech.distill.write(shard, batch, bounced)
+                bounced.update(back)
+                pending += back
+            losses.update(dict.fromkeys([e for e in batch if e not in back], shard.losses[-1]))
+            self._after_write(len(batch) - len(back))
+        info = mech.feedback.after([it.id for it in items], merged_from) if mech.feedback is not None else {}
+        return [{**self._edit_stats(it.id, losses[it.id]), **info} for it in items]
 
     def _edit_stats(self, edit_id: int, loss: float) -> dict[str, Any]:
         deltas, eps = self.stack()
@@ -538,7 +568,9 @@ class Wise(Routed):
         return True
 
     def _forget(self, edit_id: int) -> None:
-        """Hook for subclasses: drop other references to an undone edit."""
+        """Drop the mechanisms' references to an undone edit."""
+        if self.mech.feedback is not None:
+            self.mech.feedback.forget(edit_id)
 
     def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
         return {"activation": self.acts[edit_id].detach().cpu()} if edit_id in self.acts else {}
