@@ -1,11 +1,14 @@
-"""WISE vs REPAIR on a built-in world: scores at several T, REPAIR's ablation, speed, latency and undo, in one run.
+"""WISE vs REPAIR on built-in worlds: scores at several T, REPAIR's ablation with each mechanism's firing counts,
+speed, latency and undo, in one run.
 
 Every stream feeds the same requests in chunks of `--batch` (so REPAIR's batching has something to group) and
 evaluates all edits on the final model with greedy exact match. OP is the geometric mean of reliability,
 generalization and locality. The largest T of each method is then timed (inference latency against the base
 model, interleaved) and 10% of its edits are undone, once per undo mode, each on its own copy of the final store.
+With several worlds (`--worlds suite`: the held-out test worlds) each config's mean and spread over them follow.
 
-    python benchmarks/wise_repair.py --size large --T 1,10,100,1000 --ablation-T 1000 [--undo-modes tombstone]
+    python benchmarks/wise_repair.py --worlds default --T 1,10,100,1000 --ablation-T 1000 [--undo-modes tombstone]
+    python benchmarks/wise_repair.py --worlds suite --T 100 --ablation-T 100 --undo-fraction 0
 """
 
 from __future__ import annotations
@@ -36,21 +39,31 @@ from editbank.tokens import make_batch
 # at lr 0.03, three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch of 8
 # per shard, two shards per merge; REPAIR with WISE's margins, distillation weight 0.1, "spread" batching of calls
 # of 32 and merge_fit.
-# "(paper routing)" rows keep the paper's top-1 by score; "repair (similar batching)" is the paper's grouping.
+# "(paper routing)" rows keep the paper's top-1 by score; "(paper)" rows also the papers' optimiser (SGD at the
+# class's learning rate); "repair (similar batching)" is the paper's grouping; "repair (consensus merge)" its merge.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
 WISE_HP, REPAIR_HP = get_method("wise").world_preset, get_method("repair").world_preset
+PAPER = {**PAPER_ROUTING, "optimizer": "sgd"}
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wise": ("wise", WISE_HP),
     "repair": ("repair", REPAIR_HP),
+    "wise +merge fit": ("wise", {**WISE_HP, "merge_fit": True}),
     "wise (paper routing)": ("wise", {**WISE_HP, **PAPER_ROUTING}),
     "repair (paper routing)": ("repair", {**REPAIR_HP, **PAPER_ROUTING}),
+    "wise (paper)": ("wise", {**WISE_HP, **PAPER, "edit_lr": get_method("wise").Hparams.edit_lr}),
+    "repair (paper)": ("repair", {**REPAIR_HP, **PAPER, "edit_lr": get_method("repair").Hparams.edit_lr,
+                                  "merge_fit": False}),
     "repair -feedback": ("repair", {**REPAIR_HP, "error_feedback": False}),
     "repair (similar batching)": ("repair", {**REPAIR_HP, "batching": "similar"}),
     "repair -batching": ("repair", {**REPAIR_HP, "similarity_batching": False}),
     "repair -distillation": ("repair", {**REPAIR_HP, "distillation": False}),
     "repair -loss-aware merge": ("repair", {**REPAIR_HP, "loss_aware_merge": False}),  # equal weights
+    "repair (consensus merge)": ("repair", {**REPAIR_HP, "merge_alg": "consensus"}),
+    "repair -progressive": ("repair", {**REPAIR_HP, "progressive": False}),
+    "repair -monitor": ("repair", {**REPAIR_HP, "monitor": False}),
     "repair -merge fit": ("repair", {**REPAIR_HP, "merge_fit": False}),
 }
+ABLATION = [c for c in CONFIGS if c.startswith("repair -")] + ["repair (similar batching)", "repair (consensus merge)"]
 METRICS = ("reliability", "generalization", "locality")
 
 
@@ -80,7 +93,8 @@ def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: boo
                          device=args.device, **{**hp, **extra})
         stream = run_stream(ed, reqs, protocol="greedy_exact_match", batch_size=args.batch)
         scores = {k: stream["final"][k] for k in METRICS}
-        fig = {"config": name, "T": t, **scores, "OP": op(scores), "seconds_per_edit": stream["edit_seconds"] / t}
+        fig = {"world": world.name, "config": name, "T": t, **scores, "OP": op(scores),
+               "seconds_per_edit": stream["edit_seconds"] / t, "fired": dict(getattr(ed.method, "counts", {}))}
         if final:
             fig["latency_ratio"] = latency_ratio(ed, [r.prompt for r in reqs[:32]])
         ed.close()
@@ -114,9 +128,11 @@ def undo_figures(ed: Editor, args) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="default", help="world size (small/default/large) or a spec file")
+    ap.add_argument("--worlds", "--size", default="default",
+                    help="comma-separated worlds: sizes (small/default/large), test worlds, 'suite' or spec files")
     ap.add_argument("--T", default="1,10,100", help="comma-separated stream lengths")
     ap.add_argument("--ablation-T", type=int, default=100, help="T of REPAIR's ablation (0: none)")
+    ap.add_argument("--ablation", default=",".join(ABLATION), help="configs of the ablation")
     ap.add_argument("--configs", default="wise,repair", help="configs of the main table")
     ap.add_argument("--batch", type=int, default=get_method("repair").bench_batch, help="requests per editor call")
     ap.add_argument("--undo-fraction", type=float, default=0.1, help="share of the edits undone at the end (0: none)")
@@ -129,28 +145,41 @@ def main() -> None:
     args = ap.parse_args()
     extra = parse_hp(args.hp)
     console = Console(quiet=args.json)
-    world = World.build(args.size, progress=not args.json)
-    ts = sorted({min(int(x), len(world.editable_facts)) for x in args.T.split(",")})
-    jobs = [(c, t, t == ts[-1]) for c in args.configs.split(",") for t in ts]
-    if args.ablation_T:
-        jobs += [(c, args.ablation_T, False) for c in CONFIGS if c.startswith("repair -")]
-        jobs.append(("repair (similar batching)", args.ablation_T, False))
+    from editbank.world.test_specs import SUITE
+
+    names = [w for item in args.worlds.split(",") for w in (SUITE if item == "suite" else [item])]
     figs = []
-    for name, t, final in jobs:
-        t0 = time.perf_counter()
-        fig = run(world, name, t, args, extra, final)
-        fig["wall_seconds"] = time.perf_counter() - t0
-        figs.append(fig)
-        if args.json:
-            print(json.dumps(fig), flush=True)
-        else:
-            console.print(f"{name} T={t}: OP {fig['OP']:.3f} ({fig['wall_seconds']:.0f} s)")
-    table = Table("config", "T", *METRICS, "OP", "s/edit", title=f"world '{world.name}', greedy exact match, "
-                  f"chunks of {args.batch}, all edits scored on the final model")
+    for world in [World.build(n, progress=not args.json) for n in names]:
+        ts = sorted({min(int(x), len(world.editable_facts)) for x in args.T.split(",")})
+        jobs = [(c, t, t == ts[-1]) for c in args.configs.split(",") for t in ts]
+        if args.ablation_T:
+            jobs += [(c, min(args.ablation_T, len(world.editable_facts)), False) for c in args.ablation.split(",")
+                     if c not in args.configs.split(",")]
+        for name, t, final in jobs:
+            t0 = time.perf_counter()
+            fig = run(world, name, t, args, extra, final)
+            fig["wall_seconds"] = time.perf_counter() - t0
+            figs.append(fig)
+            if args.json:
+                print(json.dumps(fig), flush=True)
+            else:
+                console.print(f"{world.name}: {name} T={t}: OP {fig['OP']:.3f} ({fig['wall_seconds']:.0f} s) "
+                              f"fired {fig['fired']}")
+    table = Table("world", "config", "T", *METRICS, "OP", "s/edit", title=f"greedy exact match, chunks of "
+                  f"{args.batch}, all edits scored on the final model")
     for f in figs:
-        table.add_row(f["config"], str(f["T"]), *(f"{f[k]:.3f}" for k in METRICS), f"{f['OP']:.3f}",
+        table.add_row(f["world"], f["config"], str(f["T"]), *(f"{f[k]:.3f}" for k in METRICS), f"{f['OP']:.3f}",
                       f"{f['seconds_per_edit']:.3f}")
     console.print(table)
+    if len(names) > 1:  # mean and spread over the worlds, per config and T
+        spread = Table("config", "T", *METRICS, "OP", title=f"mean +- sd over {', '.join(names)}")
+        for key in dict.fromkeys((f["config"], f["T"]) for f in figs):
+            cell = [f for f in figs if (f["config"], f["T"]) == key]
+            if len(cell) > 1:
+                spread.add_row(key[0], str(key[1]), *(f"{statistics.mean(f[k] for f in cell):.3f} +- "
+                                                      f"{statistics.stdev(f[k] for f in cell):.3f}"
+                                                      for k in (*METRICS, "OP")))
+        console.print(spread)
     for f in figs:
         if "latency_ratio" in f:
             console.print(f"{f['config']} T={f['T']}: inference latency {f['latency_ratio']:.2f}x the base model")
