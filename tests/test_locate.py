@@ -259,3 +259,25 @@ def test_every_edit_records_the_weight_drift_of_each_written_layer(small_world):
         assert second.stats["weight_drift"][name] == pytest.approx(want, rel=1e-4) and want > 0
     assert ed.store.get_edit(second.id).stats["weight_drift"] == second.stats["weight_drift"]
     ed.close()
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "metake"])
+def test_norm_control_keeps_a_stream_closer_to_the_base_weights_and_undo_exact(small_world, method):
+    reqs = small_world.edit_requests(n=6, seed=4)
+    eds = {mu: open_editor(small_world, method, norm_control=mu) for mu in (0.0, 1.0)}
+    for ed in eds.values():
+        for i in range(0, 4, 2):
+            ed.edit(reqs[i: i + 2], check=False)
+    drift = {mu: sum(float(ed.method.drift(layer).norm()) for layer in ed.method.layers) for mu, ed in eds.items()}
+    assert 0 < drift[1.0] < drift[0.0]
+    ed = eds[1.0]
+    before = probe_logits(ed, reqs)
+    last = ed.edit(reqs[4], check=False)
+    removed = []
+    original = ed.method.remove
+    ed.method.remove = lambda i: removed.append(original(i)) or removed[-1]
+    ed.undo(last.id)  # the newest: its dense factor pair is subtracted like any other
+    assert removed == [True]
+    torch.testing.assert_close(probe_logits(ed, reqs), before, rtol=0, atol=1e-5)
+    for e in eds.values():
+        e.close()

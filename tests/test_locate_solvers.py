@@ -121,3 +121,25 @@ def test_metake_transfer_predicts_write_at_other_keys():
     plan = torch.randn(D_OUT, 2, generator=g, dtype=torch.float64)
     u, v = alphaedit_update(keys, plan, p, None, 0.2)
     torch.testing.assert_close(u @ v.T @ queries, plan @ metake_transfer(keys, p, None, 0.2, queries))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_norm_controlled_writes_are_the_stationary_points_of_the_penalised_objectives(seed):
+    """MEMIT: ΔW (K Kᵀ + λC + C_p + μI) = R Kᵀ − μD; AlphaEdit: ΔW ((K Kᵀ + C_p) P + (L2 + μ) I) = (R Kᵀ − μD) P."""
+    g = _gen(seed)
+    keys = torch.randn(D_IN, 3, generator=g, dtype=torch.float64)
+    resid = torch.randn(D_OUT, 3, generator=g, dtype=torch.float64)
+    drift = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    cov, prev, mu, eye = _cov(D_IN, seed), _cov(D_IN, seed + 5, rank=2), 0.7, torch.eye(D_IN, dtype=torch.float64)
+    u, v = memit_update(keys, resid, cov, 2.0, prev, mu, drift)
+    dw = u @ v.T
+    torch.testing.assert_close(dw @ (keys @ keys.T + 2.0 * cov + prev + mu * eye), resid @ keys.T - mu * drift)
+    plain = memit_update(keys, resid, cov, 2.0, prev)
+    assert (drift + dw).norm() < (drift + plain[0] @ plain[1].T).norm(), "the pull towards W0 shrinks the drift"
+    proj = nullspace_projector(_cov(D_IN, seed, rank=6), 1e-6)
+    u, v = alphaedit_update(keys, resid, proj, prev, 0.5, mu, drift)
+    m = (keys @ keys.T + prev) @ proj + (0.5 + mu) * eye
+    torch.testing.assert_close((u @ v.T) @ m, (resid @ keys.T - mu * drift) @ proj)
+    u0, v0 = alphaedit_update(keys, resid, proj, prev, 0.5, 0.0, drift)  # off: AlphaEdit's own write
+    torch.testing.assert_close(u0 @ v0.T, alphaedit_update(keys, resid, proj, prev, 0.5)[0]
+                               @ alphaedit_update(keys, resid, proj, prev, 0.5)[1].T)

@@ -50,7 +50,9 @@ class AlphaEdit(LocateMethod):
         return self.proj[layer]
 
     def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return alphaedit_update(keys, resid, self.projector(layer), self.cp.get(layer), self.hparams.L2)
+        mu = self.norm_weight(layer)
+        return alphaedit_update(keys, resid, self.projector(layer), self.cp.get(layer), self.hparams.L2, mu,
+                                self.drift(layer) if mu else None)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = super().state_dict()

@@ -84,6 +84,16 @@ class LocateMethod(Method):
         """Layer's MLP output weight as an (out, in) view, whatever the storage."""
         return self.arch.weight_out_in(self.modules[layer])
 
+    def drift(self, layer: int) -> torch.Tensor:
+        """W − W0 of the layer, (out, in)."""
+        w, base = self.weight(layer), self._base[layer]
+        return (w - (base.t() if w.stride() != self.modules[layer].weight.stride() else base)).float()
+
+    def norm_weight(self, layer: int) -> float:
+        """μ of norm control (`norm_control` × tr(C): one average key's weight in the solve; 0: off)."""
+        mu = getattr(self.hparams, "norm_control", 0.0)
+        return mu * float(self.second_moment(layer).trace()) if mu else 0.0
+
     @torch.no_grad()
     def _add(self, layer: int, u: torch.Tensor, v: torch.Tensor, sign: float = 1.0) -> None:
         w = self.weight(layer)

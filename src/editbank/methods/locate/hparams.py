@@ -68,11 +68,14 @@ class MEMITHparams(LocateHparams):
 
     mom2_update_weight: float = 1.0  # λ in (λC + C_p + K Kᵀ); C is the mean E[k kᵀ]
     sequential: bool = True  # add earlier edits' keys Σ K_prev K_prevᵀ (C_p) to the system
+    norm_control: float = 0.0  # > 0: each write also minimises μ‖W + ΔW − W0‖², μ = norm_control × tr(C)
 
     def validate(self) -> None:
         super().validate()
         if not self.mom2_update_weight > 0:
             raise ValueError("mom2_update_weight must be > 0")
+        if self.norm_control < 0:
+            raise ValueError("norm_control must be >= 0")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class AlphaEditHparams(LocateHparams):
     nullspace_threshold: float = 2e-2  # eigenvalues of C below this span the null space (relative, see rel)
     nullspace_relative: bool = True  # threshold is a fraction of C's largest eigenvalue (False: absolute)
     L2: float = 1.0  # ridge term of the solve
+    norm_control: float = 0.0  # > 0: each write also minimises μ‖W + ΔW − W0‖², μ = norm_control × tr(C)
 
     def validate(self) -> None:
         super().validate()
@@ -89,6 +93,8 @@ class AlphaEditHparams(LocateHparams):
             raise ValueError("nullspace_threshold must be > 0")
         if not self.L2 > 0:
             raise ValueError("L2 must be > 0")
+        if self.norm_control < 0:
+            raise ValueError("norm_control must be >= 0")
 
 
 @dataclass

@@ -31,7 +31,8 @@ class MetaKE(AlphaEdit):
     def _plan(self, requests, prefixes: list[str]):
         last = self.layers[-1]
         keys = self.keys(last, requests, prefixes)
-        proj, prev, l2 = self.projector(last), self.cp.get(last), self.hparams.L2
+        # norm control shrinks the write like a larger ridge (its pull towards W0 is left out of the plan)
+        proj, prev, l2 = self.projector(last), self.cp.get(last), self.hparams.L2 + self.norm_weight(last)
 
         def transfer(ids: list[list[int]], index: list[int]) -> torch.Tensor:
             queries = read_rows(self.model, self.tokenizer, self.paths[last], ids, index, inputs=True).float().T

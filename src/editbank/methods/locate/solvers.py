@@ -24,12 +24,25 @@ def rome_update(weight: torch.Tensor, cov: torch.Tensor, key: torch.Tensor, valu
     return v - weight @ k, right
 
 
+def _norm_controlled(resid: torch.Tensor, right: torch.Tensor, system_t: torch.Tensor, norm: float,
+                     drift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ΔW = (R Kᵀ − norm·drift) S M⁻¹ given `right` = S [K | I] (S = I or P) and Mᵀ:
+    U = [R | −norm·drift], V = M⁻ᵀ S [K | I] (dense: the drift term has full rank)."""
+    return torch.cat([resid, -norm * drift], dim=1), _sym_solve(system_t, right)
+
+
 def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_weight: float,
-                 prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMIT's ΔW = R Kᵀ (λC + C_p + K Kᵀ)⁻¹; `prev` = C_p, the sum of earlier edits' K Kᵀ (sequential)."""
+                 prev: torch.Tensor | None = None, norm: float = 0.0,
+                 drift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's ΔW = R Kᵀ (λC + C_p + K Kᵀ)⁻¹; `prev` = C_p, the sum of earlier edits' K Kᵀ (sequential).
+    With `norm` > 0 (norm control, ENCORE's form) the write also minimises norm·‖W + ΔW − W0‖², `drift` = W − W0:
+    ΔW = (R Kᵀ − norm·drift)(λC + C_p + K Kᵀ + norm·I)⁻¹."""
     a = mom2_weight * cov + keys @ keys.T
     if prev is not None:
         a = a + prev
+    if norm > 0:
+        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        return _norm_controlled(resid, torch.cat([keys, eye], dim=1), a + norm * eye, norm, drift)
     return resid, _sym_solve(a, keys)
 
 
@@ -47,9 +60,15 @@ def _alpha_system(keys: torch.Tensor, proj: torch.Tensor, prev: torch.Tensor | N
 
 
 def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor, prev: torch.Tensor | None,
-                     l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """AlphaEdit's ΔW = R Kᵀ P ((K Kᵀ + C_p) P + L2·I)⁻¹: rows of ΔW lie in P's span, so ΔW K0 ≈ 0."""
-    m = _alpha_system(keys, proj, prev, l2)
+                     l2: float, norm: float = 0.0, drift: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's ΔW = R Kᵀ P ((K Kᵀ + C_p) P + L2·I)⁻¹: rows of ΔW lie in P's span, so ΔW K0 ≈ 0. With `norm`
+    > 0 (norm control, `drift` = W − W0): ΔW = (R Kᵀ − norm·drift) P ((K Kᵀ + C_p) P + (L2 + norm)·I)⁻¹, the
+    stationary point of AlphaEdit's objective plus norm·‖W + ΔW − W0‖² in AlphaEdit's own closed form."""
+    m = _alpha_system(keys, proj, prev, l2 + norm)
+    if norm > 0:
+        eye = torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device)
+        return _norm_controlled(resid, proj @ torch.cat([keys, eye], dim=1), m.T, norm, drift)
     # ΔW = R (M⁻ᵀ P K)ᵀ, so V solves Mᵀ V = P K
     return resid, _sym_solve(m.T, proj @ keys)
 
