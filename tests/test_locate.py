@@ -281,3 +281,33 @@ def test_norm_control_keeps_a_stream_closer_to_the_base_weights_and_undo_exact(s
     torch.testing.assert_close(probe_logits(ed, reqs), before, rtol=0, atol=1e-5)
     for e in eds.values():
         e.close()
+
+
+def test_c_p_is_kept_from_per_write_keys_and_old_stores_still_load(small_world, world_requests):
+    """The state holds each write's keys once (no whole C_p matrix rewritten per edit); C_p is rebuilt from them, and
+    a state in the earlier format (one C_p matrix, K in the undo log) loads to the same method state."""
+    ed = open_editor(small_world, "alphaedit")
+    ed.edit(world_requests[0], check=False)
+    tensors, _ = ed.method.state_dict()
+    cp1 = {k: v.clone() for k, v in ed.method.cp.items()}
+    ed.edit(world_requests[1], check=False)
+    later, meta = ed.method.state_dict()
+    assert not any(k.startswith("cp.") for k in later)
+    new = {k for k in later if k not in tensors or later[k] is not tensors[k]}
+    assert new == {f"{kind}.1.{layer}{x}" for layer in ed.method.layers
+                   for kind, x in (("keys", ""), ("log", ".U"), ("log", ".V"))}, "one write adds its own tensors only"
+    cp = {k: v.clone() for k, v in ed.method.cp.items()}
+    old = {k: v for k, v in later.items() if not k.startswith("keys.")}  # the earlier format
+    old.update({f"cp.{layer}": t for layer, t in cp.items()})
+    old.update({f"log.{seq}.{layer}.K": ed.method.written[seq][layer] for seq in (0, 1) for layer in ed.method.layers})
+    for state in (later, old):
+        ed.method.load_state_dict(state, meta)
+        assert all(torch.equal(ed.method.cp[k], cp[k]) for k in cp) and ed.method.cp.keys() == cp.keys()
+        assert [x.ids for x in ed.method.log] == [[1], [2]]
+        assert ed.method.remove(2) is True  # the newest write still comes off, its K Kᵀ with it
+        for k in cp1:
+            if state is later:  # rebuilt from the first write's keys: bitwise what the stream had
+                assert torch.equal(ed.method.cp[k], cp1[k])
+            else:  # downdated from the old matrix
+                torch.testing.assert_close(ed.method.cp[k], cp1[k], rtol=1e-5, atol=1e-4)
+    ed.close()

@@ -1,9 +1,11 @@
 """The shared locate-then-edit method: learn target residuals, then write them layer by layer in closed form.
 
 Subclasses choose the default layers and the solver (`_solve`), and may keep C_p, the sum of earlier edits'
-K Kᵀ per layer. Every write is stored as low-rank factors (U, V, K) per layer in an undo log on the method
-(and in its state), so undoing the newest edit subtracts U Vᵀ and downdates C_p by K Kᵀ; older edits return
-False and the editor restores a snapshot and replays.
+K Kᵀ per layer. Every write's keys K are kept (and stored once, `keys.<seq>.<layer>`), and C_p is their running
+sum, rebuilt from them on load, so the store never rewrites a whole (in × in) matrix per edit. Every write is also
+stored as low-rank factors (U, V) per layer in an undo log on the method (the newest `max_undo_log` writes), so
+undoing the newest edit subtracts U Vᵀ and rebuilds C_p without its keys; older edits return False and the editor
+restores a snapshot and replays.
 """
 
 from __future__ import annotations
@@ -73,8 +75,7 @@ class LocateMethod(Method):
         self.fingerprint = model_fingerprint(model)
         self._base = {layer: m.weight.detach().clone() for layer, m in self.modules.items()}
         self.mom2: dict[int, torch.Tensor] = {}  # E[k kᵀ] per layer (a model statistic: kept across reset)
-        self.cp: dict[int, torch.Tensor] = {}
-        self.log: list[LogEntry] = []
+        self.reset()
 
     # -- weights --------------------------------------------------------------------------------
     def touched_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -163,11 +164,11 @@ class LocateMethod(Method):
             u, v = self._solve(i, layer, keys, resid)
             self._add(layer, u, v)
             factors[layer] = (u.detach(), v.detach(), keys.detach())
+        seq = max(self.written, default=-1) + 1
+        self.written[seq] = {layer: keys for layer, (_, _, keys) in factors.items()}
         if self.accumulates:
-            for layer, (_, _, keys) in factors.items():
-                kk = keys @ keys.T
-                self.cp[layer] = self.cp[layer] + kk if layer in self.cp else kk
-        seq = self.log[-1].seq + 1 if self.log else 0
+            for layer, keys in self.written[seq].items():
+                self._accumulate(layer, keys)
         self.log.append(LogEntry(seq, [it.id for it in items], factors))
         del self.log[: -self.hparams.max_undo_log]
         realised = self.residual(last, requests) - target.h
@@ -188,28 +189,57 @@ class LocateMethod(Method):
         entry = self.log.pop()
         for layer, (u, v, keys) in entry.factors.items():
             self._add(layer, u, v, sign=-1.0)
-            if self.accumulates:
-                self.cp[layer] = self.cp[layer] - keys @ keys.T
+            if entry.seq not in self.written and layer in self.cp_base:  # an old store's write: in the base
+                self.cp_base[layer] = self.cp_base[layer] - keys @ keys.T
+        self.written.pop(entry.seq, None)
+        self._rebuild_cp()
         return True
 
     def reset(self) -> None:
-        self.cp, self.log = {}, []
+        self.cp: dict[int, torch.Tensor] = {}
+        self.cp_base: dict[int, torch.Tensor] = {}  # C_p a store from before per-write keys recorded as one matrix
+        self.written: dict[int, dict[int, torch.Tensor]] = {}  # write seq -> {layer: its keys K}
+        self.log: list[LogEntry] = []
+
+    def _accumulate(self, layer: int, keys: torch.Tensor) -> None:
+        kk = keys @ keys.T
+        self.cp[layer] = self.cp[layer] + kk if layer in self.cp else kk
+
+    def _rebuild_cp(self) -> None:
+        """C_p = the base (old stores) plus every kept write's K Kᵀ, summed in write order (as the stream did)."""
+        self.cp = dict(self.cp_base)
+        if self.accumulates:
+            for seq in sorted(self.written):
+                for layer, keys in self.written[seq].items():
+                    self._accumulate(layer, keys)
 
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"cp.{layer}": t for layer, t in self.cp.items()}
+        tensors = {f"cp.{layer}": t for layer, t in self.cp_base.items()}
+        for seq, keys in self.written.items():
+            tensors.update({f"keys.{seq}.{layer}": k for layer, k in keys.items()})
         for e in self.log:
-            for layer, (u, v, k) in e.factors.items():
-                tensors.update({f"log.{e.seq}.{layer}.U": u, f"log.{e.seq}.{layer}.V": v, f"log.{e.seq}.{layer}.K": k})
+            for layer, (u, v, _) in e.factors.items():
+                tensors.update({f"log.{e.seq}.{layer}.U": u, f"log.{e.seq}.{layer}.V": v})
         return tensors, {"log": [[e.seq, e.ids] for e in self.log], "layers": self.layers}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta and meta.get("layers", self.layers) != self.layers:
             raise ValueError(f"state was written for layers {meta['layers']}, this method edits {self.layers}")
         dev = self.weight(self.layers[0]).device
-        self.cp = {int(k.split(".")[1]): t.to(dev).float() for k, t in tensors.items() if k.startswith("cp.")}
-        self.log = []
+        self.reset()
+        for name, t in tensors.items():
+            if name.startswith("keys."):
+                _, seq, layer = name.split(".")
+                self.written.setdefault(int(seq), {})[int(layer)] = t.to(dev).float()
+        if not self.written:  # a store from before per-write keys: its C_p is one matrix, kept as the base
+            self.cp_base = {int(k.split(".")[1]): t.to(dev).float() for k, t in tensors.items() if k.startswith("cp.")}
+        self._rebuild_cp()
         for seq, ids in meta.get("log", []):
-            factors = {layer: tuple(tensors[f"log.{seq}.{layer}.{x}"].to(dev).float() for x in "UVK")
-                       for layer in self.layers if f"log.{seq}.{layer}.U" in tensors}
+            factors = {}
+            for layer in self.layers:
+                if f"log.{seq}.{layer}.U" in tensors:
+                    k = tensors.get(f"log.{seq}.{layer}.K")  # old stores kept K in the log
+                    k = self.written[int(seq)][layer] if k is None else k.to(dev).float()
+                    factors[layer] = (*(tensors[f"log.{seq}.{layer}.{x}"].to(dev).float() for x in "UV"), k)
             self.log.append(LogEntry(int(seq), list(ids), factors))
