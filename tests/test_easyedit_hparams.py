@@ -46,8 +46,9 @@ YAMLS = {
                   'nullspace_threshold: 2e-2\nL2: 10\n'),
 }
 
+# a ported decay or clamp takes the reference's forms with it (target_norms), so the values mean the same
 LOCATE = {"fact_token": "subject_last", "v_num_grad_steps": 5, "v_lr": 0.5, "v_weight_decay": 1e-3,
-          "clamp_norm_factor": 4, "kl_factor": 0.0625}
+          "clamp_norm_factor": 4, "kl_factor": 0.0625, "target_norms": "reference"}
 EXPECTED = {
     "wise": {"layer": 1, "mask_ratio": 0.2, "edit_lr": 1.0, "n_iter": 5, "norm_constraint": 1.0,
              "act_margin": [5.0, 20.0, 10.0], "act_ratio": 0.88, "save_freq": 5, "merge_freq": 10,

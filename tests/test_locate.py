@@ -311,3 +311,47 @@ def test_c_p_is_kept_from_per_write_keys_and_old_stores_still_load(small_world, 
             else:  # downdated from the old matrix
                 torch.testing.assert_close(ed.method.cp[k], cp1[k], rtol=1e-5, atol=1e-4)
     ed.close()
+
+
+def test_target_decay_in_the_reference_form_and_ours():
+    from editbank.methods.locate.target import decay_term
+
+    delta, h, ref = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 10.0]]), torch.tensor([[2.0, 0.0]])
+    assert float(decay_term(delta, h, None, reference=False)) == pytest.approx(25 / 100)  # ‖δ‖²/‖h‖²
+    assert float(decay_term(delta, h, None, reference=True)) == pytest.approx(5 / 100)  # ‖δ‖/‖h‖² (kmeng01/memit)
+    assert float(decay_term(delta, h, ref, reference=True)) == pytest.approx(5 / 4)  # ROME: ‖δ‖/‖mlp out‖²
+
+
+def test_the_kl_prompt_is_read_at_its_lookup_position(small_world, world_requests):
+    from editbank.methods.locate.target import kl_positions
+    from editbank.tokens import prompt_ids
+
+    req = world_requests[0]
+    ed = open_editor(small_world, "rome")
+    tok = ed.tokenizer
+    kl_prompt = f"{req.subject} is a"
+    assert kl_positions(tok, [req], "last") == [len(prompt_ids(tok, kl_prompt)) - 1]
+    subject_end = len(prompt_ids(tok, req.subject)) - 1  # kmeng01/rome: the subject's last token, not "a"
+    assert kl_positions(tok, [req], "subject_last") == [subject_end]
+    assert subject_end < len(prompt_ids(tok, kl_prompt)) - 1
+    ed.close()
+
+
+@pytest.mark.parametrize("norms", ["ours", "reference"])
+def test_rome_clamps_the_target_relative_to_the_reference_vector(small_world, world_requests, norms):
+    """ROME's reference clamps ‖δ‖ to clamp_norm_factor × the MLP output's norm at the lookup position; ours (and
+    MEMIT's reference) to × the residual's."""
+    from editbank.methods.locate.keys import lookup_rows, read_at
+
+    req = world_requests[0]
+    ed = open_editor(small_world, "rome", clamp_norm_factor=0.01, v_lr=1.0, v_num_grad_steps=5, target_norms=norms)
+    m = ed.method
+    layer = m.layers[0]
+    rows = lookup_rows(ed.tokenizer, [req], [""], m.hparams.fact_token)
+    mlp = read_at(ed.model, ed.tokenizer, m.paths[layer], rows, 1, inputs=False)[0]
+    resid = m.residual(layer, [req])[0]
+    assert float(mlp.norm()) < 0.9 * float(resid.norm())  # the two references differ on this model
+    e = ed.edit(req, check=False)
+    want = 0.01 * float((mlp if norms == "reference" else resid).norm())
+    assert e.stats["delta_norm"] == pytest.approx(want, rel=1e-4)
+    ed.close()

@@ -49,8 +49,10 @@ class LocateMethod(Method):
     edits_in_weights = True
     bench_batch = 100  # the AlphaEdit protocol: sequential batches of 100
     easyedit_rules = {  # what ROME, MEMIT and AlphaEdit files share; each method adds its own
-        **{k: ee.to(k) for k in ("layers", "v_lr", "v_num_grad_steps", "v_weight_decay", "clamp_norm_factor",
-                                 "kl_factor", "mom2_n_samples")},
+        **{k: ee.to(k) for k in ("layers", "v_lr", "v_num_grad_steps", "kl_factor", "mom2_n_samples")},
+        # the reference's decay and clamp forms, so the file's values mean what they meant there
+        **{k: (lambda key, value: ({key: value, "target_norms": "reference"}, None))
+           for k in ("v_weight_decay", "clamp_norm_factor")},
         "mom2_dataset": ee.mom2_dataset,
         "fact_token": ee.choice({"subject_last": {"fact_token": "subject_last"}, "last": {"fact_token": "last"}}),
         "layer_selection": ee.choice({"all": {}}, "editbank edits every layer in layers"),
@@ -137,10 +139,15 @@ class LocateMethod(Method):
     def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def norm_reference(self, requests) -> torch.Tensor | None:
+        """h_ref of target_norms="reference" ([n, hidden]; None: the residual h itself). ROME overrides."""
+        return None
+
     def _plan(self, requests, prefixes: list[str]):
         """Learn the target residuals at the last edited layer (MetaKE overrides)."""
         last = self.arch.layer_path(self.layers[-1], "")
-        return optimize_targets(self.model, self.tokenizer, last, requests, prefixes, self.hparams), {}
+        return optimize_targets(self.model, self.tokenizer, last, requests, prefixes, self.hparams,
+                                norm_ref=self.norm_reference(requests)), {}
 
     def prepare(self) -> None:
         for layer in self.layers:

@@ -17,8 +17,12 @@ class LocateHparams:
     fact_token: str = "last"
     v_lr: float = 0.5  # Adam learning rate of the target delta
     v_num_grad_steps: int = 25  # at most this many steps of target optimisation per edit
-    v_weight_decay: float = 0.5  # weight decay on ‖δ‖² / ‖h‖²
-    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor × ‖h‖
+    v_weight_decay: float = 0.5  # weight decay on ‖δ‖² / ‖h‖² (target_norms="reference": ‖δ‖ / ‖h_ref‖²)
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ clamp_norm_factor × ‖h‖ (target_norms="reference": × ‖h_ref‖)
+    # "ours" (the built-in worlds' settings were chosen with it) or "reference": the decay and clamp as
+    # kmeng01/rome, memit and AlphaEdit compute them, relative to h_ref = ROME's MLP output, MEMIT's residual at
+    # the lookup position (set when an EasyEdit file is ported, so its values mean what they meant there)
+    target_norms: str = "ours"
     kl_factor: float = 0.0625  # weight of the KL term on "{subject} is a"
     v_stop_loss: float = 5e-2  # stop early once every request's mean target NLL is below this
     n_prefixes: int = 0  # context prefixes the keys are averaged over and the target is learned on (plus none)
@@ -44,6 +48,8 @@ class LocateHparams:
         for name in ("v_num_grad_steps", "mom2_n_samples", "mom2_batch_size", "prefix_words", "max_undo_log"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.target_norms not in ("ours", "reference"):
+            raise ValueError(f"target_norms must be 'ours' or 'reference', got {self.target_norms!r}")
         if self.fact_token not in ("subject_last", "last"):
             raise ValueError(f"fact_token must be 'subject_last' or 'last', got {self.fact_token!r}")
         if self.n_prefixes < 0:

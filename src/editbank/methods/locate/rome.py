@@ -16,6 +16,7 @@ from .. import easyedit as ee
 from ..base import EditItem, register
 from .base import LocateMethod
 from .hparams import ROMEHparams
+from .keys import lookup_rows, read_at
 from .solvers import rome_update
 
 
@@ -33,6 +34,13 @@ class ROME(LocateMethod):
         k = keys[:, 0]
         cov = self.second_moment(layer) if self.hparams.mom2_adjustment else torch.eye(len(k), device=k.device)
         return rome_update(w, cov, k, w @ k + resid[:, 0])
+
+    def norm_reference(self, requests) -> torch.Tensor | None:
+        """ROME's reference scales the target's decay and clamp by the MLP output at the lookup position."""
+        if self.hparams.target_norms != "reference":
+            return None
+        rows = lookup_rows(self.tokenizer, requests, [""], self.hparams.fact_token)
+        return read_at(self.model, self.tokenizer, self.paths[self.layers[-1]], rows, len(requests), inputs=False)
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         return [s for it in items for s in self._write([it])]

@@ -2,7 +2,11 @@
 
 z = h + δ, where h is the layer's output at the subject's last token of the plain prompt and δ (one per request)
 makes the target likely after every context prefix, while a KL term on "{subject} is a" keeps what the model says
-about the subject otherwise, and a weight decay keeps δ small; ‖δ‖ is clamped to clamp_norm_factor × ‖h‖.
+about the subject otherwise (measured at the KL prompt's lookup position, the subject's last token, as the
+reference does; with fact_token="last" at its last token, which is then not patched), and a weight decay keeps δ
+small; ‖δ‖ is clamped to clamp_norm_factor × ‖h‖. With target_norms="reference" the decay is
+v_weight_decay·‖δ‖/‖h_ref‖² and the clamp clamp_norm_factor·‖h_ref‖, as in kmeng01/rome and memit (h_ref:
+`norm_ref`, ROME's MLP output; else h); ours is v_weight_decay·‖δ‖²/‖h‖².
 With a `transfer` function (MetaKE) δ is the planned residual D and every row, the KL rows included, is patched
 with what the write would realise at that row's key (D·T, T = transfer(rows)), instead of δ itself.
 """
@@ -56,8 +60,22 @@ def _rows(tokenizer, requests: list[EditRequest], prefixes: list[str], fact_toke
     return rows, index, owner, n_nll
 
 
+def decay_term(delta: torch.Tensor, h: torch.Tensor, ref: torch.Tensor | None, reference: bool) -> torch.Tensor:
+    """Σ_r ‖δ_r‖/‖ref_r‖² (the reference's form; ref defaults to h) or Σ_r ‖δ_r‖²/‖h_r‖² (ours)."""
+    if reference:
+        return (delta.norm(dim=1) / (h if ref is None else ref).norm(dim=1).clamp(min=1e-6) ** 2).sum()
+    return (delta.norm(dim=1) ** 2 / h.norm(dim=1).clamp(min=1e-6) ** 2).sum()
+
+
+def kl_positions(tokenizer, requests: list[EditRequest], fact_token: str) -> list[int]:
+    """Where each request's KL prompt ("{subject} is a") is read: its lookup position (the subject's last token, as
+    the reference reads it) with fact_token="subject_last", its last token with "last"."""
+    return _rows(tokenizer, requests, [], fact_token)[1]
+
+
 def optimize_targets(model, tokenizer, layer_path: str, requests: list[EditRequest], prefixes: list[str], hp,
-                     transfer: TransferFn | None = None, max_norm_factor: float = 1.0) -> TargetResult:
+                     transfer: TransferFn | None = None, max_norm_factor: float = 1.0,
+                     norm_ref: torch.Tensor | None = None) -> TargetResult:
     """Learn δ per request at the output of `layer_path` (Adam on NLL + KL + weight decay, with a norm clamp)."""
     device = next(model.parameters()).device
     n = len(requests)
@@ -67,7 +85,8 @@ def optimize_targets(model, tokenizer, layer_path: str, requests: list[EditReque
     pos = torch.tensor(index, device=device)
     row_ids = torch.arange(len(rows), device=device)
     own = torch.tensor(owner, device=device)
-    kl_rows, kl_pos = row_ids[n_nll:], batch.query_index[n_nll:]
+    kl_rows = row_ids[n_nll:]
+    kl_pos = pos[n_nll:]  # the lookup position: the subject's last token, or ("last") the last token
     labels = batch.labels[:n_nll, 1:]
     mask = labels != -100
     per_row = mask.sum(1).clamp(min=1)
@@ -75,7 +94,8 @@ def optimize_targets(model, tokenizer, layer_path: str, requests: list[EditReque
 
     delta = torch.zeros(n, h.shape[1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = (max_norm_factor * hp.clamp_norm_factor * h.norm(dim=1)).unsqueeze(1)
+    ref = (h if norm_ref is None else norm_ref).norm(dim=1).clamp(min=1e-6)
+    max_norm = (max_norm_factor * hp.clamp_norm_factor * ref).unsqueeze(1)
     kl_init = None
 
     # with fact_token="last" the KL prompt's patched position would be the very one the KL is measured at, which
@@ -103,7 +123,7 @@ def optimize_targets(model, tokenizer, layer_path: str, requests: list[EditReque
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-        decay = (delta.norm(dim=1) ** 2 / h.norm(dim=1).clamp(min=1e-6) ** 2).sum()
+        decay = decay_term(delta, h, norm_ref, hp.target_norms == "reference")
         return nll.sum() + hp.kl_factor * kl + hp.v_weight_decay * decay
 
     @torch.no_grad()
