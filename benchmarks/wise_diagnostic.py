@@ -7,7 +7,9 @@ sorts every edit whose target the final model does not answer (greedy exact matc
 - other memory: it reaches a memory that does not hold it;
 - own memory wrong: it reaches the memory holding it, which does not produce the target;
 
-and checks each memory alone (added to every row, no routing) on the edits it holds.
+and checks each memory alone (added to every row, no routing) on the edits it holds. The rephrases the final
+model gets wrong are sorted the same way (issue 21's question for WISE's key router: a key from the last prompt
+token), with the cosine of each rephrase's routing key to its own edit's key and to the nearest other edit's.
 
     python benchmarks/wise_diagnostic.py --world test-questions --T 100 [--method repair] [mask_ratio=0.5 ...]
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from editbank import Editor, World
+from editbank.evaluate.metrics import score_pairs
 from editbank.methods.base import get_method
 
 
@@ -61,6 +64,17 @@ def main() -> None:
         alone = sum(sum(m.check_memory(d, members)) for d, members in memories)
         failed = [e for e, good in zip(ids, ok) if not good]
         scores = ed.evaluate(reqs, protocol="greedy_exact_match")
+        reph = [(e, p) for e, r in zip(ids, reqs) for p in r.rephrases]
+        reph_ok = [x == 1.0 for x in score_pairs(ed, [(p, r.target) for r in reqs for p in r.rephrases],
+                                                 "greedy_exact_match")]
+        acts, keys = m.activations([p for _, p in reph], with_keys=True)
+        reph_routed = m.route_rows(acts, keys).tolist()
+        unit = torch.nn.functional.normalize
+        held = unit(torch.stack([m.keys[e] for e in ids]), dim=1)
+        cos = unit(keys, dim=1) @ held.T
+        own_cos = [float(cos[k, ids.index(e)]) for k, (e, _) in enumerate(reph)]
+        other_cos = [float(cos[k].clone().index_fill_(0, torch.tensor([ids.index(e)]), -2).max())
+                     for k, (e, _) in enumerate(reph)]
         ed.close()
     out = {"world": args.world, "method": args.method, "T": len(reqs), "overrides": extra,
            "reliability": round(sum(ok) / len(ok), 3),
@@ -71,6 +85,16 @@ def main() -> None:
            "memory_alone_writes": f"{alone}/{len(holder)}", "memories": len(memories),
            "median_loss": round(sorted(e.stats["loss"] for e in edits)[len(edits) // 2], 3),
            "eval": {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}}
+    bad = [k for k, good in enumerate(reph_ok) if not good]
+    out["rephrases"] = {
+        "n": len(reph), "wrong": len(bad),
+        "not_routed": sum(reph_routed[k] == -1 for k in bad),
+        "other_memory": sum(reph_routed[k] not in (-1, holder.get(reph[k][0])) for k in bad),
+        "own_memory_wrong": sum(reph_routed[k] == holder.get(reph[k][0]) for k in bad),
+        "median_cos_own": round(sorted(own_cos)[len(own_cos) // 2], 3) if own_cos else None,
+        "median_cos_nearest_other": round(sorted(other_cos)[len(other_cos) // 2], 3) if other_cos else None,
+        "share_nearer_another_edit": round(sum(o > w for o, w in zip(other_cos, own_cos)) / max(len(reph), 1), 3),
+        "share_below_gate": round(sum(w < m.hparams.key_threshold for w in own_cos) / max(len(reph), 1), 3)}
     print(json.dumps(out))
 
 

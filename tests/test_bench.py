@@ -50,6 +50,9 @@ def test_bench_writes_the_run_directory_and_its_scores_are_a_direct_streams(smal
     assert row["OP"] == pytest.approx(product ** (1 / 3))
     ft5 = next(r for r in summary["table"] if r["method"] == "ft" and r["T"] == 5)
     assert ft5["locality"]["n"] == 2 and ft5["seeds"] == [0, 1]
+    # a weight-writing method's rows carry the largest ‖W − W0‖/‖W0‖ at each T (plotted beside the scores)
+    assert row["weight_drift"] > 0 and all(r["weight_drift"] is None for r in rows if r["method"] == "grace")
+    assert ft5["weight_drift"]["n"] == 2
     undo = read_jsonl(out / "undo.jsonl")
     assert [(u["method"], u["undone"]) for u in undo] == [("grace", 2), ("grace", 2)]  # only undo_methods
     assert all(u["restored"] == 1.0 for u in undo)  # GRACE's edits are independent

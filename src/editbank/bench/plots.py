@@ -11,6 +11,7 @@ from .files import read_jsonl
 
 PANELS = (("reliability", "reliability"), ("generalization", "generalization"), ("locality", "locality"),
           ("OP", "OP (geometric mean)"), ("seconds_per_edit", "seconds per edit"))
+DRIFT = ("weight_drift", "largest ‖W − W0‖ / ‖W0‖")  # a panel when a method writes weights
 
 
 def write_plots(out: Path, cfg: BenchConfig, summary: dict[str, Any]) -> list[str]:
@@ -25,10 +26,11 @@ def write_plots(out: Path, cfg: BenchConfig, summary: dict[str, Any]) -> list[st
         return []
     (out / "plots").mkdir(exist_ok=True)
     written = []
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8))
-    for ax, (key, label) in zip(axes, PANELS):
+    panels = PANELS + ((DRIFT,) if any(r.get("weight_drift") for r in summary["table"]) else ())
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for ax, (key, label) in zip(axes, panels):
         for m in cfg.methods:
-            rows = [r for r in summary["table"] if r["method"] == m and r[key] is not None]
+            rows = [r for r in summary["table"] if r["method"] == m and r.get(key) is not None]
             if not rows:
                 continue
             ts = [r["T"] for r in rows]
@@ -38,7 +40,7 @@ def write_plots(out: Path, cfg: BenchConfig, summary: dict[str, Any]) -> list[st
         ax.set_xlabel("number of edits T")
         ax.set_ylabel(label)
         ax.set_title(label)
-        if key != "seconds_per_edit":
+        if key not in ("seconds_per_edit", "weight_drift"):
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()

@@ -28,7 +28,8 @@ def summarize(out: Path, methods: list[str]) -> dict[str, Any]:
             cell = [r for r in rows if r["method"] == m and r["T"] == t]
             table.append({"method": m, "T": t, "protocol": cell[0]["protocol"],
                           "seeds": sorted(r["seed"] for r in cell),
-                          **{k: _stats([r.get(k) for r in cell]) for k in (*COLUMNS, "portability")}})
+                          **{k: _stats([r.get(k) for r in cell]) for k in (*COLUMNS, "portability",
+                                                                            "weight_drift")}})
     rollback = []
     for m in methods:
         cell = [u for u in undo if u["method"] == m]

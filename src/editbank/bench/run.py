@@ -384,6 +384,8 @@ class Cell:
                    **{k: rep[k] for k in (*METRICS, "portability")}, "edit_seconds": seconds,
                    "seconds_per_edit": None if seconds is None else seconds / t}
             row["OP"] = op_score(row)
+            drift = ed._weight_drift().get("weight_drift")  # weight-writing methods: the largest ‖W − W0‖/‖W0‖
+            row["weight_drift"] = max(drift.values()) if drift else None
             append_jsonl(self.out / "results.jsonl", [row])
             self.say(f"{self.method} seed {self.seed} T={t}: " + ", ".join(
                 f"{k} {row[k]:.3f}" for k in (*METRICS, "OP") if row[k] is not None) + f" ({protocol})")

@@ -88,9 +88,10 @@ class RepairHparams(WiseHparams):
     threshold: float = 0.01  # an edit whose cross-entropy is below this has its strength decayed
     decay_factor: float = 0.95
     min_intervention: float = 0.1
-    patience: int = 5  # steps without a `stagnation_tol` relative improvement before the lr is lowered
+    patience: int = 10  # steps without a `stagnation_tol` relative improvement before the lr is lowered
     stagnation_tol: float = 0.01
     stagnation_lr_factor: float = 0.5
+    max_lr_adjusts: int = 2  # per write at most
     divergence_factor: float = 10.0  # a loss above this x the best (or not finite) rolls back to the best step
 
     def validate(self) -> None:
@@ -105,8 +106,8 @@ class RepairHparams(WiseHparams):
             raise ValueError("kd_temperature must be > 0 and reinit_sigma >= 0")
         if not 0 < self.decay_factor <= 1 or not 0 < self.min_intervention <= 1:
             raise ValueError("decay_factor and min_intervention must be in (0, 1]")
-        if not 0 < self.stagnation_lr_factor <= 1 or self.divergence_factor <= 1:
-            raise ValueError("stagnation_lr_factor must be in (0, 1] and divergence_factor > 1")
+        if self.stagnation_lr_factor <= 0 or self.divergence_factor <= 1:
+            raise ValueError("stagnation_lr_factor must be > 0 and divergence_factor > 1")
 
 
 @register("repair")

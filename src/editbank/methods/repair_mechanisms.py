@@ -240,15 +240,15 @@ class Steer:
     edit whose own cross-entropy is below `threshold` has s_e <- max(min_intervention, decay_factor s_e), and its
     terms (cross-entropy and margins) are weighed by s_e, so an edit the memory already writes pulls on it less.
     Monitoring: a loss that has not improved on the best by `stagnation_tol` (relative) for `patience` steps
-    multiplies the learning rate by `stagnation_lr_factor`; a loss that is not finite or exceeds
-    `divergence_factor` x the best rolls D back to the best step's and ends the fit (instead of writing a broken
-    memory)."""
+    multiplies the learning rate by `stagnation_lr_factor` (at most `max_lr_adjusts` times per write); a loss that
+    is not finite or exceeds `divergence_factor` x the best rolls D back to the best step's and ends the fit
+    (instead of writing a broken memory)."""
 
     def __init__(self, repair: Repair, d: torch.Tensor, inp: dict[str, Any]) -> None:
         self.r, self.d, self.inp = repair, d, inp
         n = int(inp["owner"].max()) + 1
         self.strength = torch.ones(n, device=d.device)
-        self.best, self.best_d, self.since, self.rolled_back = math.inf, None, 0, False
+        self.best, self.best_d, self.since, self.rolled_back, self.adjusts = math.inf, None, 0, False, 0
         self.plain = math.inf  # the unweighted loss of the last forward
 
     def loss(self, logits: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -288,7 +288,8 @@ class Steer:
             self.since = 0
         else:
             self.since += 1
-            if self.since >= hp.patience:
+            if self.since >= hp.patience and self.adjusts < hp.max_lr_adjusts:
+                self.adjusts += 1
                 self.r.counts["lr_adjusts"] += 1
                 for group in opt.param_groups:
                     group["lr"] *= hp.stagnation_lr_factor
