@@ -60,10 +60,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "repair -loss-aware merge": ("repair", {**REPAIR_HP, "loss_aware_merge": False}),  # equal weights
     "repair (consensus merge)": ("repair", {**REPAIR_HP, "merge_alg": "consensus"}),
     "repair -progressive": ("repair", {**REPAIR_HP, "progressive": False}),
-    "repair -monitor": ("repair", {**REPAIR_HP, "monitor": False}),
+    "repair +monitor": ("repair", {**REPAIR_HP, "monitor": True}),
     "repair -merge fit": ("repair", {**REPAIR_HP, "merge_fit": False}),
 }
-ABLATION = [c for c in CONFIGS if c.startswith("repair -")] + ["repair (similar batching)", "repair (consensus merge)"]
+ABLATION = [c for c in CONFIGS if c.startswith(("repair -", "repair +"))] + ["repair (similar batching)",
+                                                                            "repair (consensus merge)"]
 METRICS = ("reliability", "generalization", "locality")
 
 

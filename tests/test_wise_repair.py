@@ -553,7 +553,7 @@ def test_progressive_intervention_decays_easy_edits_and_touches_the_memory_less(
         ed.close()
 
 
-def test_monitoring_rolls_a_diverging_memory_back_and_lowers_a_stagnating_rate(small_world, world_requests,
+def test_monitoring_rolls_a_diverging_memory_back_and_adjusts_a_stagnating_rate(small_world, world_requests,
                                                                                  tmp_path, monkeypatch):
     from editbank.methods.repair_mechanisms import Steer
 
@@ -561,7 +561,7 @@ def test_monitoring_rolls_a_diverging_memory_back_and_lowers_a_stagnating_rate(s
     real = Steer.monitor
     monkeypatch.setattr(Steer, "monitor", lambda self, *a: seen.append(self.plain) or real(self, *a))
     hp = dict(optimizer="sgd", batch_size=2, save_freq=2, merge_freq=100, error_feedback=False, distillation=False,
-              progressive=False, n_iter=20)
+              progressive=False, monitor=True, n_iter=20)
     # any rise above the best so far counts as a divergence here
     ed = open_editor(small_world, tmp_path, method="repair", name="div.db", **hp, edit_lr=50.0,
                      divergence_factor=1.0001)

@@ -240,7 +240,8 @@ class Steer:
     edit whose own cross-entropy is below `threshold` has s_e <- max(min_intervention, decay_factor s_e), and its
     terms (cross-entropy and margins) are weighed by s_e, so an edit the memory already writes pulls on it less.
     Monitoring: a loss that has not improved on the best by `stagnation_tol` (relative) for `patience` steps
-    multiplies the learning rate by `stagnation_lr_factor` (at most `max_lr_adjusts` times per write); a loss that
+    multiplies the learning rate by `stagnation_lr_factor` when the loss rose above its best meanwhile (it
+    oscillates) and divides it by that factor otherwise (a plateau), at most `max_lr_adjusts` times; a loss that
     is not finite or exceeds `divergence_factor` x the best rolls D back to the best step's and ends the fit
     (instead of writing a broken memory)."""
 
@@ -249,6 +250,7 @@ class Steer:
         n = int(inp["owner"].max()) + 1
         self.strength = torch.ones(n, device=d.device)
         self.best, self.best_d, self.since, self.rolled_back, self.adjusts = math.inf, None, 0, False, 0
+        self.rose = False  # the loss rose above its best since the last improvement
         self.plain = math.inf  # the unweighted loss of the last forward
 
     def loss(self, logits: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -285,15 +287,18 @@ class Steer:
             self.rolled_back = True
             return True
         if loss < self.best * (1 - hp.stagnation_tol):
-            self.since = 0
+            self.since, self.rose = 0, False
         else:
             self.since += 1
+            self.rose |= loss > self.best * (1 + hp.stagnation_tol)
             if self.since >= hp.patience and self.adjusts < hp.max_lr_adjusts:
+                # oscillating (the loss rose above its best meanwhile): smaller steps; a plateau: larger ones
+                factor = hp.stagnation_lr_factor if self.rose else 1 / hp.stagnation_lr_factor
                 self.adjusts += 1
                 self.r.counts["lr_adjusts"] += 1
                 for group in opt.param_groups:
-                    group["lr"] *= hp.stagnation_lr_factor
-                self.since = 0
+                    group["lr"] *= factor
+                self.since, self.rose = 0, False
         if loss < self.best:
             self.best, self.best_d = loss, self.d.detach().clone()
         return False
