@@ -355,3 +355,19 @@ def test_rome_clamps_the_target_relative_to_the_reference_vector(small_world, wo
     want = 0.01 * float((mlp if norms == "reference" else resid).norm())
     assert e.stats["delta_norm"] == pytest.approx(want, rel=1e-4)
     ed.close()
+
+
+def test_metake_proxy_over_every_layer(small_world, world_requests):
+    """proxy="all" chains each edited layer's share of the write; with one layer it is the last layer's proxy, and
+    every edit reports what the write realised over what its proxy predicted (`proxy_ratio`)."""
+    req = world_requests[0]
+    one = {p: open_editor(small_world, "metake", layers=[1], proxy=p) for p in ("last", "all")}
+    stats = {p: ed.edit(req, check=False).stats for p, ed in one.items()}
+    assert stats["all"]["gate"] == stats["last"]["gate"] and stats["all"]["loss"] == stats["last"]["loss"]
+    assert torch.equal(probe_logits(one["all"], [req]), probe_logits(one["last"], [req]))
+    two = {p: open_editor(small_world, "metake", layers=[0, 1], proxy=p) for p in ("last", "all")}
+    stats = {p: ed.edit(req, check=False).stats for p, ed in two.items()}
+    assert stats["all"]["gate"] != stats["last"]["gate"], "the lower layer's share changes what the plan expects"
+    assert all(0 < s["proxy_ratio"] < 10 for s in stats.values())
+    for ed in [*one.values(), *two.values()]:
+        ed.close()

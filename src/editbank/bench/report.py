@@ -10,6 +10,7 @@ from .config import BenchConfig
 from .files import read_jsonl, write_json
 
 COLUMNS = ("reliability", "generalization", "locality", "OP", "seconds_per_edit")
+EXTRA = ("weight_drift", "realised_ratio", "proxy_ratio")  # summarised, not tabled: locate methods' write figures
 
 
 def _stats(xs: list[float | None]) -> dict[str, float] | None:
@@ -29,7 +30,7 @@ def summarize(out: Path, methods: list[str]) -> dict[str, Any]:
             table.append({"method": m, "T": t, "protocol": cell[0]["protocol"],
                           "seeds": sorted(r["seed"] for r in cell),
                           **{k: _stats([r.get(k) for r in cell]) for k in (*COLUMNS, "portability",
-                                                                            "weight_drift")}})
+                                                                            *EXTRA)}})
     rollback = []
     for m in methods:
         cell = [u for u in undo if u["method"] == m]

@@ -386,9 +386,13 @@ class Cell:
             row["OP"] = op_score(row)
             drift = ed._weight_drift().get("weight_drift")  # weight-writing methods: the largest ‖W − W0‖/‖W0‖
             row["weight_drift"] = max(drift.values()) if drift else None
+            for key in ("realised_ratio", "proxy_ratio"):  # locate methods: median over the T edits
+                vals = sorted(e.stats[key] for e in ed.edits()[:t] if e.stats and key in e.stats)
+                row[key] = vals[len(vals) // 2] if vals else None
             append_jsonl(self.out / "results.jsonl", [row])
             self.say(f"{self.method} seed {self.seed} T={t}: " + ", ".join(
-                f"{k} {row[k]:.3f}" for k in (*METRICS, "OP") if row[k] is not None) + f" ({protocol})")
+                f"{k} {row[k]:.3f}" for k in (*METRICS, "OP", "weight_drift", "realised_ratio", "proxy_ratio")
+                if row[k] is not None) + f" ({protocol})")
 
     def _undo(self) -> None:
         from ..evaluate.lifelong import rollback_eval

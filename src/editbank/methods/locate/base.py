@@ -179,7 +179,14 @@ class LocateMethod(Method):
         self.log.append(LogEntry(seq, [it.id for it in items], factors))
         del self.log[: -self.hparams.max_undo_log]
         realised = self.residual(last, requests) - target.h
-        ratio = ((realised * target.delta).sum(1) / target.delta.square().sum(1).clamp(min=1e-12)).tolist()
+
+        def along(v: torch.Tensor) -> list[float]:  # ⟨realised, v⟩ / ‖v‖² per request
+            return ((realised * v).sum(1) / v.square().sum(1).clamp(min=1e-12)).tolist()
+
+        ratio = along(target.delta)
+        predicted = extra.pop("_predicted", None)  # MetaKE: the realisation its proxy planned for
+        if predicted is not None:
+            extra["proxy_ratio"] = along(predicted)
         return [
             {"loss": target.nll[r], "steps": target.steps, "delta_norm": float(target.delta[r].norm()),
              "realised_ratio": float(ratio[r]), **{k: v[r] for k, v in extra.items()}}

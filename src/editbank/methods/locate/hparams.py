@@ -108,8 +108,13 @@ class MetaKEHparams(AlphaEditHparams):
     """MetaKE: AlphaEdit's write with the target learned through the solver's transfer matrix."""
 
     max_plan_factor: float = 10.0  # ‖D‖ ≤ max_plan_factor × clamp_norm_factor × ‖h‖ (the plan may overshoot)
+    # the solver the plan sees: "last" (the last edited layer's transfer) or "all" (every edited layer's share of
+    # the write, chained as the multi-layer write spreads the residual; docs/methods/locate.md)
+    proxy: str = "last"
 
     def validate(self) -> None:
         super().validate()
         if not self.max_plan_factor >= 1:
             raise ValueError("max_plan_factor must be >= 1")
+        if self.proxy not in ("last", "all"):
+            raise ValueError(f"proxy must be 'last' or 'all', got {self.proxy!r}")
