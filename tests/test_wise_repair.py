@@ -368,7 +368,7 @@ def test_similarity_batching_groups_similar_features(small_world, world_requests
     assert list(map(len, spread)) == [2, 2, 2] and all(len(set(b) & {0, 2, 4}) == 1 for b in spread), spread
     m.hparams.batch_size = 4  # sizes [4, 1] as in the similar batches: a shard still gets save_freq edits
     assert list(map(len, m.mech.batches([0, 1, 2, 3, 4]))) == [4, 1]
-    assert m.counts["grouped_calls"] == 3 and m.mech.batches([0, 1, 2, 3]) == [[0, 1, 2, 3]]
+    assert m.counts["groupings"] == 3 and m.mech.batches([0, 1, 2, 3]) == [[0, 1, 2, 3]]
     m.hparams.batch_size = 2
     m.hparams.similarity_batching = False
     assert m._mechanisms().batches([0, 1, 2, 3, 4]) == [[0, 1], [2, 3], [4]]

@@ -49,7 +49,7 @@ from .base import register
 from .repair_mechanisms import Distillation, Feedback, LossAwareMerge, SimilarityBatching, Steer
 from .wise import Mechanisms, Wise, WiseHparams
 
-COUNTS = ("grouped_calls", "reclustered", "merges_weighted", "weight_spread", "weight_reach", "triggers",
+COUNTS = ("groupings", "reclustered", "merges_weighted", "weight_spread", "weight_reach", "triggers",
           "reintegrations", "fresh_memories", "recovered", "rejected", "given_up", "decays", "lr_adjusts",
           "rollbacks")
 

@@ -29,7 +29,7 @@ class SimilarityBatching:
         b = self.r.hparams.batch_size
         if len(ids) <= b:  # nothing to group: a call of at most one batch
             return [ids]
-        self.r.counts["grouped_calls"] += 1
+        self.r.counts["groupings"] += 1
         feats = F.normalize(torch.stack([self.r.acts[e] for e in ids]), dim=1)
         sim = feats @ feats.T
         similar = similar_batches(sim, b)
