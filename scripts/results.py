@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # SoLA's key configurations compared on one build: the defaults (last token + pooled embeddings, whitened by the
 # paraphrase whitening, alpha_quantile 3e-4) and the previous defaults (last token, PCA whitening, 1e-4)
 SOLA_KEYS = {"pooled": {}, "last": {"key": "last", "whitening": "pca"}}
+# norm control (issue 25): AlphaEdit and MetaKE without it and with the values chosen on the dev world
+NORM = {"off": {}, "on": {"alphaedit": {"norm_control": 0.01}, "metake": {"norm_control": 0.03}}}
 ORDER = ("sola", "grace", "ft", "wise", "repair", "rome", "memit", "alphaedit", "metake")
 PUBLISHED = ROOT / "scripts" / "published.md"
 
@@ -104,7 +106,8 @@ def main() -> None:
     ap.add_argument("--counterfact", default=str(ROOT.parent / "shared" / "data" / "easyedit_counterfact-val.json"))
     ap.add_argument("--zsre", default=str(ROOT.parent / "shared" / "data" / "zsre_mend_train-1k.json"))
     ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-pooled-world,"
-                    "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite",
+                    "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite,norm-off-world,norm-on-world,"
+                    "norm-off-suite,norm-on-suite",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--report", action="store_true",
@@ -132,6 +135,9 @@ def main() -> None:
         **{f"sola-keys-{keys}-{data}": BenchConfig(methods=["sola"], data=data, edits=ints(args.edits),
                                                    hparams={"sola": hp})
            for keys, hp in SOLA_KEYS.items() for data in ("world", "suite")},
+        # norm control for sequential locate writes (issue 25), batches of 100
+        **{f"norm-{k}-{data}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], hparams=hp)
+           for k, hp in NORM.items() for data in ("world", "suite")},
     }
     chosen = [x for x in args.runs.split(",") if x]  # --runs "": only rewrite RESULTS.md
     unknown = sorted(set(chosen) - set(runs))
@@ -191,6 +197,28 @@ def sola_keys_section(out: Path) -> list[str]:
     return lines
 
 
+def norm_section(out: Path) -> list[str]:
+    """AlphaEdit and MetaKE with and without norm control, dev world and suite, on one build."""
+    runs = {(k, d): out / f"norm-{k}-{d}" for k in NORM for d in ("world", "suite")}
+    if not all((r / "summary.json").exists() for r in runs.values()):
+        return not_run("Norm control for sequential locate writes", "norm-off-world,...",
+                       "Four runs (`norm-{off,on}-{world,suite}`).")
+    lines = ["## Norm control for sequential locate writes (issue 25)", "",
+             "AlphaEdit and MetaKE in sequential batches of 100, without norm control and with it (`norm_control` "
+             "0.01 for AlphaEdit and 0.03 for MetaKE: each write also minimises mu ||W + dW - W0||^2, mu = "
+             "norm_control x tr(C); the values were chosen on the dev world, docs/methods/locate.md has the sweep), on "
+             "this machine's builds of the worlds in one session (compare within this section). The largest T is "
+             "every editable fact of each world.", ""]
+    for k, label in (("off", "without norm control"), ("on", "with norm control")):
+        summary = json.loads((runs[(k, "suite")] / "summary.json").read_text(encoding="utf-8"))
+        lines += [f"### Suite, {label}", "", f"Run directory: `{runs[(k, 'suite')].relative_to(ROOT)}`. Mean ± "
+                  f"sample standard deviation over the {len(summary['parts'])} worlds.", ""]
+        lines += mean_table(summary["table"], len(summary["parts"])) + [""]
+        lines += section(f"Dev world, {label}", runs[(k, "world")], "The dev world (the values chosen here).",
+                         level="###")
+    return lines
+
+
 def write_results(out: Path) -> None:
     world_note = ("**Dev world.** The built-in default world: a 3-layer x 128 Llama trained on 500 invented facts "
                   "(350 editable: 20% of the subjects are its calibration part and 10% its locality controls; T is "
@@ -241,6 +269,7 @@ def write_results(out: Path) -> None:
         else:
             lines += not_run(title, name, note)
     lines += sola_keys_section(out)
+    lines += norm_section(out)
     lines += PUBLISHED.read_text(encoding="utf-8").splitlines()
     (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
