@@ -573,3 +573,33 @@ def test_monitoring_rolls_a_diverging_memory_back_and_adjusts_a_stagnating_rate(
     ed.edit(world_requests[:2], check=False)
     assert ed.method.counts["lr_adjusts"] >= 1 and ed.method.counts["rollbacks"] == 0
     ed.close()
+
+
+@pytest.mark.parametrize("method", ["wise", "repair"])
+def test_the_default_layer_is_never_the_last_and_old_stores_keep_theirs(small_world, world_requests, tmp_path,
+                                                                       method):
+    from editbank.store import EditStore
+
+    ed = open_editor(small_world, tmp_path, method=method, name="new.db")
+    n = ed.method.arch.num_layers
+    assert ed.method.layer == max(0, min(ed.method.arch.default_layers(1)[0], n - 2)) < n - 1
+    ed.close()
+    path = tmp_path / "old.db"
+    ed = open_editor(small_world, tmp_path, method=method, name="old.db", avoid_last_layer=False)
+    old_layer = ed.method.layer
+    assert old_layer == ed.method.arch.default_layers(1)[0]
+    ed.edit(world_requests[:2], check=False)
+    want = [logits_of(ed, r) for r in world_requests[:3]]
+    ed.close()
+    store = EditStore(path)  # a store from before the field existed
+    hp = store.get_meta("hparams")
+    del hp["avoid_last_layer"]
+    store.set_meta("hparams", hp)
+    store.close()
+    from editbank import load_model
+
+    model, tok = load_model(small_world.path)
+    with Editor(model, tok, store=path, corpus=small_world.fact_prompts()) as ed:
+        assert ed.method.layer == old_layer
+        for r, w in zip(world_requests[:3], want):
+            assert torch.equal(logits_of(ed, r), w)

@@ -124,7 +124,7 @@ class Repair(Wise):
     easyedit_names = ("wise", "repair")  # REPAIR reads WISE's files (WISE's rules)
     # stores made before progressive intervention and monitoring existed trained without them (their feedback
     # and distillation filter follow the current rules when a replay recomputes them)
-    stored_defaults = {"progressive": False, "monitor": False}
+    stored_defaults = {**Wise.stored_defaults, "progressive": False, "monitor": False}
 
     def _mechanisms(self) -> Mechanisms:
         hp = self.hparams
