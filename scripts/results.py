@@ -172,51 +172,50 @@ TUNING = ("**What was tuned where.** The default world is the dev world: every d
           "in the last section, beside the previous ones on one build.")
 
 
-def sola_keys_section(out: Path) -> list[str]:
-    """SoLA's routing keys, the defaults against the previous defaults, dev world and suite, measured on one build."""
-    runs = {(k, d): out / f"sola-keys-{k}-{d}" for k in SOLA_KEYS for d in ("world", "suite")}
+def paired_section(out: Path, prefix: str, variants: dict[str, str], title: str, intro: str, dev_note: str
+                   ) -> list[str]:
+    """Runs `<prefix>-<variant>-{world,suite}` side by side: per variant, the suite's mean table and the dev world."""
+    runs = {(k, d): out / f"{prefix}-{k}-{d}" for k in variants for d in ("world", "suite")}
     if not all((r / "summary.json").exists() for r in runs.values()):
-        return not_run("SoLA's keys: the defaults against the previous ones", "sola-keys-pooled-world,...",
-                       "Four runs (`sola-keys-{pooled,last}-{world,suite}`).")
-    lines = ["## SoLA's keys: the defaults against the previous ones (issue 21)", "",
-             "SoLA alone, with its defaults (`key=\"last+pooled\"`: the master input at the last prompt token and the "
-             "prompt's token embeddings averaged; `whitening=\"paraphrase\"`: whitened by the spread of the "
-             "calibration part's paraphrase groups; alpha_quantile 3e-4) and with the previous defaults "
-             "(`key=\"last\"`, `whitening=\"pca\"`, 1e-4), on the dev world and the suite, all four runs on this "
-             "machine's builds of the worlds in one session (the sections above are other builds: compare within "
-             "this section). The "
-             "defaults were chosen on the dev world (docs/methods/sola.md has the sweep).", ""]
-    for keys, label in (("pooled", "defaults: last + pooled keys, paraphrase whitening"),
-                        ("last", "previous defaults: last-token keys, PCA whitening")):
-        summary = json.loads((runs[(keys, "suite")] / "summary.json").read_text(encoding="utf-8"))
-        lines += [f"### Suite, {label}", "", f"Run directory: `{runs[(keys, 'suite')].relative_to(ROOT)}`. Mean ± "
-                  f"sample standard deviation over the {len(summary['parts'])} worlds.", ""]
-        lines += mean_table(summary["table"], len(summary["parts"])) + [""]
-        lines += section(f"Dev world, {label}", runs[(keys, "world")], "The dev world (defaults chosen here).",
-                         level="###")
-    return lines
-
-
-def norm_section(out: Path) -> list[str]:
-    """AlphaEdit and MetaKE with and without norm control, dev world and suite, on one build."""
-    runs = {(k, d): out / f"norm-{k}-{d}" for k in NORM for d in ("world", "suite")}
-    if not all((r / "summary.json").exists() for r in runs.values()):
-        return not_run("Norm control for sequential locate writes", "norm-off-world,...",
-                       "Four runs (`norm-{off,on}-{world,suite}`).")
-    lines = ["## Norm control for sequential locate writes (issue 25)", "",
-             "AlphaEdit and MetaKE in sequential batches of 100, without norm control and with it (`norm_control` "
-             "0.01 for AlphaEdit and 0.03 for MetaKE: each write also minimises mu ||W + dW - W0||^2, mu = "
-             "norm_control x tr(C); the values were chosen on the dev world, docs/methods/locate.md has the sweep), on "
-             "this machine's builds of the worlds in one session (compare within this section). The largest T is "
-             "every editable fact of each world.", ""]
-    for k, label in (("off", "without norm control"), ("on", "with norm control")):
+        first = next(iter(variants))
+        return not_run(title, f"{prefix}-{first}-world,...",
+                       f"Four runs (`{prefix}-{{{','.join(variants)}}}-{{world,suite}}`).")
+    lines = [f"## {title}", "", intro, ""]
+    for k, label in variants.items():
         summary = json.loads((runs[(k, "suite")] / "summary.json").read_text(encoding="utf-8"))
         lines += [f"### Suite, {label}", "", f"Run directory: `{runs[(k, 'suite')].relative_to(ROOT)}`. Mean ± "
                   f"sample standard deviation over the {len(summary['parts'])} worlds.", ""]
         lines += mean_table(summary["table"], len(summary["parts"])) + [""]
-        lines += section(f"Dev world, {label}", runs[(k, "world")], "The dev world (the values chosen here).",
-                         level="###")
+        lines += section(f"Dev world, {label}", runs[(k, "world")], dev_note, level="###")
     return lines
+
+
+def sola_keys_section(out: Path) -> list[str]:
+    """SoLA's routing keys, the defaults against the previous defaults, dev world and suite, measured on one build."""
+    return paired_section(
+        out, "sola-keys", {"pooled": "defaults: last + pooled keys, paraphrase whitening",
+                           "last": "previous defaults: last-token keys, PCA whitening"},
+        "SoLA's keys: the defaults against the previous ones (issue 21)",
+        "SoLA alone, with its defaults (`key=\"last+pooled\"`: the master input at the last prompt token and the "
+        "prompt's token embeddings averaged; `whitening=\"paraphrase\"`: whitened by the spread of the "
+        "calibration part's paraphrase groups; alpha_quantile 3e-4) and with the previous defaults "
+        "(`key=\"last\"`, `whitening=\"pca\"`, 1e-4), on the dev world and the suite, all four runs on this "
+        "machine's builds of the worlds in one session (the sections above are other builds: compare within "
+        "this section). The defaults were chosen on the dev world (docs/methods/sola.md has the sweep).",
+        "The dev world (defaults chosen here).")
+
+
+def norm_section(out: Path) -> list[str]:
+    """AlphaEdit and MetaKE with and without norm control, dev world and suite, on one build."""
+    return paired_section(
+        out, "norm", {"off": "without norm control", "on": "with norm control"},
+        "Norm control for sequential locate writes (issue 25)",
+        "AlphaEdit and MetaKE in sequential batches of 100, without norm control and with it (`norm_control` "
+        "0.01 for AlphaEdit and 0.03 for MetaKE: each write also minimises mu ||W + dW - W0||^2, mu = "
+        "norm_control x tr(C); the values were chosen on the dev world, docs/methods/locate.md has the sweep), on "
+        "this machine's builds of the worlds in one session (compare within this section). The largest T is "
+        "every editable fact of each world.",
+        "The dev world (the values chosen here).")
 
 
 def write_results(out: Path) -> None:

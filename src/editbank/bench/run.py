@@ -375,7 +375,8 @@ class Cell:
                                                          "locality": sum(loc) / len(loc) if loc else None}])
         if t in evals:
             rep = evaluate(ed, self.reqs[:t], protocol)
-            ids = [e.id for e in ed.edits()][:t]
+            edits = ed.edits()[:t]
+            ids = [e.id for e in edits]
             records = [{**self.key, "T": t, "index": i, "edit_id": e, "protocol": protocol, **rec}
                        for i, (e, rec) in enumerate(zip(ids, rep["records"]))]
             append_jsonl(self.out / "records.jsonl", records)
@@ -387,7 +388,7 @@ class Cell:
             drift = ed._weight_drift().get("weight_drift")  # weight-writing methods: the largest ‖W − W0‖/‖W0‖
             row["weight_drift"] = max(drift.values()) if drift else None
             for key in ("realised_ratio", "proxy_ratio"):  # locate methods: median over the T edits
-                vals = sorted(e.stats[key] for e in ed.edits()[:t] if e.stats and key in e.stats)
+                vals = sorted(e.stats[key] for e in edits if e.stats and key in e.stats)
                 row[key] = vals[len(vals) // 2] if vals else None
             append_jsonl(self.out / "results.jsonl", [row])
             self.say(f"{self.method} seed {self.seed} T={t}: " + ", ".join(
