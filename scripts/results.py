@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--zsre", default=str(ROOT.parent / "shared" / "data" / "zsre_mend_train-1k.json"))
     ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-pooled-world,"
                     "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite,norm-off-world,norm-on-world,"
-                    "norm-off-suite,norm-on-suite",
+                    "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm1-off-suite,norm1-on-suite",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--report", action="store_true",
@@ -138,6 +138,11 @@ def main() -> None:
         # norm control for sequential locate writes (issue 25), batches of 100
         **{f"norm-{k}-{data}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], hparams=hp)
            for k, hp in NORM.items() for data in ("world", "suite")},
+        **{f"norm-{k}-zsre": BenchConfig(methods=["alphaedit", "metake"], data=f"zsre:{args.zsre}", edits=[100, 1000],
+                                         hparams=hp) for k, hp in NORM.items()},
+        # ... and one edit per call (the norm-aware papers' sequential protocol)
+        **{f"norm1-{k}-suite": BenchConfig(methods=["alphaedit", "metake"], data="suite", edits=[100, 1000], batch=1,
+                                           hparams=hp) for k, hp in NORM.items()},
     }
     chosen = [x for x in args.runs.split(",") if x]  # --runs "": only rewrite RESULTS.md
     unknown = sorted(set(chosen) - set(runs))

@@ -52,7 +52,7 @@ LOCATE = {"fact_token": "subject_last", "v_num_grad_steps": 5, "v_lr": 0.5, "v_w
 EXPECTED = {
     "wise": {"layer": 1, "mask_ratio": 0.2, "edit_lr": 1.0, "n_iter": 5, "norm_constraint": 1.0,
              "act_margin": [5.0, 20.0, 10.0], "act_ratio": 0.88, "save_freq": 5, "merge_freq": 10,
-             "merge_alg": "ties", "densities": 0.53, "retrieve": True, "replay": False},
+             "merge_alg": "ties", "densities": 0.53, "retrieve": True},
     "grace": {"layer": 1, "edit_lr": 1.0, "n_iter": 10, "eps_init": 0.1},
     "rome": {**LOCATE, "layers": [1], "mom2_n_samples": 1000, "mom2_adjustment": True},
     "memit": {**LOCATE, "layers": [0, 1], "mom2_update_weight": 15000, "mom2_n_samples": 1000},

@@ -10,6 +10,7 @@ from editbank.methods.base import build_hparams
 from editbank.methods.easyedit import translate
 from editbank.methods.repair import RepairHparams
 from editbank.methods.wise import Wise, WiseHparams
+from editbank.store import EditStore, StoreMismatchError
 from editbank.tokens import make_batch
 
 FAST = {"n_prefixes": 2, "n_iter": 30, "edit_lr": 3.0}
@@ -413,11 +414,29 @@ def test_easyedit_yaml_keys_port_over():
     assert build_hparams(WiseHparams, hp).merge_alg == "ties"
     with pytest.raises(ValueError, match="unknown WISE hyperparameter"):
         translate("wise", {"edit_lrr": 1.0})
+    with pytest.raises(ValueError, match="replay of past edits while writing is not implemented"):
+        translate("wise", {"replay": True})
+
+
+def test_a_store_made_with_the_retired_replay_field_reopens(world_model, tmp_path):
+    model, tok = world_model
+
+    def stored_replay(value: bool) -> None:  # what older versions wrote into the store's hyperparameters
+        store = EditStore(tmp_path / "s.db")
+        store.set_meta("hparams", {**store.get_meta("hparams"), "replay": value})
+        store.close()
+
+    Editor(model, tok, method="wise", store=tmp_path / "s.db").close()
+    stored_replay(False)
+    Editor(model, tok, store=tmp_path / "s.db").close()
+    stored_replay(True)
+    with pytest.raises(StoreMismatchError, match="replay=True"):
+        Editor(model, tok, store=tmp_path / "s.db")
 
 
 @pytest.mark.parametrize("bad, match", [
     ({"merge_freq": 7, "save_freq": 5}, "multiple of save_freq"),
-    ({"replay": True}, "not implemented"),
+    ({"replay": False}, "unknown hyperparameter"),  # retired (see the store test above)
     ({"act_margin": [1.0, 2.0]}, "alpha, beta, gamma"),
     ({"merge_alg": "mean"}, "merge_alg"),
     ({"route_by": "cosine"}, "route_by"),

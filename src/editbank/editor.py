@@ -108,6 +108,11 @@ class Editor:
         cls = mbase.get_method(name)
         stored = self.store.get_meta("hparams")
         if stored is not None:
+            for k, only in cls.retired_hparams.items():  # a field that no longer exists: gone, if it held its value
+                value = stored.pop(k, only)
+                if value != only:
+                    raise StoreMismatchError(f"store {self.store.path} was made with {k}={value!r}, which this "
+                                             f"version of {name!r} no longer has")
             stored = {**cls.stored_defaults, **stored}
         if stored is not None and hparams:
             base = dataclasses.asdict(mbase.build_hparams(cls.Hparams, stored))

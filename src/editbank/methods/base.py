@@ -163,6 +163,7 @@ class PerThread(threading.local):
 
     route: Route | None = None
     enabled: bool = True
+    pending: dict | None = None  # the locate methods' private weights while computing beside readers
 
 
 class Method:
@@ -192,13 +193,16 @@ class Method:
     # values for hyperparameters a store made before they existed does not record: what that store's edits were
     # made with (a new default must not reinterpret an old store's state)
     stored_defaults: ClassVar[dict[str, Any]] = {}
+    # hyperparameters removed from the class, with the one value a store made before may hold (dropped on load)
+    retired_hparams: ClassVar[dict[str, Any]] = {}
     # True: every edit lives in the weights `touched_parameters` names, so the edited model's own
     # `save_pretrained` checkpoint holds them (FT-L, the locate family); False: edits live in routed side state
     # (adapters, codebooks, side memories) that a plain checkpoint cannot hold
     edits_in_weights: ClassVar[bool] = False
-    # True: `pretrain` does an edit's heavy work against the frozen base model without changing the method,
-    # while other threads keep running forwards; `apply` then only installs the result (a server computes
-    # edits without stalling readers). False: the whole edit needs the model to itself
+    # True: `pretrain` does an edit's heavy work (training against the frozen base, or a closed-form update
+    # computed on private copies of the weights it writes) without changing the method or what other threads'
+    # forwards see; `apply` then only installs the result (a server computes edits without stalling readers).
+    # False: the whole edit needs the model to itself (it trains in place)
     trains_beside_readers: ClassVar[bool] = False
 
     def __init__(self, model, tokenizer, arch, hparams) -> None:
@@ -217,6 +221,7 @@ class Method:
         # an edit's request by id, from the store (set by the editor): state refers to edits by id, never re-saves
         # what the store holds
         self.request_of: Callable[[int], EditRequest] | None = None
+        self._pretrained: dict = {}  # what `pretrain` computed, for the `apply` inside `pretrained(...)`
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -277,15 +282,24 @@ class Method:
         self.reset()
         self.load_state_dict(*checkpoint)
 
-    def pretrain(self, requests: list[EditRequest]) -> Any:
-        """The work of editing `requests` that needs only the frozen base model (`trains_beside_readers`),
-        as an object `apply` accepts through `pretrained(...)`; it changes nothing. The default has none."""
+    def pretrain(self, requests: list[EditRequest]) -> dict | None:
+        """The heavy work of editing `requests` (`trains_beside_readers`), done without changing the method or
+        what other threads' forwards see: a dict `apply` takes its results from inside `pretrained(...)`, keyed
+        as the method looks them up (`take_pretrained`). None: not possible now; `apply` computes everything."""
         return None
 
     @contextmanager
-    def pretrained(self, work: Any) -> Iterator[None]:
+    def pretrained(self, work: dict | None) -> Iterator[None]:
         """Let the `apply` calls inside the block use `work` from `pretrain` (None: compute everything)."""
-        yield
+        previous, self._pretrained = self._pretrained, dict(work or {})
+        try:
+            yield
+        finally:
+            self._pretrained = previous
+
+    def take_pretrained(self, key: Any) -> Any:
+        """`pretrain`'s result under `key`, once (None: compute it now)."""
+        return self._pretrained.pop(key, None)
 
     # -- routing and switching ------------------------------------------------------------------
     @property

@@ -58,6 +58,7 @@ class Grace(Routed):
     # undo is exact unless later edits touched or read the same entries: then the editor replays from its last snapshot
     # (the small mutable part: radii, owners; the entries themselves are each edit's artifacts, written once)
     state_in_artifacts = True
+    trains_beside_readers = True  # a value trains alone under the training override (see `pretrain`)
     easyedit_rules = {
         "inner_params": ee.inner_params,
         "edit_lr": ee.to("edit_lr"),
@@ -166,6 +167,17 @@ class Grace(Routed):
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         return [self._apply_one(it) for it in items]
 
+    def pretrain(self, requests) -> dict[tuple[str, str], tuple]:
+        """Train the requests' values now (each alone, under the training override in this thread; the codebook
+        is not touched), for an `apply` inside `pretrained(...)` to install: an edit that only widens an entry
+        leaves its value unused."""
+        work = {}
+        with torch.enable_grad():
+            for r in requests:
+                _, out, batch = self._key_and_output(r.prompt, r.target)
+                work[(r.prompt, r.target)] = self._train(batch, out)
+        return work
+
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req, eid = item.request, item.id
         key, out, batch = self._key_and_output(req.prompt, req.target)
@@ -221,8 +233,9 @@ class Grace(Routed):
         return bool((logits[0, q : q + t].argmax(-1) == batch.input_ids[0, q + 1 : q + 1 + t]).all())
 
     def _add_entry(self, item: EditItem, key, out, batch, eps: float, log: dict, stats: dict) -> dict[str, Any]:
-        """Train the new entry's values and append it to the codebook."""
-        value, loss, steps = self._train(batch, out)
+        """Train the new entry's values (or take what `pretrain` trained) and append it to the codebook."""
+        trained = self.take_pretrained((item.request.prompt, item.request.target))
+        value, loss, steps = trained if trained is not None else self._train(batch, out)
         self.keys = torch.cat([self.keys, key[None]])
         width = max(self.values.shape[1], value.shape[0])
         self.values = torch.cat([_pad_positions(self.values, width), _pad_positions(value[None], width)])

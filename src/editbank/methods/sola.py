@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,7 +188,6 @@ class Sola(Routed):
             self.hook(m, self._make_hook(i))
         if "pooled" in hparams.key:  # the pooled key reads this forward's token embeddings
             self.hook(self.embeddings, self._embedding_hook)
-        self._pretrained: dict[tuple[str, str], tuple] = {}  # (prompt, target) -> `_train`'s result (pretrain)
         self.reset()
 
     def reset(self) -> None:
@@ -434,14 +432,6 @@ class Sola(Routed):
         with torch.enable_grad():
             return {(r.prompt, r.target): self._train(r.prompt, r.target) for r in requests}
 
-    @contextmanager
-    def pretrained(self, work):
-        previous, self._pretrained = self._pretrained, dict(work or {})
-        try:
-            yield
-        finally:
-            self._pretrained = previous
-
     @torch.no_grad()
     def key_of(self, prompt: str) -> torch.Tensor:
         """The routing key of a prompt (`key`: the master module's input at its last token and/or its pooled
@@ -474,7 +464,7 @@ class Sola(Routed):
                 eid = owners[s]
                 if same_prompt or (req.key is not None and req.key == self.facts[eid]):
                     covered.append(eid)
-        trained = self._pretrained.pop((req.prompt, req.target), None)  # the same numbers `_train` gives now
+        trained = self.take_pretrained((req.prompt, req.target))  # the same numbers `_train` gives now
         A, B, loss, steps = trained if trained is not None else self._train(req.prompt, req.target)
         for eid in covered:  # the newer edit supersedes what covered this fact before
             self.bank.set_active(eid, False)

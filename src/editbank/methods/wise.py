@@ -80,7 +80,6 @@ class WiseHparams:
     densities: float = 0.53
     retrieve: bool = True  # Retrieve mode (one memory per merge) vs Merge mode (one memory for everything)
     merge_fit: bool = False  # ours: refit a merged memory that fails one of its own edits (see REPAIR's module doc)
-    replay: bool = False  # EasyEdit's replay of past edits while writing: not implemented (must stay False)
     n_prefixes: int = 10  # random corpus prefixes the prompt is also trained behind
     n_irrelevant: int = 1  # corpus prompts each edit's margin keeps below alpha (the paper: 1, its locality probe)
     stop_loss: float = 1e-2  # stop a batch once its whole loss is below this
@@ -107,8 +106,6 @@ class WiseHparams:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.route_by not in ("score", "ratio", "key"):
             raise ValueError(f"route_by must be 'score', 'ratio' or 'key', got {self.route_by!r}")
-        if self.replay:
-            raise ValueError("replay=True is not implemented")
         if self.undo not in UNDO_MODES:
             raise ValueError(f"undo must be one of {UNDO_MODES}, got {self.undo!r}")
         if not 0 <= self.key_threshold <= 1:
@@ -169,7 +166,8 @@ class Wise(Routed):
     easyedit_rules = {
         "inner_params": ee.inner_params,
         **{k: ee.to(k) for k in ("edit_lr", "n_iter", "norm_constraint", "act_margin", "act_ratio", "mask_ratio",
-                                 "save_freq", "merge_freq", "merge_alg", "densities", "retrieve", "replay")},
+                                 "save_freq", "merge_freq", "merge_alg", "densities", "retrieve")},
+        "replay": ee.choice({False: {}}, "EasyEdit's replay of past edits while writing is not implemented"),
         "objective_optimization": ee.drop("EasyEdit's objective setting: editbank trains on the target tokens only"),
         "weights": ee.drop("EasyEdit's one merge weight for every shard: editbank weighs shards equally, as WISE "
                            "does"),
@@ -177,6 +175,7 @@ class Wise(Routed):
     easyedit_names = ("wise",)
     reopen_hparams = frozenset({"undo"})  # the undo mode may be chosen anew whenever a store is opened
     stored_defaults = {"avoid_last_layer": False}  # stores made before it took the upper-middle layer as it was
+    retired_hparams = {"replay": False}  # EasyEdit's replay, never implemented
 
     def __init__(self, model, tokenizer, arch, hparams: WiseHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)

@@ -1,11 +1,14 @@
 """Context-managed tracing and patching of module inputs/outputs (baukit `nethook` style).
 
 Every manager removes the hooks it registered when its block exits, also when the block raises, so a
-failed edit never leaves a model with stray hooks.
+failed edit never leaves a model with stray hooks. A hook acts only on the forwards of the thread that registered
+it: an edit computed in one thread (tracing keys, patching a layer) never sees or changes the forwards other
+threads run through the same model meanwhile (a server's completions).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -52,10 +55,19 @@ def _detach(x: Any, detach: bool) -> Any:
 
 @contextmanager
 def forward_hooks(hooks: list[tuple[nn.Module, Callable]], *, with_kwargs: bool = False) -> Iterator[None]:
-    """Register forward hooks for the duration of the block; always removes them on exit."""
+    """Register forward hooks for the duration of the block, acting on this thread's forwards only; always
+    removes them on exit."""
+    owner = threading.get_ident()
+
+    def owned(fn: Callable) -> Callable:
+        def hook(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs) if threading.get_ident() == owner else None
+
+        return hook
+
     with ExitStack() as stack:
         for module, fn in hooks:
-            stack.callback(module.register_forward_hook(fn, with_kwargs=with_kwargs).remove)
+            stack.callback(module.register_forward_hook(owned(fn), with_kwargs=with_kwargs).remove)
         yield
 
 

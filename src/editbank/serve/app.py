@@ -232,7 +232,7 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
                 raise HTTPException(400, str(exc)) from None
             started = time.perf_counter()
             try:
-                work = editor.pretrain(reqs)  # SoLA trains here while completions go on; others return None
+                work = editor.pretrain(reqs)  # computed while completions go on (`trains_beside_readers`), else None
                 with guard.write():  # a list is checked unless all its items say no
                     edits = editor.edit(reqs, check=any(b.check for b in items), pretrained=work)
                     state["active"] = len(editor.edits("active"))

@@ -1,8 +1,9 @@
 """The locks around the model: a completion sees a whole state (before or after an edit, never during one).
 
-Edits run one at a time (the edit lock). An edit's heavy part, where the method can do it against the frozen
-base model (`Method.trains_beside_readers`: SoLA trains its LoRA alone), runs while completions go on; only
-installing it (and the store transaction, and the check that it took) holds the model lock, briefly.
+Edits run one at a time (the edit lock). An edit's heavy part, where the method can compute it without changing
+what readers see (`Method.trains_beside_readers`: SoLA and GRACE train against the frozen base, the locate methods
+write private copies of their weights), runs while completions go on; only installing it (and the store
+transaction, and the check that it took) holds the model lock, briefly.
 """
 
 from __future__ import annotations

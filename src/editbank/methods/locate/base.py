@@ -6,15 +6,22 @@ sum, rebuilt from them on load, so the store never rewrites a whole (in × in) m
 stored as low-rank factors (U, V) per layer in an undo log on the method (the newest `max_undo_log` writes), so
 undoing the newest edit subtracts U Vᵀ and rebuilds C_p without its keys; older edits return False and the editor
 restores a snapshot and replays.
+
+A write can also be computed beside a server's readers (`pretrain`): in the computing thread alone, the edited
+modules compute with private copies of their weights, which the write goes into, so other threads keep seeing
+the model as it was; installing then adds the same factors to the real weights, which gives the same numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ...models.hooks import patch
 from ...models.loading import model_fingerprint
 from .. import easyedit as ee
 from ..base import EditItem, Method
@@ -42,11 +49,22 @@ class LogEntry:
     factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+class _WithWeight:
+    """A module seen with another weight tensor: its class's own forward computes with it."""
+
+    def __init__(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
+        self.module, self.weight = module, weight
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
 class LocateMethod(Method):
     """Base of ROME, MEMIT, AlphaEdit and MetaKE."""
 
     needs_subject = True
     edits_in_weights = True
+    trains_beside_readers = True  # a write is computed on private copies of the edited weights (see `pretrain`)
     bench_batch = 100  # the AlphaEdit protocol: sequential batches of 100
     easyedit_rules = {  # what ROME, MEMIT and AlphaEdit files share; each method adds its own
         **{k: ee.to(k) for k in ("layers", "v_lr", "v_num_grad_steps", "kl_factor", "mom2_n_samples")},
@@ -84,8 +102,31 @@ class LocateMethod(Method):
         return {f"{self.paths[layer]}.weight": self.modules[layer].weight for layer in self.layers}
 
     def weight(self, layer: int) -> torch.Tensor:
-        """Layer's MLP output weight as an (out, in) view, whatever the storage."""
-        return self.arch.weight_out_in(self.modules[layer])
+        """Layer's MLP output weight as an (out, in) view, whatever the storage (inside `_private`: this thread's
+        private copy)."""
+        m = self.modules[layer]
+        w = self.arch.weight_out_in(m)
+        pending = (self.thread.pending or {}).get(layer)
+        return w if pending is None else pending if w is m.weight else pending.t()
+
+    @contextmanager
+    def _private(self) -> Iterator[None]:
+        """In this thread only, the edited modules compute with private copies of their weights and the writes
+        (`_add`) go into those: what other threads' forwards see stays as it was."""
+        pending = {layer: m.weight.detach().clone() for layer, m in self.modules.items()}
+
+        def swap(layer: int):
+            module, weight = self.modules[layer], pending[layer]
+            return lambda mod, x, out: type(module).forward(_WithWeight(module, weight), x)
+
+        self.thread.pending = pending
+        try:
+            with ExitStack() as stack:
+                for layer in self.layers:
+                    stack.enter_context(patch(self.model, self.paths[layer], swap(layer)))
+                yield
+        finally:
+            self.thread.pending = None
 
     def drift(self, layer: int) -> torch.Tensor:
         """W − W0 of the layer, (out, in)."""
@@ -153,13 +194,32 @@ class LocateMethod(Method):
         for layer in self.layers:
             self.second_moment(layer)
 
-    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
-        return self._write(items)
+    def groups(self, requests: list) -> list[list]:
+        """The requests of one `apply`, in the writes it makes (one; ROME: one per request)."""
+        return [requests]
 
-    def _write(self, items: list[EditItem]) -> list[dict[str, Any]]:
-        """Plan targets for the batch, write them into every layer (ascending) and log the factors."""
-        requests = [it.request for it in items]
+    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
         self.prepare()
+        return [s for group in self.groups(items) for s in self._write(group)]
+
+    def pretrain(self, requests) -> dict[tuple, tuple] | None:
+        """Compute the requests' writes now on private copies of the edited weights (`_private`), for an `apply`
+        inside `pretrained(...)` to install. None before the key statistics exist (computing them swaps the
+        weights in place: `prepare` first) or for a batch that names a request twice."""
+        if any(layer not in self.mom2 for layer in self.layers):
+            return None
+        groups = self.groups(list(requests))
+        work = {_key(group): None for group in groups}
+        if len(work) < len(groups):
+            return None
+        with self._private():
+            for group in groups:
+                work[_key(group)] = self._compute(group)
+        return work
+
+    def _compute(self, requests) -> tuple[dict[int, tuple], list[dict[str, Any]]]:
+        """Plan targets for the batch and write them into every layer (ascending: each layer's keys are read with
+        the layers below written); return the factors per layer and the per-request stats."""
         prefixes = self.prefixes()
         target, extra = self._plan(requests, prefixes)
         last = self.layers[-1]
@@ -171,13 +231,6 @@ class LocateMethod(Method):
             u, v = self._solve(i, layer, keys, resid)
             self._add(layer, u, v)
             factors[layer] = (u.detach(), v.detach(), keys.detach())
-        seq = max(self.written, default=-1) + 1
-        self.written[seq] = {layer: keys for layer, (_, _, keys) in factors.items()}
-        if self.accumulates:
-            for layer, keys in self.written[seq].items():
-                self._accumulate(layer, keys)
-        self.log.append(LogEntry(seq, [it.id for it in items], factors))
-        del self.log[: -self.hparams.max_undo_log]
         realised = self.residual(last, requests) - target.h
 
         def along(v: torch.Tensor) -> list[float]:  # ⟨realised, v⟩ / ‖v‖² per request
@@ -187,11 +240,31 @@ class LocateMethod(Method):
         predicted = extra.pop("_predicted", None)  # MetaKE: the realisation its proxy planned for
         if predicted is not None:
             extra["proxy_ratio"] = along(predicted)
-        return [
+        return factors, [
             {"loss": target.nll[r], "steps": target.steps, "delta_norm": float(target.delta[r].norm()),
              "realised_ratio": float(ratio[r]), **{k: v[r] for k, v in extra.items()}}
-            for r in range(len(items))
+            for r in range(len(requests))
         ]
+
+    def _write(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        """One write: computed now (into the weights) or taken from `pretrain` (its factors added to the weights,
+        the same additions on the same values), then logged."""
+        requests = [it.request for it in items]
+        done = self.take_pretrained(_key(requests))
+        if done is None:
+            factors, stats = self._compute(requests)
+        else:
+            factors, stats = done
+            for layer, (u, v, _) in factors.items():
+                self._add(layer, u, v)
+        seq = max(self.written, default=-1) + 1
+        self.written[seq] = {layer: keys for layer, (_, _, keys) in factors.items()}
+        if self.accumulates:
+            for layer, keys in self.written[seq].items():
+                self._accumulate(layer, keys)
+        self.log.append(LogEntry(seq, [it.id for it in items], factors))
+        del self.log[: -self.hparams.max_undo_log]
+        return stats
 
     # -- undo -----------------------------------------------------------------------------------
     def remove(self, edit_id: int) -> bool:
@@ -257,3 +330,8 @@ class LocateMethod(Method):
                     k = self.written[int(seq)][layer] if k is None else k.to(dev).float()
                     factors[layer] = (*(tensors[f"log.{seq}.{layer}.{x}"].to(dev).float() for x in "UV"), k)
             self.log.append(LogEntry(int(seq), list(ids), factors))
+
+
+def _key(requests) -> tuple:
+    """What names one write's requests in `pretrain`'s result."""
+    return tuple((r.prompt, r.target, r.subject) for r in (getattr(x, "request", x) for x in requests))

@@ -8,12 +8,10 @@ written one request after another.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .. import easyedit as ee
-from ..base import EditItem, register
+from ..base import register
 from .base import LocateMethod
 from .hparams import ROMEHparams
 from .keys import lookup_rows, read_at
@@ -42,5 +40,5 @@ class ROME(LocateMethod):
         rows = lookup_rows(self.tokenizer, requests, [""], self.hparams.fact_token)
         return read_at(self.model, self.tokenizer, self.paths[self.layers[-1]], rows, len(requests), inputs=False)
 
-    def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
-        return [s for it in items for s in self._write([it])]
+    def groups(self, requests: list) -> list[list]:
+        return [[r] for r in requests]
