@@ -467,13 +467,13 @@ def route(
     store: StoreOpt = Path("edits.db"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Which SoLA edit would answer each prompt (none: the base model answers)."""
+    """Which edit would answer each prompt, for SoLA and GRACE (none: the base model answers)."""
     if not store.exists():
         _fail(f"no store at {store}")
     ed = _open(model, store, None, json_out=json_out, read_only=True)
     try:
         if not hasattr(ed.method, "routes"):
-            _fail(f"method {ed.method.name} has no content router (SoLA has)")
+            _fail(f"method {ed.method.name} has no content router (SoLA and GRACE have)")
         owners = ed.method.routes(list(prompts))
     finally:
         ed.close()

@@ -117,10 +117,7 @@ class Grace(Routed):
         if self.trainee is not None:  # training one entry's values: they replace every row's
             span = torch.full((b,), self._span_of(self.trainee.shape[0]), device=x.device)
             return torch.ones(b, dtype=torch.bool, device=x.device), self.trainee.expand(b, -1, -1), span, offsets
-        q = x[torch.arange(b, device=x.device), qidx]
-        d = torch.cdist(q.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
-        d = d.masked_fill(self.eps[None, :] < 0, float("inf"))  # superseded entries do not route
-        dmin, j = d.min(dim=1)
+        dmin, j = self.nearest(x[torch.arange(b, device=x.device), qidx])  # superseded entries do not route
         return dmin <= self.eps[j], self.values[j], self.span[j], offsets
 
     def _hook(self, module, inputs, output):
@@ -138,6 +135,33 @@ class Grace(Routed):
         v = torch.gather(values, 1, idx[..., None].expand(-1, -1, values.shape[2]))
         mask = (matched[:, None] & (offsets >= 0) & (offsets < span[:, None]))[..., None]
         return torch.where(mask, v.to(output.dtype), output)
+
+    # -- routing -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prompt_keys(self, prompts: list[str]) -> torch.Tensor:
+        """The routing keys [N, in] of prompts: the layer's input at each one's last token (the codebook off)."""
+        keys = []
+        for i in range(0, len(prompts), 64):
+            batch = make_batch(self.tokenizer, [(p, " x") for p in prompts[i : i + 64]], device=self.keys.device)
+            with self.disabled(), trace(self.model, self.path, outputs=False) as tr:
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            x = tr[self.path].input
+            keys.append(x[torch.arange(len(x), device=x.device), batch.query_index.to(x.device)].float())
+        return torch.cat(keys) if keys else self.keys.new_zeros((0, self.keys.shape[1]))
+
+    def nearest(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per key: the distance to the nearest entry that routes, and that entry (-1: none)."""
+        if not len(self.keys):
+            return keys.new_full((len(keys),), float("inf")), torch.full((len(keys),), -1)
+        d = torch.cdist(keys.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
+        dmin, j = d.masked_fill(self.eps[None, :] < 0, float("inf")).min(dim=1)
+        return dmin, j.masked_fill(~torch.isfinite(dmin), -1)  # -1: the last entry, never within its radius
+
+    def routes(self, prompts: list[str]) -> list[int | None]:
+        """The edit whose entry answers each prompt (None: no entry's radius covers its key)."""
+        dist, j = self.nearest(self.prompt_keys(prompts))
+        return [int(self.owner[k]) if k >= 0 and d <= float(self.eps[k]) else None
+                for d, k in zip(dist.tolist(), j.tolist())]
 
     # -- editing ----------------------------------------------------------------------------------
     def _key_and_output(self, prompt: str, target: str) -> tuple[torch.Tensor, torch.Tensor, Any]:

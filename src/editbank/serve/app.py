@@ -187,7 +187,7 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
     def route(body: RouteIn) -> dict[str, Any]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not hasattr(editor.method, "routes"):
-            raise HTTPException(400, f"method {editor.method.name} has no content router (SoLA has)")
+            raise HTTPException(400, f"method {editor.method.name} has no content router (SoLA and GRACE have)")
         with guard.read():
             owners = editor.method.routes(prompts)
         return {"object": "list", "data": [{"prompt": p, "edit": o} for p, o in zip(prompts, owners)]}
