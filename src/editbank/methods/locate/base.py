@@ -205,12 +205,13 @@ class LocateMethod(Method):
     def pretrain(self, requests) -> dict[tuple, tuple] | None:
         """Compute the requests' writes now on private copies of the edited weights (`_private`), for an `apply`
         inside `pretrained(...)` to install. None before the key statistics exist (computing them swaps the
-        weights in place: `prepare` first) or for a batch that names a request twice."""
+        weights in place: `prepare` first), for a batch that names a request twice, or for several writes whose
+        solves read the C_p the earlier ones add."""
         if any(layer not in self.mom2 for layer in self.layers):
             return None
         groups = self.groups(list(requests))
         work = {_key(group): None for group in groups}
-        if len(work) < len(groups):
+        if len(work) < len(groups) or (self.accumulates and len(groups) > 1):  # C_p grows between writes: not here
             return None
         with self._private():
             for group in groups:
