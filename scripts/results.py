@@ -214,8 +214,9 @@ def sola_keys_section(out: Path) -> list[str]:
 
 
 def norm_section(out: Path) -> list[str]:
-    """AlphaEdit and MetaKE with and without norm control, dev world and suite, on one build."""
-    return paired_section(
+    """AlphaEdit and MetaKE with and without norm control, dev world and suite, on one build; then the ZsRE world
+    and the suite one edit per call, where run."""
+    lines = paired_section(
         out, "norm", {"off": "without norm control", "on": "with norm control"},
         "Norm control for sequential locate writes (issue 25)",
         "AlphaEdit and MetaKE in sequential batches of 100, without norm control and with it (`norm_control` "
@@ -224,6 +225,24 @@ def norm_section(out: Path) -> list[str]:
         "this machine's builds of the worlds in one session (compare within this section). The largest T is "
         "every editable fact of each world.",
         "The dev world (the values chosen here).")
+    for k, label in {"off": "without norm control", "on": "with norm control"}.items():
+        if (out / f"norm-{k}-zsre" / "summary.json").exists():
+            lines += section(f"ZsRE world, {label}", out / f"norm-{k}-zsre", "Batches of 100; the largest T is "
+                             "every record left after the calibration hold-out.", level="###")
+    one = {"off": "without norm control", "on": "with the values above (chosen for batches of 100)",
+           "scaled": "with the values per key (÷ 100: 0.0001 AlphaEdit, 0.0003 MetaKE)"}
+    runs = {k: out / f"norm1-{k}-suite" for k in one if (out / f"norm1-{k}-suite" / "summary.json").exists()}
+    if runs:
+        lines += ["### Suite, one edit per call", "", "The same methods with calls of one edit (the protocol of the "
+                  "norm-aware sequential-editing papers). The penalty acts once per call, so a value chosen for calls "
+                  "of 100 pulls the weights back 100 times as often per edit when edits come one at a time; the "
+                  "per-key values divide it by the batch size it was chosen at (not tuned here). Mean ± sample "
+                  "standard deviation over the worlds.", ""]
+    for k, run in runs.items():
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        lines += [f"#### {one[k][0].upper()}{one[k][1:]}", "", f"Run directory: `{run.relative_to(ROOT)}`.", ""]
+        lines += mean_table(summary["table"], len(summary["parts"])) + [""]
+    return lines
 
 
 def write_results(out: Path) -> None:
