@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOLA_KEYS = {"pooled": {}, "last": {"key": "last", "whitening": "pca"}}
 # norm control (issue 25): AlphaEdit and MetaKE without it and with the values chosen on the dev world
 NORM = {"off": {}, "on": {"alphaedit": {"norm_control": 0.01}, "metake": {"norm_control": 0.03}}}
+# MEMIT (0.03 chosen on the dev world: docs/methods/locate.md) beside ROME, which has no norm control
+NORM_MEMIT = {"off": ({}, ["memit", "rome"]), "on": ({"memit": {"norm_control": 0.03}}, ["memit"])}
 # one edit per call: the same values, and the values per key (÷ 100, the batch size they were chosen at)
 NORM1 = {**NORM, "scaled": {"alphaedit": {"norm_control": 0.0001}, "metake": {"norm_control": 0.0003}}}
 ORDER = ("sola", "grace", "ft", "wise", "repair", "rome", "memit", "alphaedit", "metake")
@@ -110,7 +112,8 @@ def main() -> None:
     ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-pooled-world,"
                     "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite,norm-off-world,norm-on-world,"
                     "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm1-off-suite,norm1-on-suite,"
-                    "norm1-scaled-suite",
+                    "norm1-scaled-suite,norm-memit-off-world,norm-memit-on-world,norm-memit-off-suite,"
+                    "norm-memit-on-suite",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--report", action="store_true",
@@ -143,6 +146,8 @@ def main() -> None:
            for k, hp in NORM.items() for data in ("world", "suite")},
         **{f"norm-{k}-zsre": BenchConfig(methods=["alphaedit", "metake"], data=f"zsre:{args.zsre}", edits=[100, 1000],
                                          hparams=hp) for k, hp in NORM.items()},
+        **{f"norm-memit-{k}-{data}": BenchConfig(methods=methods, data=data, edits=[100, 1000], hparams=hp)
+           for k, (hp, methods) in NORM_MEMIT.items() for data in ("world", "suite")},
         # ... and one edit per call (the norm-aware papers' sequential protocol)
         **{f"norm1-{k}-suite": BenchConfig(methods=["alphaedit", "metake"], data="suite", edits=[100, 1000], batch=1,
                                            hparams=hp) for k, hp in NORM1.items()},
@@ -245,6 +250,17 @@ def norm_section(out: Path) -> list[str]:
     return lines
 
 
+def norm_memit_section(out: Path) -> list[str]:
+    """MEMIT with and without norm control, ROME beside it, dev world and suite, on one build."""
+    return paired_section(
+        out, "norm-memit", {"off": "without norm control (MEMIT and ROME)", "on": "MEMIT with norm control"},
+        "Norm control for MEMIT, and ROME (issue 25)",
+        "MEMIT in sequential batches of 100 without norm control and with it (`norm_control` 0.03, chosen on the dev "
+        "world: docs/methods/locate.md has the sweep), and ROME (calls of 100, each request written alone; no norm "
+        "control: its rank-one closed form has none here), on this machine's builds of the worlds in one session.",
+        "The dev world (the value chosen here).")
+
+
 def write_results(out: Path) -> None:
     world_note = ("**Dev world.** The built-in default world: a 3-layer x 128 Llama trained on 500 invented facts "
                   "(350 editable: 20% of the subjects are its calibration part and 10% its locality controls; T is "
@@ -296,6 +312,7 @@ def write_results(out: Path) -> None:
             lines += not_run(title, name, note)
     lines += sola_keys_section(out)
     lines += norm_section(out)
+    lines += norm_memit_section(out)
     lines += PUBLISHED.read_text(encoding="utf-8").splitlines()
     (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
