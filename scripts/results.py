@@ -235,7 +235,8 @@ def norm_section(out: Path) -> list[str]:
             lines += section(f"ZsRE world, {label}", out / f"norm-{k}-zsre", "Batches of 100; the largest T is "
                              "every record left after the calibration hold-out.", level="###")
     one = {"off": "without norm control", "on": "with the values above (chosen for batches of 100)",
-           "scaled": "with the values per key (÷ 100: 0.0001 AlphaEdit, 0.0003 MetaKE)"}
+           "scaled": "with the values per key (÷ 100: 0.0001 AlphaEdit, 0.0003 MetaKE; what `norm_per=\"key\"` "
+                     "with these values gives at one edit per call)"}
     runs = {k: out / f"norm1-{k}-suite" for k in one if (out / f"norm1-{k}-suite" / "summary.json").exists()}
     if runs:
         lines += ["### Suite, one edit per call", "", "The same methods with calls of one edit (the protocol of the "

@@ -283,6 +283,24 @@ def test_norm_control_keeps_a_stream_closer_to_the_base_weights_and_undo_exact(s
         e.close()
 
 
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "metake"])
+def test_norm_control_per_key_scales_the_pull_with_the_write(small_world, method):
+    """norm_per="key": a write of n requests is pulled back as "call" with n times the value would pull it."""
+    reqs = small_world.edit_requests(n=3, seed=5)
+    eds = [open_editor(small_world, method, norm_control=0.5, norm_per="key"),
+           open_editor(small_world, method, norm_control=1.5), open_editor(small_world, method, norm_control=0.5)]
+    for ed in eds:
+        ed.edit(reqs, check=False)
+    weights = [{k: p.detach().clone() for k, p in ed.method.touched_parameters().items()} for ed in eds]
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(weights[0][k], weights[2][k], rtol=1e-4, atol=1e-5)
+    for ed in eds:
+        ed.close()
+    with pytest.raises(ValueError, match="norm_per"):
+        open_editor(small_world, method, norm_control=0.5, norm_per="edit")
+
+
 def test_c_p_is_kept_from_per_write_keys_and_old_stores_still_load(small_world, world_requests):
     """The state holds each write's keys once (no whole C_p matrix rewritten per edit); C_p is rebuilt from them, and
     a state in the earlier format (one C_p matrix, K in the undo log) loads to the same method state."""

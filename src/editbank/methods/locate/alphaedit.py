@@ -50,7 +50,7 @@ class AlphaEdit(LocateMethod):
         return self.proj[layer]
 
     def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu = self.norm_weight(layer)
+        mu = self.norm_weight(layer, keys.shape[1])
         return alphaedit_update(keys, resid, self.projector(layer), self.cp.get(layer), self.hparams.L2, mu,
                                 self.drift(layer) if mu else None)
 

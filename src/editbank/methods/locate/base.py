@@ -133,10 +133,13 @@ class LocateMethod(Method):
         w, base = self.weight(layer), self._base[layer]
         return (w - (base.t() if w.stride() != self.modules[layer].weight.stride() else base)).float()
 
-    def norm_weight(self, layer: int) -> float:
-        """μ of norm control (`norm_control` × tr(C): one average key's weight in the solve; 0: off)."""
+    def norm_weight(self, layer: int, n: int) -> float:
+        """μ of norm control for a write of n requests: `norm_control` × tr(C) (tr C: one average key's weight in
+        the solve), × n with `norm_per="key"` (the same pull per edit however the edits are batched); 0: off."""
         mu = getattr(self.hparams, "norm_control", 0.0)
-        return mu * float(self.second_moment(layer).trace()) if mu else 0.0
+        if not mu:
+            return 0.0
+        return mu * float(self.second_moment(layer).trace()) * (n if self.hparams.norm_per == "key" else 1)
 
     @torch.no_grad()
     def _add(self, layer: int, u: torch.Tensor, v: torch.Tensor, sign: float = 1.0) -> None:

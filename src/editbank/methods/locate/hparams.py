@@ -75,6 +75,9 @@ class MEMITHparams(LocateHparams):
     mom2_update_weight: float = 1.0  # λ in (λC + C_p + K Kᵀ); C is the mean E[k kᵀ]
     sequential: bool = True  # add earlier edits' keys Σ K_prev K_prevᵀ (C_p) to the system
     norm_control: float = 0.0  # > 0: each write also minimises μ‖W + ΔW − W0‖², μ = norm_control × tr(C)
+    # "call": μ per write, whatever its size (the dev values were chosen for calls of 100); "key": × the write's
+    # requests, so a stream edited one at a time is pulled back as much per edit as one edited in batches
+    norm_per: str = "call"
 
     def validate(self) -> None:
         super().validate()
@@ -82,6 +85,8 @@ class MEMITHparams(LocateHparams):
             raise ValueError("mom2_update_weight must be > 0")
         if self.norm_control < 0:
             raise ValueError("norm_control must be >= 0")
+        if self.norm_per not in ("call", "key"):
+            raise ValueError(f"norm_per must be 'call' or 'key', got {self.norm_per!r}")
 
 
 @dataclass
@@ -92,6 +97,9 @@ class AlphaEditHparams(LocateHparams):
     nullspace_relative: bool = True  # threshold is a fraction of C's largest eigenvalue (False: absolute)
     L2: float = 1.0  # ridge term of the solve
     norm_control: float = 0.0  # > 0: each write also minimises μ‖W + ΔW − W0‖², μ = norm_control × tr(C)
+    # "call": μ per write, whatever its size (the dev values were chosen for calls of 100); "key": × the write's
+    # requests, so a stream edited one at a time is pulled back as much per edit as one edited in batches
+    norm_per: str = "call"
 
     def validate(self) -> None:
         super().validate()
@@ -101,6 +109,8 @@ class AlphaEditHparams(LocateHparams):
             raise ValueError("L2 must be > 0")
         if self.norm_control < 0:
             raise ValueError("norm_control must be >= 0")
+        if self.norm_per not in ("call", "key"):
+            raise ValueError(f"norm_per must be 'call' or 'key', got {self.norm_per!r}")
 
 
 @dataclass

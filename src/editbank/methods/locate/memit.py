@@ -33,6 +33,6 @@ class MEMIT(LocateMethod):
         self.accumulates = hparams.sequential
 
     def _solve(self, i: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu = self.norm_weight(layer)
+        mu = self.norm_weight(layer, keys.shape[1])
         return memit_update(keys, resid, self.second_moment(layer), self.hparams.mom2_update_weight,
                             self.cp.get(layer), mu, self.drift(layer) if mu else None)

@@ -38,8 +38,8 @@ class MetaKE(AlphaEdit):
         # per layer: its keys, projector, C_p and ridge (norm control shrinks the write like a larger ridge; its
         # pull towards W0 is left out of the plan), and its share 1 / (layers left) of the remaining residual
         parts = [(self.keys(layer, requests, prefixes), self.projector(layer), self.cp.get(layer),
-                  self.hparams.L2 + self.norm_weight(layer), layer, 1.0 / (n_layers - self.layers.index(layer)))
-                 for layer in chosen]
+                  self.hparams.L2 + self.norm_weight(layer, len(requests)), layer,
+                  1.0 / (n_layers - self.layers.index(layer))) for layer in chosen]
 
         def chain(queries_of) -> torch.Tensor:
             """Σ_i C_i G_i(Q_i) s_i, C_0 = I, C_{i+1} = C_i (I − s_i G_i(K_i)): what the layers realise at the
