@@ -301,6 +301,28 @@ def test_norm_control_per_key_scales_the_pull_with_the_write(small_world, method
         open_editor(small_world, method, norm_control=0.5, norm_per="edit")
 
 
+def test_a_norm_controlled_write_is_logged_as_its_update_and_undone_after_reopening(small_world, tmp_path):
+    """Norm control's factors ([R | −μ(W − W0)], M⁻ᵀ S [K | I]) are larger than ΔW: the log keeps ΔW itself."""
+    reqs = small_world.edit_requests(n=3, seed=6)
+    ed = open_editor(small_world, "alphaedit", store=tmp_path / "s.db", norm_control=1.0)
+    ed.edit(reqs[:2], check=False)
+    before = probe_logits(ed, reqs)
+    last = ed.edit(reqs[2], check=False)
+    tensors, _ = ed.method.state_dict()
+    for layer in ed.method.layers:
+        assert tensors[f"log.1.{layer}.U"].shape == ed.method.weight(layer).shape
+        assert f"log.1.{layer}.V" not in tensors
+    ed.close()
+    ed = open_editor(small_world, "alphaedit", store=tmp_path / "s.db")
+    removed = []
+    original = ed.method.remove
+    ed.method.remove = lambda i: removed.append(original(i)) or removed[-1]
+    ed.undo(last.id)
+    assert removed == [True]
+    torch.testing.assert_close(probe_logits(ed, reqs), before, rtol=0, atol=1e-5)
+    ed.close()
+
+
 def test_c_p_is_kept_from_per_write_keys_and_old_stores_still_load(small_world, world_requests):
     """The state holds each write's keys once (no whole C_p matrix rewritten per edit); C_p is rebuilt from them, and
     a state in the earlier format (one C_p matrix, K in the undo log) loads to the same method state."""

@@ -42,11 +42,12 @@ def default_layers(arch, n: int) -> list[int]:
 
 @dataclass
 class LogEntry:
-    """One applied batch: its edit ids and, per edited layer, the factors U, V (ΔW = U Vᵀ) and keys K."""
+    """One applied batch: its edit ids and, per edited layer, the factors U, V (ΔW = U Vᵀ; V None: U is ΔW, for
+    factors no smaller than ΔW, as norm control's) and keys K."""
 
     seq: int  # position in the stream of writes (names the entry's state tensors, so they are written once)
     ids: list[int]
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
 
 
 class _WithWeight:
@@ -142,9 +143,10 @@ class LocateMethod(Method):
         return mu * float(self.second_moment(layer).trace()) * (n if self.hparams.norm_per == "key" else 1)
 
     @torch.no_grad()
-    def _add(self, layer: int, u: torch.Tensor, v: torch.Tensor, sign: float = 1.0) -> None:
+    def _add(self, layer: int, u: torch.Tensor, v: torch.Tensor | None, sign: float = 1.0) -> None:
+        """W += sign · U Vᵀ (V None: U is ΔW itself)."""
         w = self.weight(layer)
-        w.add_((sign * (u @ v.T)).to(w.dtype))
+        w.add_((sign * (u if v is None else u @ v.T)).to(w.dtype))
 
     # -- statistics -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,8 +235,10 @@ class LocateMethod(Method):
             keys = self.keys(layer, requests, prefixes)
             resid = (z - self.residual(last, requests)).T / (len(self.layers) - i)
             u, v = self._solve(i, layer, keys, resid)
+            if u.shape[1] >= min(u.shape[0], v.shape[0]):  # factors no smaller than ΔW (norm control): keep ΔW
+                u, v = u @ v.T, None
             self._add(layer, u, v)
-            factors[layer] = (u.detach(), v.detach(), keys.detach())
+            factors[layer] = (u.detach(), None if v is None else v.detach(), keys.detach())
         realised = self.residual(last, requests) - target.h
 
         def along(v: torch.Tensor) -> list[float]:  # ⟨realised, v⟩ / ‖v‖² per request
@@ -311,7 +315,7 @@ class LocateMethod(Method):
             tensors.update({f"keys.{seq}.{layer}": k for layer, k in keys.items()})
         for e in self.log:
             for layer, (u, v, _) in e.factors.items():
-                tensors.update({f"log.{e.seq}.{layer}.U": u, f"log.{e.seq}.{layer}.V": v})
+                tensors.update({f"log.{e.seq}.{layer}.U": u, **({} if v is None else {f"log.{e.seq}.{layer}.V": v})})
         return tensors, {"log": [[e.seq, e.ids] for e in self.log], "layers": self.layers}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -332,7 +336,9 @@ class LocateMethod(Method):
                 if f"log.{seq}.{layer}.U" in tensors:
                     k = tensors.get(f"log.{seq}.{layer}.K")  # old stores kept K in the log
                     k = self.written[int(seq)][layer] if k is None else k.to(dev).float()
-                    factors[layer] = (*(tensors[f"log.{seq}.{layer}.{x}"].to(dev).float() for x in "UV"), k)
+                    v = tensors.get(f"log.{seq}.{layer}.V")  # absent: U is the write's ΔW
+                    factors[layer] = (tensors[f"log.{seq}.{layer}.U"].to(dev).float(),
+                                      None if v is None else v.to(dev).float(), k)
             self.log.append(LogEntry(int(seq), list(ids), factors))
 
 
