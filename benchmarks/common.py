@@ -18,3 +18,30 @@ def parse_hp(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+class SolaRouter:
+    """SoLA's router (its defaults, calibrated on a world's calibration part), no edit made: which of some held
+    prompts each query prompt would route to. The diagnostics of the other routed methods ask with it what SoLA's
+    keys would do for them (issue 21 item 4)."""
+
+    def __init__(self, world, store) -> None:
+        from editbank import Editor
+
+        self.editor = Editor.open(world.path, method="sola", store=store, progress=False)
+        self.editor.method.prepare()
+
+    def nearest(self, held: list[str], prompts: list[str]) -> list[int | None]:
+        """Per prompt: the index of the held prompt whose key is nearest, if within alpha, else None."""
+        import torch
+
+        s = self.editor.method
+        with torch.no_grad():
+            keys = s.bank.index_form(s._prompt_keys(held))
+            z = s.bank.index_form(s._prompt_keys(prompts))
+            d = 1.0 - z @ keys.T if s.hparams.distance == "cosine" else torch.cdist(z, keys)
+            dist, j = d.min(dim=1)
+        return [k if x < s.alpha else None for x, k in zip(dist.tolist(), j.tolist())]
+
+    def close(self) -> None:
+        self.editor.close()

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import SolaRouter
 
 from editbank import Editor, World
 from editbank.evaluate.metrics import score_pairs
@@ -61,29 +62,6 @@ def forced_right(ed: Editor, m, holder: int, prompt: str, target: str) -> bool:
         logits = ed.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     q, t = int(b.query_index[0]), b.target_len[0]
     return bool((logits[0, q : q + t].argmax(-1) == b.input_ids[0, q + 1 : q + 1 + t]).all())
-
-
-@torch.no_grad()
-def sola_routes(world, reqs, ids, holder, reph, probes, tmp) -> tuple[list[bool], list[bool]]:
-    """SoLA's router (defaults, calibrated on the world's calibration part) over the entries GRACE holds: does
-    each rephrase route to its own edit's entry, does each probe route anywhere."""
-    sola = Editor.open(world.path, method="sola", store=Path(tmp) / "sola.db", progress=False)
-    s = sola.method
-    s.prepare()
-    owners = sorted(set(holder.values()))
-    prompt_of = dict(zip(ids, (r.prompt for r in reqs)))
-    held = s.bank.index_form(s._prompt_keys([prompt_of[e] for e in owners]))
-
-    def nearest(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        z = s.bank.index_form(s._prompt_keys(prompts))
-        d = 1.0 - z @ held.T if s.hparams.distance == "cosine" else torch.cdist(z, held)
-        return d.min(dim=1)
-
-    d, j = nearest([p for _, p, _ in reph])
-    own = [bool(x < s.alpha) and owners[k] == e for x, k, (e, _, _) in zip(d.tolist(), j.tolist(), reph)]
-    pd, _ = nearest(probes)
-    sola.close()
-    return own, [bool(x < s.alpha) for x in pd.tolist()]
 
 
 def main() -> None:
@@ -120,7 +98,14 @@ def main() -> None:
         extra_out = {}
         if args.sola_keys:
             forced = [forced_right(ed, m, e, p, t) for e, p, t in reph]
-            own, probe_hit = sola_routes(world, reqs, ids, holder, reph, probes, tmp)
+            router = SolaRouter(world, Path(tmp) / "sola.db")
+            owners = sorted(set(holder.values()))
+            prompt_of = dict(zip(ids, (r.prompt for r in reqs)))
+            held = [prompt_of[e] for e in owners]
+            own = [k is not None and owners[k] == e for k, (e, _, _) in
+                   zip(router.nearest(held, [p for _, p, _ in reph]), reph)]
+            probe_hit = [k is not None for k in router.nearest(held, probes)]
+            router.close()
             extra_out = {"forced_own_entry_right": round(sum(forced) / len(forced), 3),
                          "sola_keys_routed_own": round(sum(own) / len(own), 3),
                          "sola_keys_probes_routed": round(sum(probe_hit) / max(len(probe_hit), 1), 3),

@@ -11,6 +11,10 @@ and checks each memory alone (added to every row, no routing) on the edits it ho
 model gets wrong are sorted the same way (issue 21's question for WISE's key router: a key from the last prompt
 token), with the cosine of each rephrase's routing key to its own edit's key and to the nearest other edit's.
 
+`--sola-keys` also asks what SoLA's router would do here (as benchmarks/grace_diagnostic.py does for GRACE): the
+share of rephrases it sends to an edit of their own memory, of probes it sends to any memory, and, with the own
+memory forced on every row (routing bypassed), how often it gives the rephrase's target.
+
     python benchmarks/wise_diagnostic.py --world test-questions --T 100 [--method repair] [mask_ratio=0.5 ...]
 """
 
@@ -22,10 +26,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import SolaRouter
 
 from editbank import Editor, World
 from editbank.evaluate.metrics import score_pairs
-from editbank.methods.base import get_method
+from editbank.methods.base import Route, get_method
+from editbank.tokens import make_batch
 
 
 def value(text: str):
@@ -37,12 +43,24 @@ def value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+@torch.no_grad()
+def forced_right(ed: Editor, m, delta, prompt: str, target: str) -> bool:
+    """Does the memory `delta` (None: the base model), added to the row whatever the routing, give `target`?"""
+    b = make_batch(ed.tokenizer, [(prompt, target)], device=m.device)
+    ctx = m.disabled() if delta is None else m.training(delta)
+    with ctx, m.routing(Route(query_index=b.query_index)):
+        logits = ed.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    q, t = int(b.query_index[0]), b.target_len[0]
+    return bool((logits[0, q : q + t].argmax(-1) == b.input_ids[0, q + 1 : q + 1 + t]).all())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="default")
     ap.add_argument("--method", default="wise", choices=["wise", "repair"])
     ap.add_argument("--T", type=int, default=100)
     ap.add_argument("--call", type=int, default=32, help="requests per editor call (the bench's)")
+    ap.add_argument("--sola-keys", action="store_true", help="also measure SoLA's router on the same edits")
     ap.add_argument("overrides", nargs="*", help="hyperparameter key=value on top of the world preset")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -75,6 +93,22 @@ def main() -> None:
         own_cos = [float(cos[k, ids.index(e)]) for k, (e, _) in enumerate(reph)]
         other_cos = [float(cos[k].clone().index_fill_(0, torch.tensor([ids.index(e)]), -2).max())
                      for k, (e, _) in enumerate(reph)]
+        extra_out = {}
+        if args.sola_keys:
+            delta_of = {e: d for d, members in memories for e in members}
+            forced = [forced_right(ed, m, delta_of.get(e), p, r.target)
+                      for e, r in zip(ids, reqs) for p in r.rephrases]
+            router = SolaRouter(world, Path(tmp) / "sola.db")
+            near = router.nearest([r.prompt for r in reqs], [p for _, p in reph])
+            probes = [p for r in reqs for p, _ in r.locality]
+            probe_hit = [k is not None for k in router.nearest([r.prompt for r in reqs], probes)]
+            router.close()
+            own = [k is not None and holder.get(ids[k]) == holder.get(e) for k, (e, _) in zip(near, reph)]
+            extra_out = {"forced_own_memory_right": round(sum(forced) / len(forced), 3),
+                         "sola_keys_routed_own_memory": round(sum(own) / len(own), 3),
+                         "sola_keys_probes_routed": round(sum(probe_hit) / max(len(probe_hit), 1), 3),
+                         "sola_keys_routed_own_and_forced_right": round(
+                             sum(a and b for a, b in zip(own, forced)) / len(own), 3)}
         ed.close()
     out = {"world": args.world, "method": args.method, "T": len(reqs), "overrides": extra,
            "reliability": round(sum(ok) / len(ok), 3),
@@ -94,7 +128,8 @@ def main() -> None:
         "median_cos_own": round(sorted(own_cos)[len(own_cos) // 2], 3) if own_cos else None,
         "median_cos_nearest_other": round(sorted(other_cos)[len(other_cos) // 2], 3) if other_cos else None,
         "share_nearer_another_edit": round(sum(o > w for o, w in zip(other_cos, own_cos)) / max(len(reph), 1), 3),
-        "share_below_gate": round(sum(w < m.hparams.key_threshold for w in own_cos) / max(len(reph), 1), 3)}
+        "share_below_gate": round(sum(w < m.hparams.key_threshold for w in own_cos) / max(len(reph), 1), 3),
+        **extra_out}
     print(json.dumps(out))
 
 
