@@ -307,3 +307,41 @@ def test_a_job_given_up_before_its_batch_never_runs(small_world, world_requests,
         batcher.close()
         ed.close()
     assert metrics.registry.get_sample_value("editbank_batch_rows_sum") == 2, "only the live jobs ran"
+
+
+def test_a_short_job_is_answered_before_its_batch_ends_and_a_batch_ends_when_every_row_has(tmp_path):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()  # a random model: it rarely writes eos, so a long job runs all its steps
+    ed = Editor(tiny_model("llama", len(tok)), tok, method="sola", store=tmp_path / "s.db")
+    gate = Gate()
+    batcher = Batcher(ed, gate, max_batch=64)
+    p, q = "The capital of Arvelia is", "Kestrel was born in"
+    long_tokens = ed.generate_ids(q, 40)[0]
+    assert len(long_tokens) == 40
+    steps: list[int] = []
+    handle = ed.model.register_forward_hook(lambda *a: steps.append(1))  # one call per generation step
+    try:
+        first = batcher.submit(Job(prompts=[p], max_tokens=2))
+        assert gate.reached.wait(30)  # the worker waits: the next two jobs queue into one batch
+        short, long = Job(prompts=[p], max_tokens=2), Job(prompts=[q], max_tokens=40)
+        at = {}  # generation steps run when each was answered
+        short.future.add_done_callback(lambda f: at.setdefault("short", len(steps)))
+        long.future.add_done_callback(lambda f: at.setdefault("long", len(steps)))
+        batcher.submit(short)
+        batcher.submit(long)
+        gate.opened.set()
+        first.result(60)
+        assert short.future.result(60).choices[0].tokens == ed.generate_ids(p, 2)[0]
+        assert long.future.result(60).choices[0].tokens == long_tokens
+        assert at["short"] + 30 < at["long"], "the short job was answered after its own steps, not the batch's"
+
+        stop = ed.tokenizer.decode(long_tokens[:3], skip_special_tokens=True)[-2:]  # the long answer's third token
+        assert stop.strip(), "a visible stop sequence"
+        steps.clear()
+        text = batcher.submit(Job(prompts=[q], max_tokens=40, stops=[stop])).result(60).choices[0]
+        assert text.finish_reason == "stop" and len(steps) < 10, "the batch ended when its only row stopped"
+    finally:
+        handle.remove()
+        batcher.close()
+        ed.close()

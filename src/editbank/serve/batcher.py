@@ -3,8 +3,9 @@
 One worker thread owns the model's forward passes and the tokenizer. It takes the oldest waiting job, adds every
 waiting job that can share its decoding (greedy with greedy; sampling at the same temperature and top_p; a seeded
 sampling job always runs alone, so its seed means what it says), up to `max_batch` rows and `max_batch_tokens`
-padded tokens, and runs them as one left-padded batch in which each row is routed on its own. Jobs that arrive
-while a batch runs form the next one, so an idle server adds no delay and a busy one batches by itself.
+padded tokens, and runs them as one left-padded batch in which each row is routed on its own. A job is answered as
+soon as its rows have finished, and the batch ends when all have. Jobs that arrive while a batch runs form the next
+one, so an idle server adds no delay and a busy one batches by itself.
 
 Each row's text is produced by a `RowText` as its tokens arrive: it cuts at the stop sequences and holds back text
 that could still become one, so the deltas a streaming client receives join up to the text a non-streaming one gets.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..editor import _max_positions
 from ..tokens import prompt_ids
@@ -125,10 +127,15 @@ class RowText:
 
 
 class _Fanout:
-    """A transformers streamer that hands each row's new token to its RowText and streams the deltas."""
+    """A transformers streamer that hands each row's new token to its RowText and streams the deltas; `done(job)`
+    is called once for each job whose rows have all finished (stop sequence, eos or its own max_tokens) while the
+    batch goes on."""
 
-    def __init__(self, rows: list[tuple[Job, int, RowText]], eos: int | None) -> None:
-        self.rows, self.eos, self.prompt_seen = rows, eos, False
+    def __init__(self, rows: list[tuple[Job, int, RowText]], eos: int | None, done=None) -> None:
+        self.rows, self.eos, self.prompt_seen, self.done = rows, eos, False, done
+        self.waiting: dict[int, tuple[Job, list[RowText]]] = {}
+        for job, _, text in rows:
+            self.waiting.setdefault(id(job), (job, []))[1].append(text)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt batch
@@ -143,6 +150,15 @@ class _Fanout:
                 delta = text.add(token)
             if job.events is not None and (delta or text.finish is not None):
                 job.events.put((i, delta, text.finish))
+        for key, (job, texts) in list(self.waiting.items()):
+            if all(t.finish is not None for t in texts):
+                del self.waiting[key]
+                if self.done is not None:
+                    self.done(job)
+
+    def finished(self) -> list[bool]:
+        """Per row: has it finished (a per-row stopping criterion: the batch ends when every row has)?"""
+        return [text.finish is not None for _, _, text in self.rows]
 
     def end(self) -> None:
         for job, i, text in self.rows:
@@ -297,48 +313,78 @@ class Batcher:
         texts = [(job, i, RowText(tok, job.stops, job.max_tokens, lazy=job.events is None))
                  for job, ids in batch for i in range(len(ids))]
         want_logits = any(job.logprobs is not None for job, _ in batch)
+        answered: set[int] = set()
+        where = {id(job): (ids, k) for job, ids, k in _offsets(batch)}
+
+        def early(job: Job) -> None:  # a job whose rows all finished is answered now, not when the batch ends
+            if job.logprobs is None:  # (its logprobs come from the whole batch's logits, at the end)
+                ids, k = where[id(job)]
+                job.future.set_result(self._result(job, ids, texts[k : k + len(ids)], None, tok))
+                self._finish_events(job)
+                answered.add(id(job))
+
         try:
             with self.guard.read(), self._seeded(first.seed):
                 started = time.perf_counter()  # the generation alone, not the wait for the lock
-                fan = _Fanout(texts, tok.eos_token_id)
+                fan = _Fanout(texts, tok.eos_token_id, done=early)
                 out, logits = self.editor.generate_rows(
                     rows, max(job.max_tokens for job, _ in batch), streamer=fan, logits=want_logits,
-                    **first.generate_kwargs())
+                    stopping_criteria=StoppingCriteriaList([_AllFinished(fan)]), **first.generate_kwargs())
                 seconds = time.perf_counter() - started
-                results = self._results(batch, texts, logits, tok)
+                results = {id(job): self._result(job, ids, texts[k : k + len(ids)],
+                                                 None if logits is None else logits[k : k + len(ids)], tok)
+                           for job, ids, k in _offsets(batch) if id(job) not in answered}
         except BaseException as exc:  # every waiting request gets the error
             for job, _ in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
-                self._finish_events(job)
+                if id(job) not in answered:
+                    self._finish_events(job)
             return
         self._recent.append((len(rows), seconds))
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(rows))
             self.metrics.batch_seconds.observe(seconds)
-        for (job, _), result in zip(batch, results):
-            job.future.set_result(result)
-            self._finish_events(job)
+        for job, _ in batch:
+            if id(job) in results:
+                job.future.set_result(results[id(job)])
+                self._finish_events(job)
 
     @staticmethod
     def _finish_events(job: Job) -> None:
         if job.events is not None:
             job.events.put(None)
 
-    def _results(self, batch, texts, logits, tok) -> list[Result]:
-        results, k = [], 0
-        for job, ids in batch:
-            choices = []
-            for i in range(len(ids)):
-                text = texts[k][2]
-                text.close()
-                lp = None
-                if job.logprobs is not None and logits is not None:
-                    lp = _logprobs(tok, text, logits[k], job.logprobs, len(job.prompts[i]))
-                choices.append(Choice(text.text, text.tokens, text.finish, lp))
-                k += 1
-            results.append(Result(choices, sum(len(r) for r in ids[:: job.n])))
-        return results
+    @staticmethod
+    def _result(job: Job, ids: list[list[int]], texts, logits, tok) -> Result:
+        """The job's answer from its rows' texts (and, for logprobs, their logits)."""
+        choices = []
+        for i, (_, _, text) in enumerate(texts):
+            text.close()
+            lp = None
+            if job.logprobs is not None and logits is not None:
+                lp = _logprobs(tok, text, logits[i], job.logprobs, len(job.prompts[i]))
+            choices.append(Choice(text.text, text.tokens, text.finish, lp))
+        return Result(choices, sum(len(r) for r in ids[:: job.n]))
+
+
+class _AllFinished(StoppingCriteria):
+    """Per row: finished once its text has (stop sequence, eos, its own max_tokens), so the batch ends when every
+    row has, not at the longest max_tokens."""
+
+    def __init__(self, fan: _Fanout) -> None:
+        self.fan = fan
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.tensor(self.fan.finished(), dtype=torch.bool, device=input_ids.device)
+
+
+def _offsets(batch: list[tuple[Job, list[list[int]]]]):
+    """(job, its rows, the index of its first row in the batch) for each job of a batch."""
+    k = 0
+    for job, ids in batch:
+        yield job, ids, k
+        k += len(ids)
 
 
 def _logprobs(tok, text: RowText, logits: torch.Tensor, top: int, offset: int) -> dict[str, Any]:
