@@ -113,7 +113,7 @@ def main() -> None:
                     "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite,norm-off-world,norm-on-world,"
                     "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm1-off-suite,norm1-on-suite,"
                     "norm1-scaled-suite,norm-memit-off-world,norm-memit-on-world,norm-memit-off-suite,"
-                    "norm-memit-on-suite",
+                    "norm-memit-on-suite,normp-off-world,normp-on-world,normp-off-suite,normp-on-suite",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--report", action="store_true",
@@ -146,6 +146,9 @@ def main() -> None:
            for k, hp in NORM.items() for data in ("world", "suite")},
         **{f"norm-{k}-zsre": BenchConfig(methods=["alphaedit", "metake"], data=f"zsre:{args.zsre}", edits=[100, 1000],
                                          hparams=hp) for k, hp in NORM.items()},
+        **{f"normp-{k}-{data}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], hparams=hp,
+                                            protocol="prob_preference")
+           for k, hp in NORM.items() for data in ("world", "suite")},
         **{f"norm-memit-{k}-{data}": BenchConfig(methods=methods, data=data, edits=[100, 1000], hparams=hp)
            for k, (hp, methods) in NORM_MEMIT.items() for data in ("world", "suite")},
         # ... and one edit per call (the norm-aware papers' sequential protocol)
@@ -251,6 +254,18 @@ def norm_section(out: Path) -> list[str]:
     return lines
 
 
+def norm_prob_section(out: Path) -> list[str]:
+    """The norm-control runs again, scored by prob_preference (CounterFact's measure)."""
+    return paired_section(
+        out, "normp", {"off": "without norm control, prob_preference", "on": "with norm control, prob_preference"},
+        "Norm control under prob_preference (issue 25)",
+        "The runs of the norm-control section again (AlphaEdit and MetaKE, batches of 100, the same values), scored "
+        "by `prob_preference` instead of greedy exact match: an edit counts when the new target's mean token "
+        "log-probability beats the true object's on the prompt (reliability) and each rephrase (generalization); a "
+        "probe keeps its own answer more likely than the edit's target (locality).",
+        "The dev world.")
+
+
 def norm_memit_section(out: Path) -> list[str]:
     """MEMIT with and without norm control, ROME beside it, dev world and suite, on one build."""
     return paired_section(
@@ -314,6 +329,7 @@ def write_results(out: Path) -> None:
     lines += sola_keys_section(out)
     lines += norm_section(out)
     lines += norm_memit_section(out)
+    lines += norm_prob_section(out)
     lines += PUBLISHED.read_text(encoding="utf-8").splitlines()
     (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
