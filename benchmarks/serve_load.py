@@ -4,8 +4,9 @@ Starts `editbank serve` on a free loopback port (its own process, one thread) wi
 `--max-batch 1` (one request at a time) and batched (`--max-batch 32`). In one run it measures:
 
 1. completions only (8-token greedy), at 1, 4 and 16 clients, on both servers: throughput and p50/p99;
-2. on the batched server: completion p50/p99 at 16 clients while one more client streams edits and undos, against
-   the idle figure of step 1;
+2. on the batched server: completion p50/p99 at 16 clients while one more client streams edits and undos, then
+   edits alone (an undo by replay holds the model; an edit a method computes beside readers does not), against the
+   idle figure of step 1;
 3. on the batched server: the mixed load (completions, edits, undos, deliberate bad requests: no token 401, an
    oversized body 413, malformed JSON 422) at `--clients`, then, with the server stopped, that the store holds
    exactly the acknowledged edits (no lost or phantom edits), each with the status its acknowledgements imply.
@@ -256,6 +257,13 @@ def main() -> None:
                                           "undos": len(shared.lat["undo"]),
                                           "edit_p50_ms": figures(shared, wall, "edit")["p50_ms"]}
                     unexpected += shared.unexpected
+                    only_edits = Shared(shared.pool)  # edits alone: what an edit computed beside readers costs them
+                    only_edits.acked = dict(shared.acked)
+                    wall = load(server.base, only_edits, args.seconds, [(16, only), (1, (("edit", 1.0),))], prompts)
+                    out["while_edits_only"] = {**figures(only_edits, wall), "edits": len(only_edits.lat["edit"]),
+                                               "edit_p50_ms": figures(only_edits, wall, "edit")["p50_ms"]}
+                    unexpected += only_edits.unexpected
+                    shared = only_edits
                     mixed = Shared(shared.pool)  # the edits acknowledged so far are in the store too
                     mixed.acked = dict(shared.acked)
                     load(server.base, mixed, args.seconds, [(args.clients, MIXED)], prompts)
@@ -274,6 +282,7 @@ def main() -> None:
     idle = t[f"max_batch={args.max_batch} clients=16"]["p99_ms"]
     out.update(batched_vs_one_at_16=round(many / max(one, 1e-9), 2),
                p99_while_edits_vs_idle=round(out["while_edits"]["p99_ms"] / max(idle, 1e-9), 2),
+               p99_while_edits_only_vs_idle=round(out["while_edits_only"]["p99_ms"] / max(idle, 1e-9), 2),
                mixed={"clients": args.clients, "by_kind": {k: {"n": len(v), "p50_ms": round(1000 * pct(v, 50), 1),
                                                                 "p99_ms": round(1000 * pct(v, 99), 1)}
                                                             for k, v in mixed.lat.items() if v},
@@ -290,8 +299,11 @@ def main() -> None:
         w = out["while_edits"]
         print(f"  16 clients + 1 editing ({w['edits']} edits, {w['undos']} undos, edit p50 {w['edit_p50_ms']} ms): "
               f"{w['rps']} completions/s, p99 {w['p99_ms']} ms")
+        w = out["while_edits_only"]
+        print(f"  16 clients + 1 editing, no undos ({w['edits']} edits, edit p50 {w['edit_p50_ms']} ms): "
+              f"{w['rps']} completions/s, p99 {w['p99_ms']} ms")
         print(f"batched / one at a time at 16 clients: x{out['batched_vs_one_at_16']}; completion p99 while edits / "
-              f"idle: x{out['p99_while_edits_vs_idle']}")
+              f"idle: x{out['p99_while_edits_vs_idle']} (edits alone: x{out['p99_while_edits_only_vs_idle']})")
         mx = out["mixed"]
         for k, v in mx["by_kind"].items():
             print(f"  mixed {k:>10}: n={v['n']:5d}  p50 {v['p50_ms']:8.1f} ms  p99 {v['p99_ms']:8.1f} ms")
