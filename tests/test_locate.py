@@ -323,6 +323,23 @@ def test_a_norm_controlled_write_is_logged_as_its_update_and_undone_after_reopen
     ed.close()
 
 
+def test_work_computed_before_another_edit_is_recomputed_not_installed(small_world):
+    """`pretrain`'s write depends on the weights (and C_p) it was computed on: after another edit it is stale."""
+    reqs = small_world.edit_requests(n=2, seed=7)
+    eds = [open_editor(small_world, "alphaedit") for _ in range(2)]
+    for ed in eds:
+        ed.method.prepare()
+    work = eds[0].pretrain(reqs[0])
+    eds[0].edit(reqs[1], check=False)
+    eds[0].edit(reqs[0], check=False, pretrained=work)
+    eds[1].edit(reqs[1], check=False)
+    eds[1].edit(reqs[0], check=False)
+    for name, p in eds[0].method.touched_parameters().items():
+        assert torch.equal(p, eds[1].method.touched_parameters()[name]), name
+    for ed in eds:
+        ed.close()
+
+
 def test_c_p_is_kept_from_per_write_keys_and_old_stores_still_load(small_world, world_requests):
     """The state holds each write's keys once (no whole C_p matrix rewritten per edit); C_p is rebuilt from them, and
     a state in the earlier format (one C_p matrix, K in the undo log) loads to the same method state."""

@@ -158,7 +158,9 @@ class Grace(Routed):
         return dmin, j.masked_fill(~torch.isfinite(dmin), -1)  # -1: the last entry, never within its radius
 
     def routes(self, prompts: list[str]) -> list[int | None]:
-        """The edit whose entry answers each prompt (None: no entry's radius covers its key)."""
+        """The edit whose entry answers each prompt (None: no entry's radius covers its key). The keys come from
+        one right-padded batch; a served batch pads otherwise, which moves a key by float rounding (about 1e-8
+        relative), so a prompt exactly on a radius may be decided the other way there."""
         dist, j = self.nearest(self.prompt_keys(prompts))
         return [int(self.owner[k]) if k >= 0 and d <= float(self.eps[k]) else None
                 for d, k in zip(dist.tolist(), j.tolist())]
@@ -208,8 +210,8 @@ class Grace(Routed):
         log: dict[str, Any] = {"created": False, "modified": [], "near": None}
         stats: dict[str, Any] = {}
         if len(self.keys):
-            d = torch.linalg.vector_norm(self.keys - key, dim=1).masked_fill(self.eps < 0, float("inf"))
-            dist, j = float(d.min()), int(d.argmin())
+            dmin, nearest = self.nearest(key[None])  # the distance the hook compares with the radius, to the bit
+            dist, j = float(dmin[0]), int(nearest[0])
             stats["nearest_distance"] = dist
             if dist < float("inf"):  # the entry this edit's decision read (exact undo checks it, see `remove`)
                 log["near"] = int(self.owner[j])

@@ -11,7 +11,7 @@ import hmac
 import queue
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -196,7 +196,10 @@ def create_app(editor, config: ServeConfig) -> FastAPI:
     def ask(body: AskIn) -> dict[str, Any]:
         """For the page: each prompt's greedy answer, the unedited model's, and the edit that answered it (methods
         with a content router; otherwise null) — several prompts in one call, each answered as if alone."""
-        with guard.read():
+        # the unedited answer swaps the base weights in for the weight-writing methods: not while an edit is being
+        # computed beside the readers on those weights (the edit lock first, as edits take it)
+        weights = bool(editor.method.touched_parameters())
+        with guard.editing() if weights else nullcontext(), guard.read():
             try:
                 answers = editor.generate(body.prompt, max_new_tokens=body.max_tokens)
                 with editor.unedited():

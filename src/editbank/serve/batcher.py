@@ -136,12 +136,22 @@ class _Fanout:
         self.waiting: dict[int, tuple[Job, list[RowText]]] = {}
         for job, _, text in rows:
             self.waiting.setdefault(id(job), (job, []))[1].append(text)
+        self.put_steps = self.taken = 0  # generation steps handed to `put`; steps whose tokens were taken
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt batch
             self.prompt_seen = True
             return
-        for (job, i, text), token in zip(self.rows, value.view(-1).tolist()):
+        self.put_steps += 1
+        self.take(self.put_steps, value.view(-1).tolist())
+
+    def take(self, step: int, tokens: list[int]) -> None:
+        """Hand generation step `step`'s tokens to the rows, once: the stopping criterion and `put` both call it,
+        in an order that depends on the transformers version."""
+        if step <= self.taken:
+            return
+        self.taken = step
+        for (job, i, text), token in zip(self.rows, tokens):
             if text.finish is not None:
                 continue
             if self.eos is not None and token == self.eos:
@@ -329,7 +339,8 @@ class Batcher:
                 fan = _Fanout(texts, tok.eos_token_id, done=early)
                 out, logits = self.editor.generate_rows(
                     rows, max(job.max_tokens for job, _ in batch), streamer=fan, logits=want_logits,
-                    stopping_criteria=StoppingCriteriaList([_AllFinished(fan)]), **first.generate_kwargs())
+                    stopping_criteria=StoppingCriteriaList([_AllFinished(fan, max(map(len, rows)))]),
+                    **first.generate_kwargs())
                 seconds = time.perf_counter() - started
                 results = {id(job): self._result(job, ids, texts[k : k + len(ids)],
                                                  None if logits is None else logits[k : k + len(ids)], tok)
@@ -370,12 +381,14 @@ class Batcher:
 
 class _AllFinished(StoppingCriteria):
     """Per row: finished once its text has (stop sequence, eos, its own max_tokens), so the batch ends when every
-    row has, not at the longest max_tokens."""
+    row has, not at the longest max_tokens. It takes the step's tokens itself (transformers 5 calls the criteria
+    before the streamer), so the decision is this step's."""
 
-    def __init__(self, fan: _Fanout) -> None:
-        self.fan = fan
+    def __init__(self, fan: _Fanout, width: int) -> None:
+        self.fan, self.width = fan, width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.fan.take(input_ids.shape[1] - self.width, input_ids[:, -1].tolist())
         return torch.tensor(self.fan.finished(), dtype=torch.bool, device=input_ids.device)
 
 

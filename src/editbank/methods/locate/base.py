@@ -218,9 +218,9 @@ class LocateMethod(Method):
         work = {_key(group): None for group in groups}
         if len(work) < len(groups) or (self.accumulates and len(groups) > 1):  # C_p grows between writes: not here
             return None
-        with self._private():
-            for group in groups:
-                work[_key(group)] = self._compute(group)
+        with torch.enable_grad(), self._private():
+            for i, group in enumerate(groups):  # each to be installed on the state it was computed on
+                work[_key(group)] = (self.version + i, *self._compute(group))
         return work
 
     def _compute(self, requests) -> tuple[dict[int, tuple], list[dict[str, Any]]]:
@@ -259,12 +259,13 @@ class LocateMethod(Method):
         the same additions on the same values), then logged."""
         requests = [it.request for it in items]
         done = self.take_pretrained(_key(requests))
-        if done is None:
+        if done is None or done[0] != self.version:  # none, or computed on a state that has changed since: stale
             factors, stats = self._compute(requests)
         else:
-            factors, stats = done
+            _, factors, stats = done
             for layer, (u, v, _) in factors.items():
                 self._add(layer, u, v)
+        self.version += 1
         seq = max(self.written, default=-1) + 1
         self.written[seq] = {layer: keys for layer, (_, _, keys) in factors.items()}
         if self.accumulates:
@@ -288,9 +289,12 @@ class LocateMethod(Method):
                 self.cp_base[layer] = self.cp_base[layer] - keys @ keys.T
         self.written.pop(entry.seq, None)
         self._rebuild_cp()
+        self.version += 1
         return True
 
     def reset(self) -> None:
+        # counts the writes, undos and reloads: `pretrain`'s work is installed only on the state it was computed on
+        self.version = getattr(self, "version", 0) + 1
         self.cp: dict[int, torch.Tensor] = {}
         self.cp_base: dict[int, torch.Tensor] = {}  # C_p a store from before per-write keys recorded as one matrix
         self.written: dict[int, dict[int, torch.Tensor]] = {}  # write seq -> {layer: its keys K}
