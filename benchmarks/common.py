@@ -45,3 +45,29 @@ class SolaRouter:
 
     def close(self) -> None:
         self.editor.close()
+
+
+def parse_value(text: str):
+    """A positional `key=value` override's value: an int, a float, true/false, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def answers_with(editor, method, trainee, prompt: str, target: str) -> bool:
+    """Does the routed method's `trainee` (an entry's values, a memory's delta; None: the method off), applied to
+    the row whatever the routing, make the model answer `target` after `prompt` (greedy exact match)?"""
+    import torch
+
+    from editbank.methods.base import Route
+    from editbank.tokens import make_batch
+
+    b = make_batch(editor.tokenizer, [(prompt, target)], device=editor.device)
+    with torch.no_grad(), method.disabled() if trainee is None else method.training(trainee), \
+            method.routing(Route(query_index=b.query_index)):
+        logits = editor.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    q, t = int(b.query_index[0]), b.target_len[0]
+    return bool((logits[0, q : q + t].argmax(-1) == b.input_ids[0, q + 1 : q + 1 + t]).all())

@@ -29,21 +29,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import SolaRouter
+from common import SolaRouter, answers_with, parse_value
 
 from editbank import Editor, World
 from editbank.evaluate.metrics import score_pairs
-from editbank.methods.base import Route
-from editbank.tokens import make_batch
-
-
-def value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def quantiles(xs: list[float]) -> dict[str, float]:
@@ -51,17 +40,11 @@ def quantiles(xs: list[float]) -> dict[str, float]:
     return {f"q{int(q * 100)}": round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) for q in (0.1, 0.5, 0.9)} if xs else {}
 
 
-@torch.no_grad()
 def forced_right(ed: Editor, m, holder: int, prompt: str, target: str) -> bool:
     """Does the entry of edit `holder`, applied whatever the routing, make the model answer `target`?"""
     row = m._row(holder)
     n = int(m.span[row])
-    value = m.values[row, :n] if n <= m.values.shape[1] else m.values[row]
-    b = make_batch(ed.tokenizer, [(prompt, target)])
-    with m.training(value), m.routing(Route(query_index=b.query_index)):
-        logits = ed.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-    q, t = int(b.query_index[0]), b.target_len[0]
-    return bool((logits[0, q : q + t].argmax(-1) == b.input_ids[0, q + 1 : q + 1 + t]).all())
+    return answers_with(ed, m, m.values[row, :n] if n <= m.values.shape[1] else m.values[row], prompt, target)
 
 
 def main() -> None:
@@ -72,7 +55,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="hyperparameter key=value over the defaults")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    extra = {k: value(v) for k, v in (kv.split("=", 1) for kv in args.overrides)}
+    extra = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.overrides)}
     world = World.build(args.world, progress=False)
     n = len(world.editable_facts) if args.T <= 0 else min(args.T, len(world.editable_facts))
     reqs = world.edit_requests(n=n, seed=0)

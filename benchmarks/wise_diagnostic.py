@@ -26,32 +26,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import SolaRouter
+from common import SolaRouter, answers_with, parse_value
 
 from editbank import Editor, World
 from editbank.evaluate.metrics import score_pairs
-from editbank.methods.base import Route, get_method
-from editbank.tokens import make_batch
-
-
-def value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-@torch.no_grad()
-def forced_right(ed: Editor, m, delta, prompt: str, target: str) -> bool:
-    """Does the memory `delta` (None: the base model), added to the row whatever the routing, give `target`?"""
-    b = make_batch(ed.tokenizer, [(prompt, target)], device=m.device)
-    ctx = m.disabled() if delta is None else m.training(delta)
-    with ctx, m.routing(Route(query_index=b.query_index)):
-        logits = ed.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-    q, t = int(b.query_index[0]), b.target_len[0]
-    return bool((logits[0, q : q + t].argmax(-1) == b.input_ids[0, q + 1 : q + 1 + t]).all())
+from editbank.methods.base import get_method
 
 
 def main() -> None:
@@ -64,7 +43,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="hyperparameter key=value on top of the world preset")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    extra = {k: value(v) for k, v in (kv.split("=", 1) for kv in args.overrides)}
+    extra = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.overrides)}
     hp = {**get_method(args.method).world_preset, **extra}
     world = World.build(args.world, progress=False)
     reqs = world.edit_requests(n=min(args.T, len(world.editable_facts)), seed=0)
@@ -96,7 +75,7 @@ def main() -> None:
         extra_out = {}
         if args.sola_keys:
             delta_of = {e: d for d, members in memories for e in members}
-            forced = [forced_right(ed, m, delta_of.get(e), p, r.target)
+            forced = [answers_with(ed, m, delta_of.get(e), p, r.target)
                       for e, r in zip(ids, reqs) for p in r.rephrases]
             router = SolaRouter(world, Path(tmp) / "sola.db")
             near = router.nearest([r.prompt for r in reqs], [p for _, p in reph])
