@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--zsre", default=str(ROOT.parent / "shared" / "data" / "zsre_mend_train-1k.json"))
     ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-pooled-world,"
                     "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite,norm-off-world,norm-on-world,"
-                    "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm1-off-suite,norm1-on-suite,"
-                    "norm1-scaled-suite,norm-memit-off-world,norm-memit-on-world,norm-memit-off-suite,"
+                    "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm-off-counterfact,norm-on-counterfact,"
+                    "norm1-off-suite,norm1-on-suite,norm1-scaled-suite,norm-memit-off-world,norm-memit-on-world,norm-memit-off-suite,"
                     "norm-memit-on-suite,normp-off-world,normp-on-world,normp-off-suite,normp-on-suite",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
@@ -146,6 +146,8 @@ def main() -> None:
            for k, hp in NORM.items() for data in ("world", "suite")},
         **{f"norm-{k}-zsre": BenchConfig(methods=["alphaedit", "metake"], data=f"zsre:{args.zsre}", edits=[100, 1000],
                                          hparams=hp) for k, hp in NORM.items()},
+        **{f"norm-{k}-counterfact": BenchConfig(methods=["alphaedit", "metake"], data=f"counterfact:{args.counterfact}",
+                                                edits=[100, 1000], hparams=hp) for k, hp in NORM.items()},
         **{f"normp-{k}-{data}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], hparams=hp,
                                             protocol="prob_preference")
            for k, hp in NORM.items() for data in ("world", "suite")},
@@ -233,10 +235,11 @@ def norm_section(out: Path) -> list[str]:
         "this machine's builds of the worlds in one session (compare within this section). The largest T is "
         "every editable fact of each world.",
         "The dev world (the values chosen here).")
-    for k, label in {"off": "without norm control", "on": "with norm control"}.items():
-        if (out / f"norm-{k}-zsre" / "summary.json").exists():
-            lines += section(f"ZsRE world, {label}", out / f"norm-{k}-zsre", "Batches of 100; the largest T is "
-                             "every record left after the calibration hold-out.", level="###")
+    for data, name in (("zsre", "ZsRE"), ("counterfact", "CounterFact")):
+        for k, label in {"off": "without norm control", "on": "with norm control"}.items():
+            if (out / f"norm-{k}-{data}" / "summary.json").exists():
+                lines += section(f"{name} world, {label}", out / f"norm-{k}-{data}", "Batches of 100; the largest T "
+                                 "is 1000 or every record left after the calibration hold-out.", level="###")
     one = {"off": "without norm control", "on": "with the values above (chosen for batches of 100)",
            "scaled": "with the values per key (÷ 100: 0.0001 AlphaEdit, 0.0003 MetaKE; what `norm_per=\"key\"` "
                      "with these values gives at one edit per call)"}
