@@ -324,7 +324,8 @@ class Batcher:
                  for job, ids in batch for i in range(len(ids))]
         want_logits = any(job.logprobs is not None for job, _ in batch)
         answered: set[int] = set()
-        where = {id(job): (ids, k) for job, ids, k in _offsets(batch)}
+        spans = list(_offsets(batch))  # (job, its rows, its first row's index)
+        where = {id(job): (ids, k) for job, ids, k in spans}
 
         def early(job: Job) -> None:  # a job whose rows all finished is answered now, not when the batch ends
             if job.logprobs is None:  # (its logprobs come from the whole batch's logits, at the end)
@@ -344,7 +345,7 @@ class Batcher:
                 seconds = time.perf_counter() - started
                 results = {id(job): self._result(job, ids, texts[k : k + len(ids)],
                                                  None if logits is None else logits[k : k + len(ids)], tok)
-                           for job, ids, k in _offsets(batch) if id(job) not in answered}
+                           for job, ids, k in spans if id(job) not in answered}
         except BaseException as exc:  # every waiting request gets the error
             for job, _ in batch:
                 if not job.future.done():
