@@ -11,6 +11,11 @@ for a dataset, the records held out of the run), exactly as `editbank bench` doe
     python benchmarks/sola_diagnostic.py --data suite              # the held-out test worlds
     python benchmarks/sola_diagnostic.py --data world:default      # the dev world
     python benchmarks/sola_diagnostic.py --data counterfact:PATH --edits 1000
+    python benchmarks/sola_diagnostic.py --data world:default --same-subject   # the subject gate's risk
+
+--same-subject edits only half of each subject's drawn facts (the first half of a seeded shuffle) and also scores, as
+locality probes, the prompt and rephrases of every fact of an edited subject that was not edited: prompts that name
+an edited subject but ask another fact, which the standard probes (other subjects) never are.
 
 One JSON object per data set on stdout with --json, else a Markdown table.
 """
@@ -39,10 +44,30 @@ def quantiles(x: torch.Tensor) -> list[float]:
     return [round(float(x.quantile(q)), 4) for q in Q] if x.numel() else []
 
 
-def diagnose(data: str, edits: int | None, seed: int, hp: dict) -> dict:
+def split_by_subject(reqs: list, seed: int) -> tuple[list, list]:
+    """(edited, kept): about half of each subject's requests edited (a seeded shuffle), the rest kept unedited."""
+    by: dict = {}
+    for r in reqs:
+        by.setdefault(r.subject, []).append(r)
+    g = torch.Generator().manual_seed(seed)
+    edited, kept = [], []
+    for subject, rs in by.items():
+        if subject is None or len(rs) < 2:
+            edited += rs
+            continue
+        order = torch.randperm(len(rs), generator=g).tolist()
+        edited += [rs[i] for i in order[: len(rs) // 2]]
+        kept += [rs[i] for i in order[len(rs) // 2 :]]
+    return edited, kept
+
+
+def diagnose(data: str, edits: int | None, seed: int, hp: dict, same_subject: bool = False) -> dict:
     cfg = BenchConfig(methods=["sola"], data=data, edits=[1], seeds=[seed])
     d = load_data(cfg, progress=True)
     reqs = d.draw(min(edits or d.available, d.available), seed)
+    kept = []
+    if same_subject:
+        reqs, kept = split_by_subject(reqs, seed)
     ed = Editor.open(d.model, method="sola", corpus=d.corpus, stats_corpus=d.stats_corpus,
                      paraphrases=d.paraphrases, **hp)
     t0 = time.perf_counter()
@@ -68,8 +93,9 @@ def diagnose(data: str, edits: int | None, seed: int, hp: dict) -> dict:
     probes = [p for r in reqs for p in r.locality]
     loc = score_locality(ed, probes, "greedy_exact_match") if probes else []
     near = m.bank.distances(m._prompt_keys([p for p, _ in probes])).min(1).values if probes else torch.empty(0)
+    routed = m.routes([p for p, _ in probes])
     changed = [k for k, s in enumerate(loc) if s < 1.0]
-    misrouted = sum(bool(near[k] < m.alpha) for k in changed)
+    misrouted = sum(routed[k] is not None for k in changed)
     out = {
         "data": data, "T": len(reqs), "seed": seed, "hparams": hp, "alpha": m.alpha,
         "reliability": stream["final"]["reliability"], "generalization": stream["final"]["generalization"],
@@ -79,7 +105,13 @@ def diagnose(data: str, edits: int | None, seed: int, hp: dict) -> dict:
         "rephrase_to_own_key": quantiles(own_d), "rephrase_within_alpha": float((own_d < m.alpha).float().mean()),
         "probes": len(probes), "probes_changed": len(changed), "probes_changed_misrouted": misrouted,
         "probe_to_nearest_key": quantiles(near), "probe_within_alpha": float((near < m.alpha).float().mean()),
+        "probes_routed": sum(r is not None for r in routed) / max(len(probes), 1), "gate_alpha": m.gate_alpha,
     }
+    if kept:  # prompts naming an edited subject, asking a fact that was not edited
+        same = [(q, r.target) for r in kept for q in [r.prompt, *r.rephrases]]
+        kept_loc = score_locality(ed, same, "greedy_exact_match")
+        out.update(same_subject_probes=len(same), same_subject_locality=sum(kept_loc) / len(same),
+                   same_subject_routed=sum(r is not None for r in m.routes([q for q, _ in same])) / len(same))
     ed.close()
     return out
 
@@ -106,6 +138,7 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=None, help="T (default: every editable fact / record)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hp", action="append", default=[], help="k=v SoLA hyperparameter (JSON value)")
+    ap.add_argument("--same-subject", action="store_true", help="edit half of each subject's facts; probe the rest")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from editbank.world.test_specs import SUITE
@@ -114,7 +147,7 @@ def main() -> None:
     rows = []
     for part in parts:
         try:
-            row = diagnose(part, args.edits, args.seed, parse_hp(args.hp))
+            row = diagnose(part, args.edits, args.seed, parse_hp(args.hp), args.same_subject)
         except EditFailed as exc:  # e.g. calibration impossible on this model: say so, go on with the others
             row = {"data": part, "error": str(exc)}
         rows.append(row)

@@ -51,9 +51,20 @@ def test_each_adapter_is_its_edit_and_the_router_picks_it(small_world, world_req
     prompts = [r.prompt for r in reqs] + [p for p, _ in probes]
     z = torch.nn.functional.normalize((torch.stack([reader.method.key_of(p) for p in prompts]) - router["center"])
                                       @ router["projection"], dim=1)
-    dist, j = (1 - z @ router["index_keys"].T).min(1)
-    recipe = [int(router["edit_ids"][k]) if d < info["alpha"] else None for d, k in zip(dist.tolist(), j.tolist())]
+    dist = 1 - z @ router["index_keys"].T
+    gate, ids = info["gate"], [str(int(e)) for e in router["edit_ids"]]
+    assert gate is not None and set(gate["forms"]) == set(ids), "world edits name their subject: all gated"
+
+    def allowed(prompt: str, k: int) -> bool:
+        tokens = reader.tokenizer(prompt)["input_ids"]
+        return any(tokens[i : i + len(f)] == f for f in gate["forms"][ids[k]] for i in range(len(tokens)))
+
+    recipe = []
+    for p, row in zip(prompts, dist.tolist()):
+        ok = [(d, k) for k, d in enumerate(row) if allowed(p, k) and d < gate["alpha"]]
+        recipe.append(int(router["edit_ids"][min(ok)[1]]) if ok else None)
     assert recipe == reader.method.routes(prompts)
+    assert any(r is None for r in recipe) and any(r is not None for r in recipe)
     reader.close()
     for e, r in zip(edits, reqs):
         base, tok = load_model(model)

@@ -22,9 +22,7 @@ def logits_of(ed: Editor, req: EditRequest | tuple[str, str]) -> torch.Tensor:
 
 
 def routed(ed: Editor, prompt: str) -> bool:
-    m = ed.method
-    d, _ = m.bank.nearest(m.key_of(prompt)[None])
-    return bool(d[0] < m.alpha)
+    return ed.method.routes([prompt])[0] is not None
 
 
 @pytest.fixture
@@ -272,7 +270,7 @@ def test_calibration_fixed_alpha_and_presets(world_model, small_world, world_req
     assert hp.lr == 0.2, "a preset fills only the fields left at their defaults"
     bads = ({"preset": "nope"}, {"layers": [99]}, {"layers": [1, 0]}, {"distance": "manhattan"},
             {"alpha_quantile": 2.0}, {"index": "annoy"}, {"rank": 0}, {"key": "mean"}, {"whitening": "lda"},
-            {"shrinkage": 1.5})
+            {"shrinkage": 1.5}, {"gate": "entity"}, {"gate_quantile": 0.0})
     for bad in bads:
         with pytest.raises(ValueError):
             Editor(model, tok, method="sola", **bad)
@@ -357,13 +355,13 @@ def test_a_pooled_key_does_not_depend_on_the_rows_padding(sola, world_requests):
     for r in reqs[:2]:
         sola.edit(r)
     seen = []
-    nearest = sola.method.bank.nearest
+    nearest = sola.method._nearest
 
-    def spy(q):
+    def spy(q, rows):
         seen.append(q.clone())
-        return nearest(q)
+        return nearest(q, rows)
 
-    sola.method.bank.nearest = spy
+    sola.method._nearest = spy
     prompts = [reqs[0].prompt, reqs[2].locality[0][0] + " and then", reqs[1].prompt]
     together = sola.generate(prompts, max_new_tokens=3)
     batch_keys = seen[0]
@@ -385,11 +383,73 @@ def test_a_store_made_before_pooled_keys_reopens_keyed_as_it_was(world_model, sm
     ed.close()
     store = EditStore(path)
     hp = store.get_meta("hparams")
-    for k in ("key", "whitening", "shrinkage"):
+    for k in ("key", "whitening", "shrinkage", "gate", "gate_quantile"):
         del hp[k]
     store.set_meta("hparams", hp)
     store.close()
     with Editor(model, tok, store=path) as ed:
-        assert (ed.method.hparams.key, ed.method.hparams.whitening) == ("last", "pca")
+        assert (ed.method.hparams.key, ed.method.hparams.whitening, ed.method.hparams.gate) == ("last", "pca", "none")
         for r, w in zip(world_requests[:4], want):
             assert torch.equal(logits_of(ed, r), w)
+
+
+def test_the_subject_gate_routes_only_prompts_that_name_the_edits_subject(world_model, small_world, world_requests):
+    """With a threshold wide enough to route anything, the gate keeps every prompt that does not name an edited
+    subject on the base model (bitwise), routes paraphrases that name it, and leaves edits without a subject ungated."""
+    model, tok = world_model
+    kw = dict(corpus=small_world.fact_prompts(), paraphrases=small_world.calibration_paraphrases(), alpha=1.9)
+    reqs = world_requests[:6]
+    subjects = {r.subject for r in reqs}
+    probes = [p for r in world_requests[6:] for p in r.locality if not any(s in p[0] for s in subjects)][:12]
+    assert probes
+    with Editor(model, tok, method="sola", gate="none", **kw) as plain:
+        base = [logits_of(plain, p) for p in probes]
+        for r in reqs:
+            plain.edit(r, check=False)
+        assert all(routed(plain, p) for p, _ in probes), "without the gate this alpha routes every probe"
+    model, tok = world_model
+    with Editor(model, tok, method="sola", **kw) as ed:
+        assert ed.method.hparams.gate == "subject"
+        for r in reqs:
+            ed.edit(r, check=False)
+        assert not any(routed(ed, p) for p, _ in probes)
+        for p, want in zip(probes, base):
+            assert torch.equal(logits_of(ed, p), want)
+        got = ed.method.routes([q for r in reqs for q in r.rephrases])
+        owners = [e for e, r in zip(range(1, 7), reqs) for _ in r.rephrases]
+        for e, g, q in zip(owners, got, [q for r in reqs for q in r.rephrases]):
+            assert g is not None and reqs[g - 1].subject in q, "a paraphrase routes to an edit of its subject"
+        assert sum(g == e for e, g in zip(owners, got)) > len(got) // 2
+        assert ed.method.routes([reqs[0].rephrases[0]]) == [ed.method.routes([reqs[0].rephrases[0]])[0]]
+        bare = dataclasses.replace(world_requests[10], subject=None)
+        ed.edit(bare, check=False)
+        assert all(ed.method.routes([p])[0] == 7 for p, _ in probes), "an edit without a subject is not gated"
+
+
+def test_gated_routing_in_a_batch_equals_rows_alone_and_survives_reopen(world_model, small_world, world_requests,
+                                                                         tmp_path):
+    model, tok = world_model
+    path = tmp_path / "g.db"
+    ed = Editor(model, tok, method="sola", store=path, corpus=small_world.fact_prompts(),
+                paraphrases=small_world.calibration_paraphrases())
+    reqs = world_requests[:4]
+    for r in reqs:
+        ed.edit(r, check=False)
+    assert ed.method.gate_alpha >= ed.method.alpha
+    prompts = [reqs[0].rephrases[0], reqs[2].locality[0][0], reqs[1].rephrases[1] + " and", reqs[3].prompt]
+    together = ed.generate(prompts, max_new_tokens=3)
+    assert together == [ed.generate(p, max_new_tokens=3) for p in prompts]
+    want = [logits_of(ed, (q, r.target)) for r in reqs for q in r.rephrases]
+    routes = ed.method.routes(prompts)
+    ed.close()
+    with Editor(model, tok, store=path) as again:
+        assert again.method.subjects == {i + 1: r.subject for i, r in enumerate(reqs)}
+        assert again.method.routes(prompts) == routes
+        got = [logits_of(again, (q, r.target)) for r in reqs for q in r.rephrases]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_faiss_and_the_subject_gate_are_refused_together():
+    hp = SolaHparams(index="faiss", gate="subject")
+    with pytest.raises((ValueError, ImportError), match="exact|faiss|FAISS"):
+        hp.validate()

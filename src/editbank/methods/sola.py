@@ -67,14 +67,16 @@ from .fit import cosine_lr, fit, make_optimizer
 from .key_index import require_faiss
 from .lora_bank import DISTANCES, LoraBank
 from .routed import Routed
+from .subject_gate import SubjectGate, subject_forms
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's schedule and fixed threshold
     "paper": {"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "n_iter": 40, "stop_loss": 0.0, "alpha": 0.01,
-              "standardize": False, "key": "last", "whitening": "pca"},
+              "standardize": False, "key": "last", "whitening": "pca", "gate": "none"},
 }
 KEYS = ("last", "pooled", "last+pooled")
 WHITENINGS = ("pca", "paraphrase")
+GATES = ("none", "subject")
 
 
 @dataclass
@@ -105,6 +107,10 @@ class SolaHparams:
     # "paraphrase" falls back to "pca" (with a warning)
     whitening: str = "paraphrase"
     shrinkage: float = 0.3  # whitening="paraphrase": the within-fact covariance is shrunk this far to its mean variance
+    # "subject": an edit whose request names its subject routes only prompts that contain the subject's tokens, within
+    # the wider gate_alpha (subject_gate.py); edits without a subject route as with "none" (any prompt within alpha)
+    gate: str = "subject"
+    gate_quantile: float = 3e-3  # gate_alpha = this quantile of the calibration distances (never below alpha)
     index: str = "exact"  # nearest-key search: "exact" (one matrix product) or "faiss" (HNSW, for 100,000+ keys)
     index_candidates: int = 16  # with index="faiss": candidates re-scored exactly per query
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
@@ -152,6 +158,12 @@ class SolaHparams:
             raise ValueError(f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
         if not 0 <= self.shrinkage <= 1:
             raise ValueError("shrinkage must be in [0, 1]")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if not 0 < self.gate_quantile < 1:
+            raise ValueError("gate_quantile must be in (0, 1)")
+        if self.gate == "subject" and self.index == "faiss":
+            raise ValueError("gate='subject' scans the keys exactly: use index='exact', or gate='none' with FAISS")
 
 
 @register("sola")
@@ -160,7 +172,7 @@ class Sola(Routed):
     snapshots = False  # undo is always exact
     trains_beside_readers = True  # each LoRA trains alone against the frozen base (see `pretrain`)
     state_in_artifacts = True  # each edit's key and LoRA are stored once, as its artifacts
-    stored_defaults = {"key": "last", "whitening": "pca"}  # stores made before these existed keyed this way
+    stored_defaults = {"key": "last", "whitening": "pca", "gate": "none"}  # stores made before these existed
 
     def __init__(self, model, tokenizer, arch, hparams: SolaHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)
@@ -182,11 +194,12 @@ class Sola(Routed):
             self.embeddings.weight.shape[1] if "pooled" in hparams.key else 0)  # the key: last and/or pooled part
         self.bank = LoraBank(width, shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann, devices)
         self.alpha: float | None = None
+        self.gate_alpha: float | None = None  # gate="subject": the threshold of gated edits
         self.reference_distance: float | None = None
         self.quantile_used: float | None = hparams.alpha_quantile  # the calibration's (None: not calibrated here)
         for i, m in enumerate(self.modules):
             self.hook(m, self._make_hook(i))
-        if "pooled" in hparams.key:  # the pooled key reads this forward's token embeddings
+        if "pooled" in hparams.key or hparams.gate == "subject":  # this forward's token embeddings and ids
             self.hook(self.embeddings, self._embedding_hook)
         self.reset()
 
@@ -195,10 +208,12 @@ class Sola(Routed):
         self.bank.clear()
         self.superseded_by: dict[int, int] = {}
         self.facts: dict[int, str | None] = {}  # EditRequest.key of each held edit (see "Covers" above)
+        self.subjects: dict[int, str] = {}  # EditRequest.subject of each held edit that names one (the gate)
+        self._gate_cache: tuple | None = None  # (SubjectGate | None, thresholds) for the bank as it is
 
     # -- hooks ------------------------------------------------------------------------------------
     def _embedding_hook(self, module, inputs, output) -> None:
-        self.thread.embeds = output
+        self.thread.embeds, self.thread.ids = output, inputs[0]
 
     def _make_hook(self, i: int):
         scale = self.hparams.lora_scale
@@ -213,6 +228,7 @@ class Sola(Routed):
                 return output + ((x.float() @ A[i].T) @ B[i].T * scale).to(output.dtype)
             if i == 0:
                 here.now = self._decide(x) if self.enabled else None  # this forward's routing decision
+                here.ids = here.embeds = None  # this forward's, read (or not needed) by now
             now = getattr(here, "now", None)
             if now is None:
                 return None
@@ -238,9 +254,9 @@ class Sola(Routed):
                 return None
             route = self.route
             start = None if route is None else route.query_start
-            q = self._query(x, self._embeds(x), self.query_index(b, s, x.device), start)
-            dist, slot = self.bank.nearest(q)
-            hit = dist < self.alpha
+            qidx = self.query_index(b, s, x.device)
+            q = self._query(x, self._embeds(x), qidx, start)
+            hit, slot = self._nearest(q, lambda: self._row_ids(x, qidx, start))
             if b == 1:  # the common serving case: plain slices instead of gathers
                 return (None, True, self.bank.slices(int(slot[0]))) if bool(hit[0]) else None
             rows = hit.nonzero().squeeze(1)
@@ -248,6 +264,40 @@ class Sola(Routed):
             return (rows, n == b, self.bank.gather(slot if n == b else slot.index_select(0, rows))) if n else None
 
         return self.decide("sola", s, compute)  # a generated token keeps the decision taken on the prompt
+
+    def _nearest(self, q: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed [B], slot [B]) of queries [B, width]; `rows()` gives each row's prompt token ids (the gate's)."""
+        gate, thresholds = self._gate()
+        if gate is None:
+            dist, slot = self.bank.nearest(q)
+            return dist < self.alpha, slot
+        d = self.bank.distances(q)
+        d = d.masked_fill(~(gate.mask(rows()).to(d.device) & (d < thresholds)), float("inf"))
+        dist, slot = d.min(dim=1)
+        return torch.isfinite(dist), slot
+
+    def _gate(self) -> tuple:
+        """(SubjectGate, per-slot thresholds) for the bank as it is, or (None, None) when no held edit is gated."""
+        cache = self._gate_cache
+        if cache is None:
+            slots = self.bank.slot_of
+            forms = {slots[e]: subject_forms(self.tokenizer, s) for e, s in self.subjects.items() if e in slots}
+            if self.hparams.gate != "subject" or not forms or self.gate_alpha is None:
+                cache = (None, None)
+            else:
+                gate = SubjectGate(forms, self.bank.high, self.bank.device)
+                cache = (gate, torch.where(gate.gated, self.gate_alpha, self.alpha))
+            self._gate_cache = cache
+        return cache
+
+    def _row_ids(self, x: torch.Tensor, qidx: torch.Tensor, start: torch.Tensor | None) -> list[list[int]]:
+        """This forward's prompt token ids per row (start..qidx), from the embedding hook."""
+        ids, self.thread.ids = getattr(self.thread, "ids", None), None
+        if ids is None or ids.shape[:2] != x.shape[:2]:
+            raise RuntimeError("SoLA's subject gate needs this forward's token ids: call the model with input_ids "
+                               "(not inputs_embeds)")
+        first = [0] * len(qidx) if start is None else start.tolist()
+        return [row[a : q + 1] for row, a, q in zip(ids.tolist(), first, qidx.tolist())]
 
     # -- keys -------------------------------------------------------------------------------------
     def _embeds(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -280,7 +330,7 @@ class Sola(Routed):
         """Set the key standardization and alpha from the unedited model (the module docstring has the rule)."""
         hp = self.hparams
         if hp.alpha is not None and not hp.standardize:
-            self.alpha = hp.alpha
+            self.alpha = self.gate_alpha = hp.alpha
             return self.alpha
         paraphrase = hp.standardize and hp.whitening == "paraphrase" and hp.key_dims > 0  # key_dims 0: per dimension
         groups = self._paraphrase_groups() if paraphrase else None
@@ -313,6 +363,8 @@ class Sola(Routed):
                           f"corpus prompts ({median:.3g}): near-duplicate prompts? Paraphrases may not route; {advice}",
                           stacklevel=2)
         self.alpha = hp.alpha if hp.alpha is not None else self.reference_distance
+        self.gate_alpha = max(self.alpha, quantile(unrelated, hp.gate_quantile))
+        self._gate_cache = None
         return self.alpha
 
     def _paraphrase_groups(self) -> list[list[str]] | None:
@@ -446,8 +498,8 @@ class Sola(Routed):
         if not prompts or self.alpha is None:
             return [None] * len(prompts)
         owners = self.bank.owners()
-        dist, slot = self.bank.nearest(self._prompt_keys(prompts))
-        return [owners[s] if h else None for h, s in zip((dist < self.alpha).tolist(), slot.tolist())]
+        hit, slot = self._nearest(self._prompt_keys(prompts), lambda: [prompt_ids(self.tokenizer, p) for p in prompts])
+        return [owners[s] if h else None for h, s in zip(hit.tolist(), slot.tolist())]
 
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req = item.request
@@ -471,6 +523,9 @@ class Sola(Routed):
             self.superseded_by[eid] = item.id
         self.bank.add(item.id, key, A, B, active=True)
         self.facts[item.id] = req.key
+        if req.subject:
+            self.subjects[item.id] = req.subject
+        self._gate_cache = None
         stats.update(loss=loss, steps=steps, action="supersede" if covered else "new")
         if covered:
             stats["supersedes"] = covered
@@ -515,6 +570,8 @@ class Sola(Routed):
                 self.superseded_by[old] = newer
         self.bank.remove(edit_id)
         del self.facts[edit_id]
+        self.subjects.pop(edit_id, None)
+        self._gate_cache = None
         return True
 
     # -- persistence ------------------------------------------------------------------------------
@@ -525,6 +582,8 @@ class Sola(Routed):
         out = {"key": key}
         if self.facts[edit_id] is not None:
             out["fact"] = torch.tensor(list(self.facts[edit_id].encode()), dtype=torch.uint8)
+        if edit_id in self.subjects:
+            out["subject"] = torch.tensor(list(self.subjects[edit_id].encode()), dtype=torch.uint8)
         out.update({f"A.{i}": a for i, a in enumerate(A)})
         out.update({f"B.{i}": b for i, b in enumerate(B)})
         return out
@@ -535,6 +594,7 @@ class Sola(Routed):
             tensors["projection"] = self.bank.projection
         meta = {
             "alpha": self.alpha,
+            "gate_alpha": self.gate_alpha,
             "reference_distance": self.reference_distance,
             "superseded_by": {str(k): v for k, v in self.superseded_by.items()},
         }
@@ -546,6 +606,7 @@ class Sola(Routed):
             self.bank.set_transform(tensors["center"], tensors.get("projection"))
         if meta:
             self.alpha, self.reference_distance = meta["alpha"], meta["reference_distance"]
+            self.gate_alpha = meta.get("gate_alpha")  # stores made before the gate: None (they do not gate)
             self.superseded_by = {int(k): int(v) for k, v in meta["superseded_by"].items()}
 
     def load_artifacts(self, held) -> None:
@@ -558,16 +619,20 @@ class Sola(Routed):
             B = [arts[f"B.{i}"] for i in range(n)]
             self.bank.add(eid, arts["key"], A, B, active=eid not in self.superseded_by)
             self.facts[eid] = bytes(arts["fact"].tolist()).decode() if "fact" in arts else None
+            if "subject" in arts:
+                self.subjects[eid] = bytes(arts["subject"].tolist()).decode()
+        self._gate_cache = None
 
     def checkpoint(self) -> Any:
         """Cheap: the bank's slot table and the small dicts (slot contents are never overwritten in place)."""
-        return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.facts),
-                self.alpha, self.reference_distance)
+        return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.facts), dict(self.subjects),
+                self.alpha, self.gate_alpha, self.reference_distance)
 
     def restore(self, checkpoint: Any) -> None:
-        bank, sup, facts, self.alpha, self.reference_distance = checkpoint
+        bank, sup, facts, subjects, self.alpha, self.gate_alpha, self.reference_distance = checkpoint
         self.bank.restore(bank)
-        self.superseded_by, self.facts = dict(sup), dict(facts)
+        self.superseded_by, self.facts, self.subjects = dict(sup), dict(facts), dict(subjects)
+        self._gate_cache = None
 
 
 def _whitening(keys: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,11 @@ SoLA is exactly "one LoRA per edit plus a router". The export writes, in the fol
 - `router.safetensors` (`keys` [N, D], the raw keys; `edit_ids` [N]; `center` and, when whitening is on,
   `projection`) and `router.json` (how to compute a query and compare it: the key (the input of `key_module` at the
   last prompt token and/or the output of `embedding_module` averaged over the prompt, by the base model with no
-  adapter), the transform, the distance, alpha). A prompt
-  routes to edit `edit_ids[j*]` where j* is its nearest key, if that distance is below alpha; otherwise the base
-  model (no adapter) answers. `editbank route` and `POST /v1/route` compute the same decision.
+  adapter), the transform, the distance, alpha, and with the subject gate `gate`: each gated edit's subject as token
+  id sequences and the gate's threshold). A prompt routes to edit `edit_ids[j*]` where j* is its nearest key among
+  those it may route to (an ungated edit's always; a gated edit's when one of its subject's token sequences occurs
+  in the prompt's ids), if that distance is below the key's threshold (alpha; a gated key's: gate alpha); otherwise
+  the base model (no adapter) answers. `editbank route` and `POST /v1/route` compute the same decision.
 """
 
 from __future__ import annotations
@@ -96,6 +98,23 @@ def _write(method, out: Path, active: list[int], config: dict[str, Any], base_mo
         "distance": hp.distance,
         "compare": "1 - cos(transform(query), transform(key)) < alpha" if hp.distance == "cosine"
         else "|transform(query) - transform(key)| < alpha", "alpha": method.alpha, "edits": active,
-        "adapter_folders": "one per edit, named by its id", "base_model": base_model,
+        "adapter_folders": "one per edit, named by its id", "base_model": base_model, "gate": _gate(method, active),
     }
     (out / "router.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+def _gate(method, active: list[int]) -> dict[str, Any] | None:
+    """The subject gate as data: each gated edit's subject token sequences, and its threshold."""
+    gate, _ = method._gate()
+    if gate is None:
+        return None
+    from .subject_gate import subject_forms
+
+    subjects = {eid: method.subjects[eid] for eid in active if eid in method.subjects}
+    return {
+        "rule": "a gated edit's key is a candidate only for prompts whose token ids (with the tokenizer's special "
+                "tokens) contain one of its subject's sequences; its threshold is gate alpha instead of alpha",
+        "alpha": method.gate_alpha,
+        "subjects": {str(e): s for e, s in subjects.items()},
+        "forms": {str(e): sorted(list(f) for f in subject_forms(method.tokenizer, s)) for e, s in subjects.items()},
+    }

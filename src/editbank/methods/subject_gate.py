@@ -1,0 +1,53 @@
+"""SoLA's subject gate: an edit that names its subject routes only rows whose prompt contains that subject's tokens.
+
+Why (docs/methods/sola.md, "The subject gate"): on the held-out worlds the key alone cannot tell a paraphrase of an
+edited fact from an unrelated prompt under the same wording, so any alpha wide enough to route paraphrases also
+routes unrelated prompts. Every paraphrase of a fact about a subject names the subject; an unrelated prompt about
+another subject does not. The gate is lexical, on token ids: a subject is matched in the forms its tokenizer gives
+it (alone and after a space: the forms it takes at the start of a prompt and inside one), so a paraphrase that calls
+the subject something else (an alias, another casing, a pronoun) is not routed to the edit. Edits without a subject
+are not gated.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+def subject_forms(tokenizer, subject: str) -> set[tuple[int, ...]]:
+    """The token sequences the subject takes in a prompt: tokenized alone (a prompt's start; SentencePiece's form
+    inside a sentence too) and after a space (a byte-level BPE's form inside a sentence)."""
+    forms = set()
+    for text in (subject, " " + subject):
+        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if ids:
+            forms.add(ids)
+    return forms
+
+
+class SubjectGate:
+    """Which slots each row may route to: the slots of edits whose subject occurs in the row, and every slot of an
+    edit without a subject. Built from (slot, forms) pairs; immutable (rebuild it when the bank changes)."""
+
+    def __init__(self, slot_forms: dict[int, set[tuple[int, ...]]], high: int, device) -> None:
+        self.index: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for slot, forms in slot_forms.items():
+            for f in forms:
+                self.index[f].append(slot)
+        self.lengths = sorted({len(f) for f in self.index})
+        self.open = torch.ones(high, dtype=torch.bool, device=device)  # slots of ungated edits: any row
+        if slot_forms:
+            self.open[list(slot_forms)] = False
+        self.gated = ~self.open
+
+    def mask(self, rows: list[list[int]]) -> torch.Tensor:
+        """[B, high] True where the row may route to the slot."""
+        out = self.open.repeat(len(rows), 1)
+        for r, ids in enumerate(rows):
+            ids = tuple(ids)
+            hit = [s for n in self.lengths for i in range(len(ids) - n + 1) for s in self.index.get(ids[i : i + n], ())]
+            if hit:
+                out[r, hit] = True
+        return out
