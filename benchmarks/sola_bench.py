@@ -11,7 +11,7 @@
 
 Each configuration of `--configs` (`;`-separated sets of `key=value` SoLA hyperparameters; `default` is the
 defaults) is measured in the same run, so their ratios compare: by default the current defaults against the
-previous ones (`key=last,whitening=pca`).
+previous ones (`key=last,whitening=pca,gate=none`) and the defaults without the subject gate (`gate=none`).
 
     python benchmarks/sola_bench.py --device cpu
     python benchmarks/sola_bench.py --device cuda --model llama-1024x8
@@ -47,13 +47,16 @@ def random_llama(spec: str, vocab: int, device: str):
     return LlamaForCausalLM(cfg).to(device).eval()
 
 
-def fill_bank(method, n: int, routed_keys: torch.Tensor, spread: torch.Tensor, lora_pool: list) -> None:
-    """Make the bank hold exactly n entries: the keys of the routed prompts first, then random keys
-    (per dimension: the corpus keys' mean and spread)."""
+def fill_bank(method, n: int, routed_keys: torch.Tensor, spread: torch.Tensor, lora_pool: list,
+              subjects: list[str]) -> None:
+    """Make the bank hold exactly n entries: the keys of the routed prompts first (with their subjects), then random
+    keys (per dimension: the corpus keys' mean and spread) with made-up subjects, so a subject gate holds n."""
     bank = method.bank
     for eid in list(bank.slot_of):
         bank.remove(eid)
     bank.clear()
+    method.subjects = {10**9 + i: subjects[i] if i < len(subjects) else f"Vorlander{i}" for i in range(n)}
+    method._gate_cache = None
     g = torch.Generator().manual_seed(0)
     for i in range(n):
         if i < len(routed_keys):
@@ -96,7 +99,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="world", help="'world' or llama-HIDDENxLAYERS (random) for the latency part")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--configs", default="default;key=last,whitening=pca",
+    ap.add_argument("--configs", default="default;gate=none;key=last,whitening=pca,gate=none",
                     help="';'-separated SoLA hyperparameter sets (k=v,k=v; 'default': the defaults)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -174,7 +177,7 @@ def measure(world, hp: dict, args) -> dict:
             ed.logits(ids, mask, q)
 
         for size in banks:
-            fill_bank(m, size, routed_keys, spread, pool)
+            fill_bank(m, size, routed_keys, spread, pool, [r.subject for r in requests[:half]])
             t_base, t_edit = time_pair(forward, m, args.repeats)  # base: the same call without SoLA's hooks
             rows.append({"batch": bsz, "bank": size, "base_ms": 1e3 * t_base, "edited_ms": 1e3 * t_edit,
                          "ratio": t_edit / t_base})

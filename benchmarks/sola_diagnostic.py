@@ -69,7 +69,7 @@ def diagnose(data: str, edits: int | None, seed: int, hp: dict, same_subject: bo
     if same_subject:
         reqs, kept = split_by_subject(reqs, seed)
     ed = Editor.open(d.model, method="sola", corpus=d.corpus, stats_corpus=d.stats_corpus,
-                     paraphrases=d.paraphrases, **hp)
+                     paraphrases=d.paraphrases, paraphrase_subjects=d.paraphrase_subjects, **hp)
     t0 = time.perf_counter()
     stream = run_stream(ed, reqs, protocol="greedy_exact_match", progress=True)
     seconds = time.perf_counter() - t0

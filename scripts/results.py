@@ -25,7 +25,7 @@ from editbank.methods import METHODS
 ROOT = Path(__file__).resolve().parent.parent
 # SoLA's key configurations compared on one build: the defaults (last token + pooled embeddings, whitened by the
 # paraphrase whitening, alpha_quantile 3e-4) and the previous defaults (last token, PCA whitening, 1e-4)
-SOLA_KEYS = {"pooled": {}, "last": {"key": "last", "whitening": "pca"}}
+SOLA_KEYS = {"gate": {}, "pooled": {"gate": "none"}, "last": {"key": "last", "whitening": "pca", "gate": "none"}}
 # norm control (issue 25): AlphaEdit and MetaKE without it and with the values chosen on the dev world
 NORM = {"off": {}, "on": {"alphaedit": {"norm_control": 0.01}, "metake": {"norm_control": 0.03}}}
 # MEMIT (0.03 chosen on the dev world: docs/methods/locate.md) beside ROME, which has no norm control
@@ -109,8 +109,9 @@ def main() -> None:
     ap.add_argument("--slow-edits", default="1,10,100")
     ap.add_argument("--counterfact", default=str(ROOT.parent / "shared" / "data" / "easyedit_counterfact-val.json"))
     ap.add_argument("--zsre", default=str(ROOT.parent / "shared" / "data" / "zsre_mend_train-1k.json"))
-    ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-pooled-world,"
-                    "sola-keys-pooled-suite,sola-keys-last-world,sola-keys-last-suite,norm-off-world,norm-on-world,"
+    ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-gate-world,"
+                    "sola-keys-gate-suite,sola-keys-pooled-world,sola-keys-pooled-suite,sola-keys-last-world,"
+                    "sola-keys-last-suite,sola-keys-gate-counterfact,sola-keys-gate-zsre,norm-off-world,norm-on-world,"
                     "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm-off-counterfact,norm-on-counterfact,"
                     "norm1-off-suite,norm1-on-suite,norm1-scaled-suite,norm-memit-off-world,norm-memit-on-world,norm-memit-off-suite,"
                     "norm-memit-on-suite,normp-off-world,normp-on-world,normp-off-suite,normp-on-suite",
@@ -141,6 +142,8 @@ def main() -> None:
         **{f"sola-keys-{keys}-{data}": BenchConfig(methods=["sola"], data=data, edits=ints(args.edits),
                                                    hparams={"sola": hp})
            for keys, hp in SOLA_KEYS.items() for data in ("world", "suite")},
+        **{f"sola-keys-gate-{name}": BenchConfig(methods=["sola"], data=f"{name}:{path}", edits=[100, 1000])
+           for name, path in (("counterfact", args.counterfact), ("zsre", args.zsre))},
         # norm control for sequential locate writes (issue 25), batches of 100
         **{f"norm-{k}-{data}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], hparams=hp)
            for k, hp in NORM.items() for data in ("world", "suite")},
@@ -186,8 +189,8 @@ TUNING = ("**What was tuned where.** The default world is the dev world: every d
           "and 1.000/0.420/1.000 below. Differences between builds are as large as many differences between "
           "methods; compare figures only within one build (the environment lines name the weights' digest where "
           "the run recorded it). **SoLA's rows** in the suite, ZsRE, CounterFact and dev sections were measured with "
-          "its previous defaults (`key=\"last\"`, `whitening=\"pca\"`, alpha_quantile 1e-4); its current defaults are "
-          "in the last section, beside the previous ones on one build.")
+          "its defaults of 2026-12-03 (`key=\"last\"`, `whitening=\"pca\"`, alpha_quantile 1e-4, no subject gate); its "
+          "current defaults are in their own section, beside the previous ones on one build.")
 
 
 def paired_section(out: Path, prefix: str, variants: dict[str, str], title: str, intro: str, dev_note: str
@@ -209,18 +212,29 @@ def paired_section(out: Path, prefix: str, variants: dict[str, str], title: str,
 
 
 def sola_keys_section(out: Path) -> list[str]:
-    """SoLA's routing keys, the defaults against the previous defaults, dev world and suite, measured on one build."""
-    return paired_section(
-        out, "sola-keys", {"pooled": "defaults: last + pooled keys, paraphrase whitening",
-                           "last": "previous defaults: last-token keys, PCA whitening"},
-        "SoLA's keys: the defaults against the previous ones (issue 21)",
+    """SoLA's routing, the defaults against the previous defaults, dev world and suite (and the dataset worlds with the
+    defaults), measured on one build."""
+    lines = paired_section(
+        out, "sola-keys", {"gate": "defaults: last + pooled keys, paraphrase whitening, subject gate",
+                           "pooled": "previous defaults: last + pooled keys, paraphrase whitening, no gate",
+                           "last": "the defaults before those: last-token keys, PCA whitening, no gate"},
+        "SoLA's routing: the defaults against the previous ones (issue 21)",
         "SoLA alone, with its defaults (`key=\"last+pooled\"`: the master input at the last prompt token and the "
-        "prompt's token embeddings averaged; `whitening=\"paraphrase\"`: whitened by the spread of the "
-        "calibration part's paraphrase groups; alpha_quantile 3e-4) and with the previous defaults "
-        "(`key=\"last\"`, `whitening=\"pca\"`, 1e-4), on the dev world and the suite, all four runs on this "
-        "machine's builds of the worlds in one session (the sections above are other builds: compare within "
-        "this section). The defaults were chosen on the dev world (docs/methods/sola.md has the sweep).",
+        "prompt's token embeddings averaged; `whitening=\"paraphrase\"`: whitened by the spread of the calibration "
+        "part's paraphrase groups; alpha_quantile 3e-4; `gate=\"subject\"`: an edit whose request names its subject "
+        "routes only prompts containing the subject's tokens, within gate_alpha, the 3e-3 quantile), without the "
+        "gate (`gate=\"none\"`), and with the keys before those (`key=\"last\"`, `whitening=\"pca\"`, 1e-4, no "
+        "gate), on the dev world and the suite, on this machine's builds of the worlds (the sections above are other "
+        "builds: compare within this section). The defaults were chosen on the dev world (docs/methods/sola.md has "
+        "the sweeps and the gate's own risk, prompts that name an edited subject but ask another fact).",
         "The dev world (defaults chosen here).")
+    for data, name in (("counterfact", "CounterFact"), ("zsre", "ZsRE")):
+        run = out / f"sola-keys-gate-{data}"
+        if (run / "summary.json").exists():
+            lines += section(f"{name} world, defaults", run, "SoLA's defaults (with the subject gate); the largest T "
+                             "is 1000 or every record left after the calibration hold-out. The same build without the "
+                             "gate: docs/methods/sola.md.", level="###")
+    return lines
 
 
 def norm_section(out: Path) -> list[str]:

@@ -14,6 +14,7 @@ from editbank.leaks import (
     LeakError,
     LeakWarning,
     calibration_corpus,
+    calibration_paraphrase_subjects,
     calibration_paraphrases,
     calibration_split,
     check_disjoint,
@@ -65,6 +66,7 @@ def test_the_method_corpus_and_the_statistics_corpus_of_a_world_are_its_calibrat
             assert ed.method.corpus == small_world.fact_prompts()
             assert ed.method.stats_corpus == small_world.calibration_texts()
             assert ed.method.paraphrases == small_world.calibration_paraphrases()
+            assert ed.method.paraphrase_subjects == small_world.calibration_paraphrase_subjects()
             for n, seed in ((5, 0), (20, 3), (len(small_world.editable_facts), 1)):
                 reqs = small_world.edit_requests(n=n, seed=seed)
                 assert not find_leaks(ed.method.corpus, reqs) and not find_leaks(ed.method.stats_corpus, reqs)
@@ -140,6 +142,8 @@ def test_a_dataset_run_takes_its_corpus_from_held_out_records_only():
                          rephrases=[f"R{i}'s capital is", f"R{i} has its capital in"]) for i in range(20)]
     held_alone, evaluated_alone = calibration_split(alone)
     assert calibration_paraphrases(held_alone, evaluated_alone) == [[r.prompt, *r.rephrases] for r in held_alone]
+    assert calibration_paraphrase_subjects(held_alone, evaluated_alone) == [r.subject for r in held_alone]
+    assert len(calibration_paraphrase_subjects(held, evaluated)) == len(groups)
     # the shared neighbourhood prompt and the neighbours' edit prompts were dropped, the held-out records' kept
     assert "The capital of Q is" not in corpus
     assert all(r.rephrases[0] in corpus for r in held)

@@ -453,3 +453,35 @@ def test_faiss_and_the_subject_gate_are_refused_together():
     hp = SolaHparams(index="faiss", gate="subject")
     with pytest.raises((ValueError, ImportError), match="exact|faiss|FAISS"):
         hp.validate()
+
+
+def test_the_gate_calibrates_on_one_subjects_facts_when_the_groups_name_their_subjects(world_model, small_world):
+    """gate_alpha comes from pairs of calibration texts about different facts of one subject (what the gate lets
+    through); without the groups' subjects, from any two different facts."""
+    from editbank.methods.sola import _one_subject_pairs, quantile
+
+    model, tok = world_model
+    groups, subjects = small_world.calibration_paraphrases(), small_world.calibration_paraphrase_subjects()
+    assert len(subjects) == len(groups) and len(set(subjects)) < len(subjects), "a subject has several facts"
+    kw = dict(corpus=small_world.fact_prompts(), paraphrases=groups)
+    with Editor(model, tok, method="sola", paraphrase_subjects=subjects, **kw) as named:
+        named.method.calibrate()
+        m = named.method
+        keys = m._prompt_keys([p for g in groups for p in g])
+        group = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+        z = m.bank.index_form(keys)
+        d = 1 - z @ z.T
+        pairs = torch.triu(group[:, None] != group[None, :], diagonal=1)
+        same = _one_subject_pairs(subjects, group, pairs)
+        assert m.gate_from == "one subject" and 10 <= int(same.sum()) < int(pairs.sum())
+        assert m.gate_alpha == pytest.approx(max(m.alpha, quantile(d[same], 1e-3)), rel=1e-5)
+    model, tok = world_model
+    with Editor(model, tok, method="sola", **kw) as anonymous:
+        anonymous.method.calibrate()
+        assert anonymous.method.gate_from == "any" and anonymous.method.alpha == pytest.approx(m.alpha, rel=1e-6)
+        assert anonymous.method.gate_alpha != pytest.approx(m.gate_alpha, rel=1e-3)
+    with Editor.open(small_world, method="sola") as opened:
+        assert opened.method.paraphrase_subjects == subjects
+    for bad in (subjects[:-1], [1] * len(subjects)):
+        with pytest.raises(TypeError, match="paraphrase_subjects"):
+            Editor(model, tok, method="sola", paraphrase_subjects=bad, **kw)

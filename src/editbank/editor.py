@@ -64,6 +64,7 @@ class Editor:
         corpus: list[str] | None = None,
         stats_corpus: list[str] | None = None,
         paraphrases: list[list[str]] | None = None,
+        paraphrase_subjects: list[str | None] | None = None,
         read_only: bool = False,
         **hparams: Any,
     ) -> None:
@@ -73,6 +74,11 @@ class Editor:
         if paraphrases is not None and not (isinstance(paraphrases, list) and all(
                 isinstance(g, list) and all(isinstance(c, str) for c in g) for g in paraphrases)):
             raise TypeError("paraphrases must be a list of groups, each a list of prompt strings")
+        if paraphrase_subjects is not None and not (
+                isinstance(paraphrase_subjects, list) and paraphrases is not None
+                and len(paraphrase_subjects) == len(paraphrases)
+                and all(s is None or isinstance(s, str) for s in paraphrase_subjects)):
+            raise TypeError("paraphrase_subjects must be a list of str or None, one per paraphrase group")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError("seed must be an int")
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
@@ -93,6 +99,7 @@ class Editor:
             self.method.corpus = corpus
             self.method.stats_corpus = stats_corpus
             self.method.paraphrases = paraphrases
+            self.method.paraphrase_subjects = paraphrase_subjects
         except BaseException:
             self._release()
             if own_store:
@@ -161,6 +168,7 @@ class Editor:
         corpus: list[str] | None = None,
         stats_corpus: list[str] | None = None,
         paraphrases: list[list[str]] | None = None,
+        paraphrase_subjects: list[str | None] | None = None,
         read_only: bool = False,
         **hparams: Any,
     ) -> Editor:
@@ -173,7 +181,8 @@ class Editor:
         every training prompt of its calibration part (`World.calibration_texts()`).
         `paraphrases`: groups of prompts, each one fact worded several ways, none evaluated (SoLA learns from them
         which directions of its key are wording); a World supplies its calibration part's
-        (`World.calibration_paraphrases()`).
+        (`World.calibration_paraphrases()`). `paraphrase_subjects`: each group's subject (None where unknown), for
+        SoLA's subject gate to calibrate on groups of one subject; a World supplies them with its groups.
         `read_only`: only generate and evaluate; the store is not locked (a store another process writes, such as
         a running `editbank serve`, can be read) and `edit` / `undo` refuse.
         """
@@ -187,6 +196,8 @@ class Editor:
             world = World.at(model)
             if world is not None and paraphrases is None:
                 paraphrases = world.calibration_paraphrases() or None
+                if paraphrases is not None and paraphrase_subjects is None:
+                    paraphrase_subjects = world.calibration_paraphrase_subjects()
             if world is not None and corpus is None:
                 corpus = world.fact_prompts() or None  # a dataset world has none
                 if corpus is None:
@@ -198,7 +209,8 @@ class Editor:
         model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device, device_map=device_map)
         return cls(
             model, tokenizer, method, store, seed=seed, snapshot_every=snapshot_every, progress=progress,
-            corpus=corpus, stats_corpus=stats_corpus, paraphrases=paraphrases, read_only=read_only, **hparams,
+            corpus=corpus, stats_corpus=stats_corpus, paraphrases=paraphrases,
+            paraphrase_subjects=paraphrase_subjects, read_only=read_only, **hparams,
         )
 
     # -- context manager ----------------------------------------------------------------------

@@ -100,10 +100,17 @@ def calibration_corpus(calibration: list[EditRequest], evaluation: list[EditRequ
 def calibration_paraphrases(calibration: list[EditRequest], evaluation: list[EditRequest]) -> list[list[str]]:
     """Paraphrase groups of a dataset run: each held-out record's prompt and rephrases (one fact worded several
     ways), less every prompt of the evaluated records; groups left with fewer than two texts are dropped."""
+    return [group for _, group in _paraphrase_groups(calibration, evaluation)]
+
+
+def calibration_paraphrase_subjects(calibration: list[EditRequest], evaluation: list[EditRequest]) -> list[str | None]:
+    """The subject of each group `calibration_paraphrases` gives (the record's; None where it names none)."""
+    return [subject for subject, _ in _paraphrase_groups(calibration, evaluation)]
+
+
+def _paraphrase_groups(calibration: list[EditRequest], evaluation: list[EditRequest]):
     banned = _evaluated(evaluation)
-    out = []
     for r in calibration:
         group = list(dict.fromkeys(p for p in (r.prompt, *r.rephrases) if p.strip() not in banned))
         if len(group) >= 2:
-            out.append(group)
-    return out
+            yield r.subject, group

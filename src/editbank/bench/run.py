@@ -54,10 +54,11 @@ class Data:
     draw: Callable[[int, int], list[EditRequest]]  # (n, seed) -> the stream
     # groups of paraphrases of one fact each, from the same calibration part or slice as the corpus
     paraphrases: list[list[str]] | None = None
+    paraphrase_subjects: list[str | None] | None = None  # each group's subject (SoLA's subject gate)
 
 
 def load_data(cfg: BenchConfig, progress: bool) -> Data:
-    from ..leaks import calibration_corpus, calibration_paraphrases, calibration_split
+    from ..leaks import calibration_corpus, calibration_paraphrase_subjects, calibration_paraphrases, calibration_split
     from ..world import World
 
     size = cfg.world_size
@@ -66,7 +67,7 @@ def load_data(cfg: BenchConfig, progress: bool) -> Data:
         n = len(world.editable_facts)
         return Data(cfg.model or str(world.path), world.fact_prompts(), world.calibration_texts(), n,
                     f"world '{world.name}' ({n} editable facts)", lambda k, seed: world.edit_requests(n=k, seed=seed),
-                    world.calibration_paraphrases())
+                    world.calibration_paraphrases(), world.calibration_paraphrase_subjects())
     from ..data import load_requests
     from ..world.dataset import build_dataset_world
 
@@ -90,7 +91,8 @@ def load_data(cfg: BenchConfig, progress: bool) -> Data:
         return [reqs[i] for i in order[:k]]
 
     return Data(model, corpus, None, len(reqs), f"{fmt} {Path(path).name} ({len(reqs)} requests; {len(held)} more held "
-                f"out for calibration)", draw, calibration_paraphrases(held, reqs) or None)
+                f"out for calibration)", draw, calibration_paraphrases(held, reqs) or None,
+                calibration_paraphrase_subjects(held, reqs) or None)
 
 
 def check_leaks(cfg: BenchConfig, data: Data, ts: list[int]) -> None:
@@ -295,7 +297,7 @@ class Cell:
         try:
             return Editor.open(self.data.model, method=self.method, store=store, seed=self.seed, device=self.device,
                                corpus=self.data.corpus, stats_corpus=self.data.stats_corpus,
-                               paraphrases=self.data.paraphrases,
+                               paraphrases=self.data.paraphrases, paraphrase_subjects=self.data.paraphrase_subjects,
                                **self.cfg.method_hparams(self.method))
         except (TypeError, ValueError) as exc:
             raise BenchError(f"{self.method}: {exc}") from None

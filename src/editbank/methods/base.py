@@ -218,6 +218,8 @@ class Method:
         self.stats_corpus: list[str] | None = None
         # groups of prompts, each one fact worded several ways, none evaluated (SoLA's key whitening); set by the editor
         self.paraphrases: list[list[str]] | None = None
+        # the subject of each paraphrase group (None where unknown), aligned with `paraphrases`; set by the editor
+        self.paraphrase_subjects: list[str | None] | None = None
         # an edit's request by id, from the store (set by the editor): state refers to edits by id, never re-saves
         # what the store holds
         self.request_of: Callable[[int], EditRequest] | None = None

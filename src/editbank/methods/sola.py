@@ -110,7 +110,10 @@ class SolaHparams:
     # "subject": an edit whose request names its subject routes only prompts that contain the subject's tokens, within
     # the wider gate_alpha (subject_gate.py); edits without a subject route as with "none" (any prompt within alpha)
     gate: str = "subject"
-    gate_quantile: float = 3e-3  # gate_alpha = this quantile of the calibration distances (never below alpha)
+    # gate_alpha (never below alpha) = this quantile of the distances between calibration texts of different facts of
+    # one subject (`paraphrase_subjects`; a World supplies them), else of any two different facts; None: 1e-3 and
+    # 3e-3 respectively (each the dev world's choice, docs/methods/sola.md)
+    gate_quantile: float | None = None
     index: str = "exact"  # nearest-key search: "exact" (one matrix product) or "faiss" (HNSW, for 100,000+ keys)
     index_candidates: int = 16  # with index="faiss": candidates re-scored exactly per query
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
@@ -160,7 +163,7 @@ class SolaHparams:
             raise ValueError("shrinkage must be in [0, 1]")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if not 0 < self.gate_quantile < 1:
+        if self.gate_quantile is not None and not 0 < self.gate_quantile < 1:
             raise ValueError("gate_quantile must be in (0, 1)")
         if self.gate == "subject" and self.index == "faiss":
             raise ValueError("gate='subject' scans the keys exactly: use index='exact', or gate='none' with FAISS")
@@ -195,6 +198,7 @@ class Sola(Routed):
         self.bank = LoraBank(width, shapes, hparams.rank, w.dtype, w.device, hparams.distance, ann, devices)
         self.alpha: float | None = None
         self.gate_alpha: float | None = None  # gate="subject": the threshold of gated edits
+        self.gate_from: str | None = None  # which calibration pairs gave it: "one subject" or "any"
         self.reference_distance: float | None = None
         self.quantile_used: float | None = hparams.alpha_quantile  # the calibration's (None: not calibrated here)
         for i, m in enumerate(self.modules):
@@ -331,9 +335,11 @@ class Sola(Routed):
         hp = self.hparams
         if hp.alpha is not None and not hp.standardize:
             self.alpha = self.gate_alpha = hp.alpha
+            self.gate_from = "alpha"
             return self.alpha
         paraphrase = hp.standardize and hp.whitening == "paraphrase" and hp.key_dims > 0  # key_dims 0: per dimension
-        groups = self._paraphrase_groups() if paraphrase else None
+        named = self._paraphrase_groups() if paraphrase else None
+        groups = None if named is None else [g for _, g in named]
         if groups is not None:  # the paraphrase whitening, and alpha between the groups' texts (different facts)
             keys, group = self._prompt_keys([p for g in groups for p in g]), torch.tensor(
                 [i for i, g in enumerate(groups) for _ in g], device=self.bank.device)
@@ -363,17 +369,23 @@ class Sola(Routed):
                           f"corpus prompts ({median:.3g}): near-duplicate prompts? Paraphrases may not route; {advice}",
                           stacklevel=2)
         self.alpha = hp.alpha if hp.alpha is not None else self.reference_distance
-        self.gate_alpha = max(self.alpha, quantile(unrelated, hp.gate_quantile))
+        one_subject = None if named is None else _one_subject_pairs([s for s, _ in named], group, pairs)
+        self.gate_from = "one subject" if one_subject is not None and int(one_subject.sum()) >= 10 else "any"
+        pool = d[one_subject].sort().values if self.gate_from == "one subject" else unrelated
+        q = hp.gate_quantile or (1e-3 if self.gate_from == "one subject" else 3e-3)
+        self.gate_alpha = max(self.alpha, quantile(pool, q))
         self._gate_cache = None
         return self.alpha
 
-    def _paraphrase_groups(self) -> list[list[str]] | None:
+    def _paraphrase_groups(self) -> list[tuple[str | None, list[str]]] | None:
         """The method's paraphrase groups for the paraphrase whitening (distinct prompts, each in one group, at
-        least two per group; groups sampled by calibration_seed down to about 4 x calibration_samples texts), or
-        None (with a warning) when there are too few to learn from."""
+        least two per group; groups sampled by calibration_seed down to about 4 x calibration_samples texts), each
+        with its subject (`paraphrase_subjects`; None where unknown), or None (with a warning) when there are too
+        few to learn from."""
         seen: set[tuple[int, ...]] = set()
         groups = []
-        for g in self.paraphrases or []:
+        subjects = self.paraphrase_subjects or [None] * len(self.paraphrases or [])
+        for subject, g in zip(subjects, self.paraphrases or []):
             kept = []
             for p in g:
                 ids = tuple(prompt_ids(self.tokenizer, p))
@@ -381,20 +393,20 @@ class Sola(Routed):
                     seen.add(ids)
                     kept.append(p)
             if len(kept) >= 2:
-                groups.append(kept)
+                groups.append((subject, kept))
         if len(groups) < 8:
             warnings.warn(f"SoLA whitening='paraphrase' needs 8 or more groups of paraphrases (Editor(paraphrases=...);"
                           f" a World supplies them), got {len(groups)}: whitening the corpus keys instead (pca)",
                           stacklevel=3)
             return None
         budget = 4 * self.hparams.calibration_samples
-        if sum(map(len, groups)) > budget:
+        if sum(len(g) for _, g in groups) > budget:
             order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(self.hparams.calibration_seed))
             picked, n = [], 0
             for i in order.tolist():
-                if n + len(groups[i]) <= budget:
+                if n + len(groups[i][1]) <= budget:
                     picked.append(i)
-                    n += len(groups[i])
+                    n += len(groups[i][1])
             groups = [groups[i] for i in sorted(picked)]
         return groups
 
@@ -595,6 +607,7 @@ class Sola(Routed):
         meta = {
             "alpha": self.alpha,
             "gate_alpha": self.gate_alpha,
+            "gate_from": self.gate_from,
             "reference_distance": self.reference_distance,
             "superseded_by": {str(k): v for k, v in self.superseded_by.items()},
         }
@@ -607,6 +620,7 @@ class Sola(Routed):
         if meta:
             self.alpha, self.reference_distance = meta["alpha"], meta["reference_distance"]
             self.gate_alpha = meta.get("gate_alpha")  # stores made before the gate: None (they do not gate)
+            self.gate_from = meta.get("gate_from")
             self.superseded_by = {int(k): int(v) for k, v in meta["superseded_by"].items()}
 
     def load_artifacts(self, held) -> None:
@@ -626,10 +640,10 @@ class Sola(Routed):
     def checkpoint(self) -> Any:
         """Cheap: the bank's slot table and the small dicts (slot contents are never overwritten in place)."""
         return (self.bank.checkpoint(), dict(self.superseded_by), dict(self.facts), dict(self.subjects),
-                self.alpha, self.gate_alpha, self.reference_distance)
+                self.alpha, self.gate_alpha, self.gate_from, self.reference_distance)
 
     def restore(self, checkpoint: Any) -> None:
-        bank, sup, facts, subjects, self.alpha, self.gate_alpha, self.reference_distance = checkpoint
+        bank, sup, facts, subjects, self.alpha, self.gate_alpha, self.gate_from, self.reference_distance = checkpoint
         self.bank.restore(bank)
         self.superseded_by, self.facts, self.subjects = dict(sup), dict(facts), dict(subjects)
         self._gate_cache = None
@@ -680,6 +694,17 @@ def _paraphrase_whitening(keys: torch.Tensor, group: torch.Tensor, dims: int,
     within = (1 - shrinkage) * within + shrinkage * eye * within.diagonal().mean()
     ev, evec = torch.linalg.eigh(within)
     return center, reduce @ (evec / ev.clamp_min(1e-8 * float(ev.max())).sqrt())
+
+
+def _one_subject_pairs(subjects: list[str | None], group: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor | None:
+    """Of the calibration pairs `pairs` (texts of different groups), those whose groups share a named subject: a
+    prompt that names a subject and asks another of its facts, what the subject gate lets through."""
+    if not any(subjects):
+        return None
+    codes: dict[str, int] = {}
+    sid = torch.tensor([codes.setdefault(s, len(codes)) if s else -1 - i for i, s in enumerate(subjects)],
+                       device=group.device)[group]
+    return pairs & (sid[:, None] == sid[None, :])
 
 
 def quantile(x: torch.Tensor, q: float) -> float:

@@ -192,6 +192,11 @@ class World:
             out.append([rel.fill(t, fact.subject) for t in rel.templates])
         return out
 
+    def calibration_paraphrase_subjects(self) -> list[str]:
+        """The subject of each group of `calibration_paraphrases()` (SoLA's subject gate calibrates on the groups of
+        one subject: prompts that name a subject and ask another of its facts)."""
+        return [fact.subject for fact in self.calibration_facts]
+
     def edit_requests(self, n: int = 20, seed: int = 0) -> list[EditRequest]:
         """`n` counterfactual edits of distinct facts (distinct subjects first), chosen by `seed`."""
         if not isinstance(n, int) or n < 0:
