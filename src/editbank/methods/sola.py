@@ -11,6 +11,15 @@ token); its nearest key j* (exact search over the key matrix by one matrix produ
 every edited module, at every position of that row, if distance(q, e_j*) < alpha; otherwise the base model
 answers. In generation the decision taken on the prompt is kept for every generated token.
 
+The subject gate (`gate="subject"`, the default; subject_gate.py): an edit whose request names its subject is a
+candidate only for rows whose prompt contains the subject's tokens, and routes them below `gate_alpha` instead of
+alpha. No key, however near, sends a prompt about another subject to the edit, so the threshold can be wide enough
+for paraphrases; what it must still refuse is a prompt that names the subject and asks another of its facts, and
+gate_alpha is calibrated on exactly those: the `gate_quantile` quantile of distances between calibration texts of
+different facts of one subject (the groups' `paraphrase_subjects`; without them, of any two different facts).
+Edits without a subject are not gated (alpha, any row). The gate is lexical: an alias or another casing of the
+subject does not route (docs/methods/sola.md has what it buys and costs).
+
 The key (`key`): "last" is the paper's, the master module's input at the last prompt token. That vector encodes
 the prompt's wording as much as its fact: a paraphrase under another template, or with a sentence in front, lands
 far from its edit's key while an unrelated prompt under the same template lands near (docs/methods/sola.md, the
@@ -199,6 +208,7 @@ class Sola(Routed):
         self.alpha: float | None = None
         self.gate_alpha: float | None = None  # gate="subject": the threshold of gated edits
         self.gate_from: str | None = None  # which calibration pairs gave it: "one subject" or "any"
+        self._subject_forms: dict[str, set[tuple[int, ...]]] = {}  # subject -> its token sequences (the gate's)
         self.reference_distance: float | None = None
         self.quantile_used: float | None = hparams.alpha_quantile  # the calibration's (None: not calibrated here)
         for i, m in enumerate(self.modules):
@@ -285,7 +295,7 @@ class Sola(Routed):
         cache = self._gate_cache
         if cache is None:
             slots = self.bank.slot_of
-            forms = {slots[e]: subject_forms(self.tokenizer, s) for e, s in self.subjects.items() if e in slots}
+            forms = {slots[e]: self._forms(s) for e, s in self.subjects.items() if e in slots}
             if self.hparams.gate != "subject" or not forms or self.gate_alpha is None:
                 cache = (None, None)
             else:
@@ -293,6 +303,13 @@ class Sola(Routed):
                 cache = (gate, torch.where(gate.gated, self.gate_alpha, self.alpha))
             self._gate_cache = cache
         return cache
+
+    def _forms(self, subject: str) -> set[tuple[int, ...]]:
+        """The subject's token sequences (tokenized once per subject)."""
+        forms = self._subject_forms.get(subject)
+        if forms is None:
+            forms = self._subject_forms[subject] = subject_forms(self.tokenizer, subject)
+        return forms
 
     def _row_ids(self, x: torch.Tensor, qidx: torch.Tensor, start: torch.Tensor | None) -> list[list[int]]:
         """This forward's prompt token ids per row (start..qidx), from the embedding hook."""
