@@ -106,6 +106,7 @@ def diagnose(data: str, edits: int | None, seed: int, hp: dict, same_subject: bo
         "probes": len(probes), "probes_changed": len(changed), "probes_changed_misrouted": misrouted,
         "probe_to_nearest_key": quantiles(near), "probe_within_alpha": float((near < m.alpha).float().mean()),
         "probes_routed": sum(r is not None for r in routed) / max(len(probes), 1), "gate_alpha": m.gate_alpha,
+        "gate_from": m.gate_from,
     }
     if kept:  # prompts naming an edited subject, asking a fact that was not edited
         same = [(q, r.target) for r in kept for q in [r.prompt, *r.rephrases]]

@@ -103,10 +103,14 @@ def test_faiss_rolled_back_removal_is_searchable_again():
     assert int(s[0]) == ann.slot_of[7] and float(d[0]) < 1e-5
 
 
-def test_sola_with_faiss_gives_the_exact_editors_outputs(small_world, world_requests):
+@pytest.mark.parametrize("ungated", [0, 4], ids=["every-edit-gated", "half-without-subject"])
+def test_sola_with_faiss_gives_the_exact_editors_outputs(small_world, world_requests, ungated):
+    """With the subject gate too: gated edits are scored exactly whatever the index, ungated ones through it."""
+    import dataclasses
+
     from editbank import load_model
 
-    reqs = world_requests[:8]
+    reqs = [dataclasses.replace(r, subject=None) if i < ungated else r for i, r in enumerate(world_requests[:8])]
     eds = []
     for index in ("exact", "faiss"):
         model, tok = load_model(small_world.path)

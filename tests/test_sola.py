@@ -449,12 +449,6 @@ def test_gated_routing_in_a_batch_equals_rows_alone_and_survives_reopen(world_mo
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_faiss_and_the_subject_gate_are_refused_together():
-    hp = SolaHparams(index="faiss", gate="subject")
-    with pytest.raises((ValueError, ImportError), match="exact|faiss|FAISS"):
-        hp.validate()
-
-
 def test_the_gate_calibrates_on_one_subjects_facts_when_the_groups_name_their_subjects(world_model, small_world):
     """gate_alpha comes from pairs of calibration texts about different facts of one subject (what the gate lets
     through); without the groups' subjects, from any two different facts."""

@@ -175,6 +175,13 @@ class LoraBank:
         sq = q.pow(2).sum(1, keepdim=True) - 2.0 * q @ keys.T + self.sq_norms[: self.high]
         return sq.clamp_min(0).sqrt() + offset
 
+    def pair_distances(self, queries: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """[N] distance from each query [N, key_dim] to its own slot (inf where that slot does not route)."""
+        q, k = self.index_form(queries), self.index_keys[slots]
+        if self.distance == "cosine":
+            return 1.0 - (q * k).sum(1) + self.offset[slots]
+        return (q - k).pow(2).sum(1).sqrt() + self.offset[slots]
+
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest routable slot per query: (distance [B], slot [B]); distance inf when none is routable.
 

@@ -174,8 +174,6 @@ class SolaHparams:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.gate_quantile is not None and not 0 < self.gate_quantile < 1:
             raise ValueError("gate_quantile must be in (0, 1)")
-        if self.gate == "subject" and self.index == "faiss":
-            raise ValueError("gate='subject' scans the keys exactly: use index='exact', or gate='none' with FAISS")
 
 
 @register("sola")
@@ -223,7 +221,7 @@ class Sola(Routed):
         self.superseded_by: dict[int, int] = {}
         self.facts: dict[int, str | None] = {}  # EditRequest.key of each held edit (see "Covers" above)
         self.subjects: dict[int, str] = {}  # EditRequest.subject of each held edit that names one (the gate)
-        self._gate_cache: tuple | None = None  # (SubjectGate | None, thresholds) for the bank as it is
+        self._gate_cache: tuple | None = None  # (SubjectGate | None,) for the bank as it is
 
     # -- hooks ------------------------------------------------------------------------------------
     def _embedding_hook(self, module, inputs, output) -> None:
@@ -280,29 +278,46 @@ class Sola(Routed):
         return self.decide("sola", s, compute)  # a generated token keeps the decision taken on the prompt
 
     def _nearest(self, q: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """(routed [B], slot [B]) of queries [B, width]; `rows()` gives each row's prompt token ids (the gate's)."""
-        gate, thresholds = self._gate()
-        if gate is None:
-            dist, slot = self.bank.nearest(q)
-            return dist < self.alpha, slot
-        d = self.bank.distances(q)
-        d = d.masked_fill(~(gate.mask(rows()).to(d.device) & (d < thresholds)), float("inf"))
-        dist, slot = d.min(dim=1)
-        return torch.isfinite(dist), slot
+        """(routed [B], slot [B]) of queries [B, width]; `rows()` gives each row's prompt token ids (the gate's).
 
-    def _gate(self) -> tuple:
-        """(SubjectGate, per-slot thresholds) for the bank as it is, or (None, None) when no held edit is gated."""
+        With the gate: the nearest of the row's candidates within its threshold, the ungated edits' (any row, within
+        alpha; searched as without the gate, less the gated keys) and the gated edits the row names (within
+        gate_alpha; only those slots are scored, so a large gated bank costs what the row's subjects hold)."""
+        bank, gate = self.bank, self._gate()
+        if gate is None:
+            dist, slot = bank.nearest(q)
+            return dist < self.alpha, slot
+        inf = torch.tensor(float("inf"), device=q.device)
+        best = torch.full((q.shape[0],), float("inf"), device=q.device)
+        slot = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        if gate.any_open:
+            if bank.ann is None:
+                best, slot = bank.distances(q).masked_fill(gate.gated[None, :], float("inf")).min(dim=1)
+            else:  # approximate, as the index is: a row whose nearest key is gated gets no ungated edit behind it
+                best, slot = bank.nearest(q)
+                best = best.masked_fill(gate.gated[slot], float("inf"))
+            best = torch.where(best < self.alpha, best, inf)
+        pairs = [(r, s) for r, found in enumerate(gate.candidates(rows())) for s in found]
+        if pairs:
+            r_idx = torch.tensor([r for r, _ in pairs], device=q.device)
+            s_idx = torch.tensor([s for _, s in pairs], device=bank.device)
+            d = bank.pair_distances(q.index_select(0, r_idx.to(q.device)), s_idx).to(q.device)
+            for (r, s), v in zip(pairs, d.tolist()):
+                if v < self.gate_alpha and v < float(best[r]):
+                    best[r], slot[r] = v, s
+        return torch.isfinite(best), slot
+
+    def _gate(self) -> SubjectGate | None:
+        """The subject gate for the bank as it is, or None when no held edit is gated."""
         cache = self._gate_cache
         if cache is None:
             slots = self.bank.slot_of
             forms = {slots[e]: self._forms(s) for e, s in self.subjects.items() if e in slots}
-            if self.hparams.gate != "subject" or not forms or self.gate_alpha is None:
-                cache = (None, None)
-            else:
+            gate = None
+            if self.hparams.gate == "subject" and forms and self.gate_alpha is not None:
                 gate = SubjectGate(forms, self.bank.high, self.bank.device)
-                cache = (gate, torch.where(gate.gated, self.gate_alpha, self.alpha))
-            self._gate_cache = cache
-        return cache
+            cache = self._gate_cache = (gate,)
+        return cache[0]
 
     def _forms(self, subject: str) -> set[tuple[int, ...]]:
         """The subject's token sequences (tokenized once per subject)."""

@@ -105,8 +105,7 @@ def _write(method, out: Path, active: list[int], config: dict[str, Any], base_mo
 
 def _gate(method, active: list[int]) -> dict[str, Any] | None:
     """The subject gate as data: each gated edit's subject token sequences, and its threshold."""
-    gate, _ = method._gate()
-    if gate is None:
+    if method._gate() is None:
         return None
     from .subject_gate import subject_forms
 

@@ -28,8 +28,8 @@ def subject_forms(tokenizer, subject: str) -> set[tuple[int, ...]]:
 
 
 class SubjectGate:
-    """Which slots each row may route to: the slots of edits whose subject occurs in the row, and every slot of an
-    edit without a subject. Built from (slot, forms) pairs; immutable (rebuild it when the bank changes)."""
+    """Which gated slots each row may route to: those of the edits whose subject occurs in the row. Built from
+    (slot, forms) pairs; immutable (rebuild it when the bank changes). Slots not in it are ungated (`open`)."""
 
     def __init__(self, slot_forms: dict[int, set[tuple[int, ...]]], high: int, device) -> None:
         self.index: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -37,17 +37,17 @@ class SubjectGate:
             for f in forms:
                 self.index[f].append(slot)
         self.lengths = sorted({len(f) for f in self.index})
-        self.open = torch.ones(high, dtype=torch.bool, device=device)  # slots of ungated edits: any row
+        self.gated = torch.zeros(high, dtype=torch.bool, device=device)
         if slot_forms:
-            self.open[list(slot_forms)] = False
-        self.gated = ~self.open
+            self.gated[list(slot_forms)] = True
+        self.any_open = len(slot_forms) < high  # some used or free slot is not gated (free slots never route)
 
-    def mask(self, rows: list[list[int]]) -> torch.Tensor:
-        """[B, high] True where the row may route to the slot."""
-        out = self.open.repeat(len(rows), 1)
-        for r, ids in enumerate(rows):
+    def candidates(self, rows: list[list[int]]) -> list[list[int]]:
+        """Per row, the gated slots whose subject's tokens occur in it (each once, ascending)."""
+        out = []
+        for ids in rows:
             ids = tuple(ids)
-            hit = [s for n in self.lengths for i in range(len(ids) - n + 1) for s in self.index.get(ids[i : i + n], ())]
-            if hit:
-                out[r, hit] = True
+            found = {s for n in self.lengths for i in range(len(ids) - n + 1)
+                     for s in self.index.get(ids[i : i + n], ())}
+            out.append(sorted(found))
         return out
