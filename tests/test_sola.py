@@ -479,3 +479,35 @@ def test_the_gate_calibrates_on_one_subjects_facts_when_the_groups_name_their_su
     for bad in (subjects[:-1], [1] * len(subjects)):
         with pytest.raises(TypeError, match="paraphrase_subjects"):
             Editor(model, tok, method="sola", paraphrase_subjects=bad, **kw)
+
+
+def test_train_prefixes_trains_the_lora_on_the_prompt_after_corpus_prefixes(world_model, small_world, world_requests):
+    """Each step sees the prompt alone and after each prefix (the first words of corpus texts); the trained LoRA then
+    writes the target after those prefixes too."""
+    from editbank.methods.locate.keys import context_prefixes
+    from editbank.tokens import prompt_ids
+
+    model, tok = world_model
+    corpus = small_world.fact_prompts()
+    req = world_requests[0]
+    seen: list[list[list[int]]] = []
+    with Editor(model, tok, method="sola", corpus=corpus, paraphrases=small_world.calibration_paraphrases(),
+                train_prefixes=2) as ed:
+        m = ed.method
+        m.prepare()
+        hook = ed.model.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(kw["input_ids"].tolist()) if m.trainee is not None else None,
+            with_kwargs=True)
+        A, B, loss, steps = m._train(req.prompt, req.target)
+        hook.remove()
+        prefixes = context_prefixes(corpus, 2, 5)
+        assert len(prefixes) == 3 and prefixes[0] == "" and seen and all(len(rows) == 3 for rows in seen)
+        want = [prompt_ids(tok, p + req.prompt) for p in prefixes]
+        assert all(row[: len(w)] == w for row, w in zip(seen[0], want)), "row i is prefix i + the prompt"
+        b = make_batch(tok, [(p + req.prompt, req.target) for p in prefixes])
+        with torch.no_grad(), m.training((A, B)):
+            logits = ed.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        labels = b.labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none")
+        per_row = nll.view(3, -1).sum(1) / (labels != -100).sum(1)
+        assert steps >= 1 and float(per_row.max()) < 0.5, per_row

@@ -74,6 +74,7 @@ from ..tokens import make_batch, pad_id, prompt_ids
 from .base import EditFailed, EditItem, register, stable_seed
 from .fit import cosine_lr, fit, make_optimizer
 from .key_index import require_faiss
+from .locate.keys import context_prefixes
 from .lora_bank import DISTANCES, LoraBank
 from .routed import Routed
 from .subject_gate import SubjectGate, subject_forms
@@ -123,6 +124,9 @@ class SolaHparams:
     # one subject (`paraphrase_subjects`; a World supplies them), else of any two different facts; None: 1e-3 and
     # 3e-3 respectively (each the dev world's choice, docs/methods/sola.md)
     gate_quantile: float | None = None
+    # train each LoRA on its prompt and on the prompt after this many context prefixes (the first words of corpus
+    # texts, as the locate methods' keys are read), so that it writes the target whatever comes before; 0: the prompt
+    train_prefixes: int = 0
     index: str = "exact"  # nearest-key search: "exact" (one matrix product) or "faiss" (HNSW, for 100,000+ keys)
     index_candidates: int = 16  # with index="faiss": candidates re-scored exactly per query
     calibration_samples: int = 512  # corpus prompts used to calibrate alpha (at most)
@@ -162,6 +166,8 @@ class SolaHparams:
             raise ValueError("index_candidates must be >= 1")
         if self.key_dims < 0:
             raise ValueError("key_dims must be >= 0")
+        if self.train_prefixes < 0:
+            raise ValueError("train_prefixes must be >= 0")
         if self.calibration_samples < 8:
             raise ValueError("calibration_samples must be >= 8")
         if self.key not in KEYS:
@@ -578,7 +584,8 @@ class Sola(Routed):
     def _train(self, prompt: str, target: str) -> tuple[list[torch.Tensor], list[torch.Tensor], float, int]:
         """Train this edit's LoRA alone against the frozen base model (every other LoRA off)."""
         hp, dev = self.hparams, self.bank.device
-        batch = make_batch(self.tokenizer, [(prompt, target)], device=dev)
+        prefixes = context_prefixes(self.corpus, hp.train_prefixes, 5)
+        batch = make_batch(self.tokenizer, [(p + prompt, target) for p in prefixes], device=dev)
         devs = self.bank.module_devices
         # from the request, not the edit id: undo is then exact in the strong sense (the kept edits equal what a
         # fresh editor fed only them would write, whatever ids it gives them)
@@ -589,7 +596,7 @@ class Sola(Routed):
 
         def loss_fn() -> torch.Tensor:
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            return F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
 
         with self.training((A, B)):
             done = fit(loss_fn, opt, hp.n_iter, what="SoLA LoRA training", stop_loss=hp.stop_loss,
