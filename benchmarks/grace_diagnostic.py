@@ -18,7 +18,17 @@ of rephrases it routes to their own edit and of probes it routes anywhere, and, 
 forced on (routing bypassed), how often GRACE's values give the target: the generalization GRACE would reach with
 SoLA's router is at most the share where both hold.
 
-    python benchmarks/grace_diagnostic.py --world test-questions [--T 100] [eps_init=3.0 ...]
+With T below every editable fact, the prompts and rephrases of the edited subjects' unedited facts are scored too
+(`risky_*`: routed to an entry, and answered as the unedited model answers): what a subject gate risks.
+
+`--gate` asks what SoLA's subject gate would do for GRACE routing as it is (`gate=subject` builds it): an entry is
+a candidate only for prompts that contain its edit's subject's tokens, and routes within K radii (K = 1, 2, 4, 8,
+16) instead of one. Per K: the rephrases whose nearest candidate is their own entry within K radii, those that also
+get the target with the entry forced on (at most the generalization GRACE would reach), and the risky prompts routed
+to some entry (a GRACE entry replaces the layer's output, so such a prompt would most likely be answered with the
+target). Locality probes name other subjects, so the gate routes none of them.
+
+    python benchmarks/grace_diagnostic.py --world test-questions [--T 100] [--gate] [eps_init=3.0 ...]
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ import torch
 from common import SolaRouter, answers_with, parse_value
 
 from editbank import Editor, World
-from editbank.evaluate.metrics import score_pairs
+from editbank.evaluate.metrics import score_locality, score_pairs
+from editbank.methods.subject_gate import subject_forms
+from editbank.tokens import prompt_ids
 
 
 def quantiles(xs: list[float]) -> dict[str, float]:
@@ -47,11 +59,32 @@ def forced_right(ed: Editor, m, holder: int, prompt: str, target: str) -> bool:
     return answers_with(ed, m, m.values[row, :n] if n <= m.values.shape[1] else m.values[row], prompt, target)
 
 
+def gated_ratios(m, tok, holders: dict[int, str], prompts: list[str]) -> list[tuple[int | None, float]]:
+    """Per prompt: (nearest candidate entry's edit, distance over its radius) among the entries whose edit's subject
+    occurs in the prompt, or (None, inf) when no subject does."""
+    forms = {e: subject_forms(tok, s) for e, s in holders.items()}
+    keys = m.prompt_keys(prompts)
+    out = []
+    for k, p in enumerate(prompts):
+        ids = prompt_ids(tok, p)
+        cands = [e for e, fs in forms.items()
+                 if any(ids[i : i + len(f)] == list(f) for f in fs for i in range(len(ids) - len(f) + 1))]
+        if not cands:
+            out.append((None, float("inf")))
+            continue
+        rows = [m._row(e) for e in cands]
+        d = torch.linalg.vector_norm(m.keys[rows] - keys[k], dim=1)
+        j = int(d.argmin())
+        out.append((cands[j], float(d[j] / m.eps[rows[j]].clamp(min=1e-12))))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="default")
     ap.add_argument("--T", type=int, default=0, help="edits (0: every editable fact)")
     ap.add_argument("--sola-keys", action="store_true", help="also measure SoLA's router on the same edits")
+    ap.add_argument("--gate", action="store_true", help="also measure a subject gate with wider radii")
     ap.add_argument("overrides", nargs="*", help="hyperparameter key=value over the defaults")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -75,7 +108,8 @@ def main() -> None:
         own = [m._row(e) for e, _, _ in reph]
         own_dist = torch.linalg.vector_norm(keys - m.keys[own], dim=1) / m.eps[own].clamp(min=1e-12)
         probes = [p for r in reqs for p, _ in r.locality]
-        pdist, pj = m.nearest(m.prompt_keys(probes))
+        allowed = m.allowed([prompt_ids(ed.tokenizer, p) for p in probes]) if m.gated else None
+        pdist, pj = m.nearest(m.prompt_keys(probes), allowed)
         probe_ratio = (pdist / m.eps[pj].clamp(min=1e-12)).tolist()
         radius = m.eps[m.eps > 0]
         extra_out = {}
@@ -94,6 +128,33 @@ def main() -> None:
                          "sola_keys_probes_routed": round(sum(probe_hit) / max(len(probe_hit), 1), 3),
                          "sola_keys_routed_own_and_forced_right": round(
                              sum(a and b for a, b in zip(own, forced)) / len(own), 3)}
+        edited = {r.key for r in reqs}
+        subjects = {r.subject for r in reqs}
+        # prompts naming an edited subject, asking a fact that was not edited (its true object as the answer)
+        risky_pairs = [(q, " " + r.meta["true_object"]) for r in world.edit_requests(
+            n=len(world.editable_facts), seed=0) if r.subject in subjects and r.key not in edited
+            for q in (r.prompt, *r.rephrases)]
+        risky = [q for q, _ in risky_pairs]
+        if risky:  # routed to an entry, and answered as the unedited model answers
+            extra_out["risky_prompts"] = len(risky)
+            extra_out["risky_routed"] = round(sum(x is not None for x in m.routes(risky)) / len(risky), 3)
+            kept = score_locality(ed, risky_pairs, "greedy_exact_match")
+            extra_out["risky_kept"] = round(sum(kept) / len(kept), 3)
+        if args.gate:
+            forced = [forced_right(ed, m, e, p, t) for e, p, t in reph]
+            subject_of = {e: r.subject for e, r in zip(ids, reqs)}
+            holders = {e: subject_of[e] for e in sorted(set(holder.values()))}
+            rg = gated_ratios(m, ed.tokenizer, holders, [p for _, p, _ in reph])
+            hg = gated_ratios(m, ed.tokenizer, holders, risky)
+            pg = gated_ratios(m, ed.tokenizer, holders, probes)
+            extra_out["gate"] = {"risky_prompts": len(risky), "probes_naming_an_edited_subject": sum(
+                e is not None for e, _ in pg)}
+            for k in (1, 2, 4, 8, 16):
+                own_k = [e == h and x <= k for (e, x), (h, _, _) in zip(rg, reph)]
+                extra_out["gate"][f"{k} radii"] = {
+                    "routed_own": round(sum(own_k) / len(own_k), 3),
+                    "routed_own_and_forced_right": round(sum(a and b for a, b in zip(own_k, forced)) / len(own_k), 3),
+                    "risky_routed": round(sum(x <= k for _, x in hg) / max(len(hg), 1), 3)}
         ed.close()
     bad = [k for k, good in enumerate(ok) if not good]
     out = {"world": args.world, "T": len(reqs), "overrides": extra,

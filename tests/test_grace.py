@@ -30,3 +30,64 @@ def test_routes_names_the_entry_the_hook_applies(small_world, world_requests, tm
             assert torch.equal(edited, m.values[m._row(owner), 0].to(edited.dtype)), p
     assert None in owners[4:], "some prompts route to no entry"
     ed.close()
+
+
+def _logits(ed, prompt, target):
+    from editbank.tokens import make_batch
+
+    b = make_batch(ed.tokenizer, [(prompt, target)])
+    return ed.logits(b.input_ids, b.attention_mask, b.query_index)[0]
+
+
+def test_the_subject_gate_keeps_other_subjects_on_the_base_model_and_widens_its_own(small_world, world_requests,
+                                                                                    tmp_path):
+    import dataclasses
+
+    reqs = world_requests[:6]
+    subjects = {r.subject for r in reqs}
+    probes = [p for r in world_requests[6:] for p in r.locality if not any(s in p[0] for s in subjects)][:12]
+    reph = [(q, r.target) for r in reqs for q in r.rephrases]
+    wide = dict(eps_init=1e4)  # one entry this wide covers every prompt
+    with Editor.open(small_world.path, method="grace", **wide) as plain:
+        base = [_logits(plain, *p) for p in probes]
+        plain.edit(reqs[0], check=False)
+        assert all(o is not None for o in plain.method.routes([p for p, _ in probes]))
+    path = tmp_path / "g.db"
+    with Editor.open(small_world.path, method="grace", store=path, gate="subject", gate_radius=1.0, **wide) as ed:
+        first = ed.edit(reqs[0], check=False)
+        assert ed.method.routes([p for p, _ in probes]) == [None] * len(probes)
+        assert ed.method.routes(reqs[0].rephrases) == [first.id] * len(reqs[0].rephrases)
+        edits = [first, *ed.edit(reqs[1:], check=False)]
+        assert ed.method.routes([p for p, _ in probes]) == [None] * len(probes)
+        for p, want in zip(probes, base):
+            assert torch.equal(_logits(ed, *p), want), "a prompt naming no edited subject is the base model's"
+        owners = ed.method.routes([q for q, _ in reph])
+        assert all(o is None or reqs[[e.id for e in edits].index(o)].subject in q for o, (q, _) in zip(owners, reph))
+        prompts = [reph[0][0], probes[0][0], reph[4][0] + " and"]
+        assert ed.generate(prompts, max_new_tokens=3) == [ed.generate(p, max_new_tokens=3) for p in prompts]
+        bare = dataclasses.replace(world_requests[10], subject=None)
+        e = ed.edit(bare, check=False)
+        assert ed.method.subjects[-1] is None and ed.method.routes([bare.prompt]) == [e.id]
+        want = [_logits(ed, q, t) for q, t in reph]
+        routes = ed.method.routes([q for q, _ in reph] + [p for p, _ in probes])
+    with Editor.open(small_world.path, store=path) as again:
+        assert again.method.hparams.gate == "subject" and again.method.subjects[:6] == [r.subject for r in reqs]
+        assert again.method.routes([q for q, _ in reph] + [p for p, _ in probes]) == routes
+        assert all(torch.equal(_logits(again, q, t), w) for (q, t), w in zip(reph, want))
+
+
+def test_gated_undo_equals_a_fresh_codebook_of_the_kept_edits(small_world, world_requests):
+    reqs = world_requests[:8]
+    kw = dict(method="grace", gate="subject")
+    with Editor.open(small_world.path, **kw) as ed, Editor.open(small_world.path, **kw) as fresh:
+        edits = [ed.edit(r, check=False) for r in reqs]
+        undone = {1, 4, 6}
+        for i in sorted(undone, reverse=True):
+            ed.undo(edits[i].id)
+        for i, r in enumerate(reqs):
+            if i not in undone:
+                fresh.edit(r, check=False)
+        prompts = [(q, r.target) for r in reqs for q in (r.prompt, *r.rephrases)]
+        prompts += [p for r in reqs for p in r.locality]
+        for p in prompts:
+            assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p

@@ -12,6 +12,11 @@ target after the new prompt too), otherwise the two radii split at half the dist
 entry (restoring any radius it changed) exactly; if a later edit has touched the same entries, or decided by
 one of them (it was that edit's nearest entry: without it the nearest, and the decision, may differ), the editor
 replays from its last snapshot instead.
+
+`gate="subject"` (not GRACE's; SoLA's subject gate, docs/methods/sola.md): an entry whose edit names its subject is
+a candidate only for prompts that contain the subject's tokens, and starts with radius `gate_radius` x eps_init; the
+codebook's rules (nearest entry, expand, split) then run among a prompt's candidates. Measured on the dev world before
+it was built: GRACE's rephrases lie a median 1.25 radii from their entry, no locality probe names an edited subject.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from ..models.hooks import trace
-from ..tokens import make_batch
+from ..tokens import make_batch, prompt_ids
 from . import easyedit as ee
 from .base import EditItem, Route, pick_layer, register
 from .fit import fit
 from .routed import Routed
+from .subject_gate import SubjectGate, subject_forms
 
 
 @dataclass
@@ -40,6 +46,10 @@ class GraceHparams:
     # "per_token": one value per target position, replacing only the target's positions (editbank default);
     # "shared": GRACE's single value, replacing every position from the last prompt token on
     value_mode: str = "per_token"
+    # "subject": an entry whose edit names its subject routes only prompts containing the subject's tokens, and starts
+    # with radius gate_radius x eps_init (4: the dev world's choice, docs/methods/sola.md); "none": GRACE's routing
+    gate: str = "none"
+    gate_radius: float = 4.0
 
     def validate(self) -> None:
         if self.eps_init <= 0:
@@ -50,6 +60,10 @@ class GraceHparams:
             raise ValueError("edit_lr must be > 0")
         if self.value_mode not in ("per_token", "shared"):
             raise ValueError(f"value_mode must be 'per_token' or 'shared', got {self.value_mode!r}")
+        if self.gate not in ("none", "subject"):
+            raise ValueError(f"gate must be 'none' or 'subject', got {self.gate!r}")
+        if self.gate_radius <= 0:
+            raise ValueError("gate_radius must be > 0")
 
 
 @register("grace")
@@ -84,6 +98,9 @@ class Grace(Routed):
         self.path = arch.layer_path(self.layer, "mlp_out")
         self.module = arch.module(self.path)
         self.hook(self.module, self._hook)
+        if hparams.gate == "subject":  # the gate reads each forward's token ids
+            self.hook(model.get_input_embeddings(), self._ids_hook)
+        self._subject_forms: dict[str, set[tuple[int, ...]]] = {}
         self.reset()
 
     # -- codebook ---------------------------------------------------------------------------------
@@ -97,6 +114,8 @@ class Grace(Routed):
         self.owner = torch.zeros(0, dtype=torch.long)  # edit id that created each entry
         self.last_touch = torch.zeros(0, dtype=torch.long)  # edit id that last created/changed it
         self.labels: list[str] = []
+        self.subjects: list[str | None] = []  # the subject of each entry's edit (gate="subject"; None: ungated)
+        self._gate_cache: SubjectGate | None = None  # for `subjects` as they are (rebuilt when they change)
         self.undo_log: dict[int, dict[str, Any]] = {}
 
     def _row(self, owner: int) -> int:
@@ -117,8 +136,40 @@ class Grace(Routed):
         if self.trainee is not None:  # training one entry's values: they replace every row's
             span = torch.full((b,), self._span_of(self.trainee.shape[0]), device=x.device)
             return torch.ones(b, dtype=torch.bool, device=x.device), self.trainee.expand(b, -1, -1), span, offsets
-        dmin, j = self.nearest(x[torch.arange(b, device=x.device), qidx])  # superseded entries do not route
+        allowed = None
+        if self.gated:
+            ids, self.thread.ids = getattr(self.thread, "ids", None), None
+            if ids is None or ids.shape[:2] != x.shape[:2]:
+                raise RuntimeError("GRACE's subject gate needs this forward's token ids: call the model with input_ids")
+            route = self.route
+            first = [0] * b if route is None or route.query_start is None else route.query_start.tolist()
+            allowed = self.allowed([r[a : q + 1] for r, a, q in zip(ids.tolist(), first, qidx.tolist())])
+        dmin, j = self.nearest(x[torch.arange(b, device=x.device), qidx], allowed)  # superseded entries do not route
         return dmin <= self.eps[j], self.values[j], self.span[j], offsets
+
+    def _ids_hook(self, module, inputs, output) -> None:
+        self.thread.ids = inputs[0]
+
+    @property
+    def gated(self) -> bool:
+        return self.hparams.gate == "subject" and any(s is not None for s in self.subjects)
+
+    def allowed(self, rows: list[list[int]]) -> torch.Tensor:
+        """[B, entries] True where the row may route to the entry: an ungated entry, or one whose subject's tokens
+        the row holds (`subject_gate.subject_forms`)."""
+        gate = self._gate_cache
+        if gate is None or gate.gated.numel() != len(self.subjects):
+            forms = {}
+            for e, subject in enumerate(self.subjects):
+                if subject is not None:
+                    if subject not in self._subject_forms:
+                        self._subject_forms[subject] = subject_forms(self.tokenizer, subject)
+                    forms[e] = self._subject_forms[subject]
+            gate = self._gate_cache = SubjectGate(forms, len(self.subjects), self.keys.device)
+        out = (~gate.gated)[None, :].repeat(len(rows), 1)
+        for r, found in enumerate(gate.candidates(rows)):
+            out[r, found] = True
+        return out
 
     def _hook(self, module, inputs, output):
         if not self.enabled or (len(self.keys) == 0 and self.trainee is None):
@@ -149,19 +200,24 @@ class Grace(Routed):
             keys.append(x[torch.arange(len(x), device=x.device), batch.query_index.to(x.device)].float())
         return torch.cat(keys) if keys else self.keys.new_zeros((0, self.keys.shape[1]))
 
-    def nearest(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per key: the distance to the nearest entry that routes, and that entry (-1: none)."""
+    def nearest(self, keys: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per key: the distance to the nearest entry that routes (and, given `allowed` [N, entries], that the row
+        may route to), and that entry (-1: none)."""
         if not len(self.keys):
             return keys.new_full((len(keys),), float("inf")), torch.full((len(keys),), -1)
         d = torch.cdist(keys.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
-        dmin, j = d.masked_fill(self.eps[None, :] < 0, float("inf")).min(dim=1)
+        d = d.masked_fill(self.eps[None, :] < 0, float("inf"))
+        if allowed is not None:
+            d = d.masked_fill(~allowed.to(d.device), float("inf"))
+        dmin, j = d.min(dim=1)
         return dmin, j.masked_fill(~torch.isfinite(dmin), -1)  # -1: the last entry, never within its radius
 
     def routes(self, prompts: list[str]) -> list[int | None]:
         """The edit whose entry answers each prompt (None: no entry's radius covers its key). The keys come from
         one right-padded batch; a served batch pads otherwise, which moves a key by float rounding (about 1e-8
         relative), so a prompt exactly on a radius may be decided the other way there."""
-        dist, j = self.nearest(self.prompt_keys(prompts))
+        allowed = self.allowed([prompt_ids(self.tokenizer, p) for p in prompts]) if self.gated else None
+        dist, j = self.nearest(self.prompt_keys(prompts), allowed)
         return [int(self.owner[k]) if k >= 0 and d <= float(self.eps[k]) else None
                 for d, k in zip(dist.tolist(), j.tolist())]
 
@@ -209,15 +265,18 @@ class Grace(Routed):
         key, out, batch = self._key_and_output(req.prompt, req.target)
         log: dict[str, Any] = {"created": False, "modified": [], "near": None}
         stats: dict[str, Any] = {}
+        gated = self.hparams.gate == "subject" and req.subject is not None
         if len(self.keys):
-            dmin, nearest = self.nearest(key[None])  # the distance the hook compares with the radius, to the bit
+            # the entries this prompt can route to (the gate), and the distance the hook compares with the radius
+            allowed = self.allowed([prompt_ids(self.tokenizer, req.prompt)]) if self.gated else None
+            dmin, nearest = self.nearest(key[None], allowed)
             dist, j = float(dmin[0]), int(nearest[0])
-            stats["nearest_distance"] = dist
             if dist < float("inf"):  # the entry this edit's decision read (exact undo checks it, see `remove`)
+                stats["nearest_distance"] = dist
                 log["near"] = int(self.owner[j])
         else:
             dist, j = float("inf"), -1
-        eps0 = self.hparams.eps_init
+        eps0 = self.hparams.eps_init * (self.hparams.gate_radius if gated else 1.0)
 
         def set_radius(radius: float) -> None:  # entry j's radius changes: logged for undo
             log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
@@ -270,6 +329,8 @@ class Grace(Routed):
         self.owner = torch.cat([self.owner, torch.tensor([item.id])])
         self.last_touch = torch.cat([self.last_touch, torch.tensor([item.id])])
         self.labels.append(item.request.target)
+        self.subjects.append(item.request.subject if self.hparams.gate == "subject" else None)
+        self._gate_cache = None
         log["created"] = True
         self.undo_log[item.id] = log
         return {**stats, "loss": loss, "steps": steps}
@@ -301,6 +362,8 @@ class Grace(Routed):
             keep = self.owner != edit_id
             r = self._row(edit_id)
             self.labels.pop(r)
+            self.subjects.pop(r)
+            self._gate_cache = None
             on_dev = keep.to(self.keys.device)
             self.keys, self.values, self.eps = self.keys[on_dev], self.values[on_dev], self.eps[on_dev]
             self.span = self.span[on_dev]
@@ -313,7 +376,10 @@ class Grace(Routed):
         """What later edits change: every entry's radius and last toucher, by owner, and its label (the entries'
         keys and values are the edits' artifacts)."""
         tensors = {"eps": self.eps, "owner": self.owner, "last_touch": self.last_touch}
-        return tensors, {"labels": list(self.labels), "undo_log": {str(k): v for k, v in self.undo_log.items()}}
+        meta = {"labels": list(self.labels), "undo_log": {str(k): v for k, v in self.undo_log.items()}}
+        if any(s is not None for s in self.subjects):
+            meta["subjects"] = list(self.subjects)
+        return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.reset()
@@ -321,6 +387,8 @@ class Grace(Routed):
             return
         self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}
         self.labels = list(meta["labels"])
+        self.subjects = list(meta.get("subjects", [None] * len(self.labels)))
+        self._gate_cache = None
         self.eps = tensors["eps"].to(self.eps.device, torch.float32)
         self.owner = tensors["owner"].long().cpu()
         self.last_touch = tensors["last_touch"].long().cpu()
@@ -343,11 +411,13 @@ class Grace(Routed):
     def checkpoint(self) -> Any:
         """Cheap: keys, values, span and owner are replaced, never written in place; radii and touches copied."""
         return self.keys, self.values, self.eps.clone(), self.span, self.owner, self.last_touch.clone(), \
-            list(self.labels), dict(self.undo_log)
+            list(self.labels), list(self.subjects), dict(self.undo_log)
 
     def restore(self, checkpoint: Any) -> None:
-        keys, values, eps, span, owner, touch, labels, log = checkpoint
+        keys, values, eps, span, owner, touch, labels, subjects, log = checkpoint
         self.keys, self.values, self.span, self.owner, self.labels = keys, values, span, owner, list(labels)
+        self.subjects = list(subjects)
+        self._gate_cache = None
         self.eps, self.last_touch, self.undo_log = eps.clone(), touch.clone(), dict(log)
 
 
