@@ -123,3 +123,37 @@ def test_sola_with_faiss_gives_the_exact_editors_outputs(small_world, world_requ
     b = make_batch(eds[0].tokenizer, pairs)
     exact, ann = (ed.logits(b.input_ids, b.attention_mask, b.query_index) for ed in eds)
     assert torch.equal(exact, ann)
+
+
+def test_sola_with_faiss_and_a_mixed_gate_routes_as_the_exact_search(small_world):
+    """Gated keys nearer than an ungated edit must not hide it from the index's candidates (a wide alpha: every
+    prompt has an ungated edit within it, and many a nearer gated key it may not route to)."""
+    import dataclasses
+
+    from editbank import load_model
+
+    reqs = small_world.edit_requests(n=40, seed=0)
+    edits = [r if i < 12 else dataclasses.replace(r, subject=None) for i, r in enumerate(reqs[:24])]
+    prompts = [q for r in reqs[:24] for q in (r.prompt, *r.rephrases)] + [p for r in reqs for p, _ in r.locality]
+    routes = []
+    for index in ("exact", "faiss"):
+        model, tok = load_model(small_world.path)
+        ed = Editor(model, tok, method="sola", index=index, corpus=small_world.fact_prompts(),
+                    paraphrases=small_world.calibration_paraphrases(),
+                    paraphrase_subjects=small_world.calibration_paraphrase_subjects(), alpha=1.9)
+        for r in edits:
+            ed.edit(r, check=False)
+        routes.append(ed.method.routes(prompts))
+        if index == "exact":  # the rule, from the whole distance matrix: the nearest key the row may route to
+            m = ed.method
+            d = m.bank.distances(m._prompt_keys(prompts))
+            owners, gate = m.bank.owners(), m._gate()
+            named = gate.candidates([tok(p)["input_ids"] for p in prompts])
+            want = []
+            for row, found in zip(d.tolist(), named):
+                ok = [(v, s) for s, v in enumerate(row)
+                      if (s in found and v < m.gate_alpha) or (not gate.gated[s] and v < m.alpha)]
+                want.append(owners[min(ok)[1]] if ok else None)
+        ed.close()
+    assert routes[0] == want and routes[1] == want
+    assert {e for e in want if e is not None} & set(range(13, 25)), "some prompt routes to an ungated edit"

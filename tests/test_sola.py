@@ -420,7 +420,6 @@ def test_the_subject_gate_routes_only_prompts_that_name_the_edits_subject(world_
         for e, g, q in zip(owners, got, [q for r in reqs for q in r.rephrases]):
             assert g is not None and reqs[g - 1].subject in q, "a paraphrase routes to an edit of its subject"
         assert sum(g == e for e, g in zip(owners, got)) > len(got) // 2
-        assert ed.method.routes([reqs[0].rephrases[0]]) == [ed.method.routes([reqs[0].rephrases[0]])[0]]
         bare = dataclasses.replace(world_requests[10], subject=None)
         ed.edit(bare, check=False)
         assert all(ed.method.routes([p])[0] == 7 for p, _ in probes), "an edit without a subject is not gated"
@@ -511,3 +510,24 @@ def test_train_prefixes_trains_the_lora_on_the_prompt_after_corpus_prefixes(worl
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none")
         per_row = nll.view(3, -1).sum(1) / (labels != -100).sum(1)
         assert steps >= 1 and float(per_row.max()) < 0.5, per_row
+
+
+def test_a_gated_reedit_beyond_alpha_within_gate_alpha_supersedes(sola, small_world, world_requests):
+    """"Covers" follows routing: a rephrase that reaches the old edit only through the gate (distance between alpha
+    and gate_alpha) re-edits the same fact, so it supersedes: one fact never has two live keys."""
+    m = sola.method
+    m.prepare()
+    picked = None
+    for r in world_requests:
+        k = m.bank.index_form(m.key_of(r.prompt)[None])
+        for q in r.rephrases:
+            d = float(1 - (k * m.bank.index_form(m.key_of(q)[None])).sum())
+            if picked is None and m.alpha <= d < m.gate_alpha:
+                picked = (r, q)
+    assert picked is not None, "the small world has a rephrase between alpha and gate_alpha"
+    r, q = picked
+    old = sola.edit(r, check=False)
+    assert m.routes([q]) == [old.id], "it routes through the gate only"
+    new = sola.edit(other_target(small_world, dataclasses.replace(r, prompt=q, rephrases=[])), check=False)
+    assert new.stats["supersedes"] == [old.id] and m.superseded_by == {old.id: new.id}
+    assert m.routes([r.prompt, q]) == [new.id, new.id]

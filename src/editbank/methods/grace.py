@@ -128,7 +128,7 @@ class Grace(Routed):
     def _span_of(self, n_values: int) -> int:
         return n_values if self.hparams.value_mode == "per_token" else _ALL_POSITIONS
 
-    def _decide(self, x: torch.Tensor, qidx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _decide(self, x: torch.Tensor, qidx: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Per row: whether an entry covers the query, its values [B, T, out], span [B] and the offset of every
         position from the query [B, S] (the value position it takes)."""
         b, s = x.shape[:2]
@@ -138,7 +138,6 @@ class Grace(Routed):
             return torch.ones(b, dtype=torch.bool, device=x.device), self.trainee.expand(b, -1, -1), span, offsets
         allowed = None
         if self.gated:
-            ids, self.thread.ids = getattr(self.thread, "ids", None), None
             if ids is None or ids.shape[:2] != x.shape[:2]:
                 raise RuntimeError("GRACE's subject gate needs this forward's token ids: call the model with input_ids")
             route = self.route
@@ -172,6 +171,7 @@ class Grace(Routed):
         return out
 
     def _hook(self, module, inputs, output):
+        ids, self.thread.ids = getattr(self.thread, "ids", None), None  # this forward's (the gate's), read once
         if not self.enabled or (len(self.keys) == 0 and self.trainee is None):
             return None
         x = inputs[0]
@@ -179,7 +179,7 @@ class Grace(Routed):
         qidx = self.query_index(b, s, x.device)
         # a generated token keeps the prompt's decision, one value position further on
         matched, values, span, offsets = self.decide(
-            self.path, s, lambda: self._decide(x, qidx), lambda d: (*d[:3], d[3][:, -1:] + 1))
+            self.path, s, lambda: self._decide(x, qidx, ids), lambda d: (*d[:3], d[3][:, -1:] + 1))
         if not bool(matched.any()):
             return None
         idx = offsets.clamp(0, values.shape[1] - 1)

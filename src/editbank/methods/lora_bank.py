@@ -182,20 +182,24 @@ class LoraBank:
             return 1.0 - (q * k).sum(1) + self.offset[slots]
         return (q - k).pow(2).sum(1).sqrt() + self.offset[slots]
 
-    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest routable slot per query: (distance [B], slot [B]); distance inf when none is routable.
+    def nearest(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest routable slot per query, less the slots `exclude` [high] marks: (distance [B], slot [B]); distance
+        inf when none is routable.
 
-        Exact by default; with an ANN index, the exact nearest among its candidates."""
+        Exact by default; with an ANN index, the exact nearest among its candidates (asked for as many more as there
+        are excluded slots, so an excluded key never hides the nearest one behind it from the index)."""
         if self.high == 0:
             b = queries.shape[0]
             return (torch.full((b,), float("inf"), device=queries.device),
                     torch.zeros(b, dtype=torch.long, device=queries.device))
         if self.ann is None:
-            return self.distances(queries).min(dim=1)
+            d = self.distances(queries)
+            return (d if exclude is None else d.masked_fill(exclude[None, :], float("inf"))).min(dim=1)
         q = self.index_form(queries)
         # superseded keys and stale graph entries come back as candidates too: ask for that many more
         inactive = len(self) - int((self.offset[: self.high] == 0).sum())
-        cand = self.ann.search(q, self.ann_candidates + inactive + self.ann.stale())  # [B, k], -1: none
+        skipped = 0 if exclude is None else int(exclude.sum())
+        cand = self.ann.search(q, self.ann_candidates + inactive + self.ann.stale() + skipped)  # [B, k], -1: none
         c = cand.clamp_min(0)
         keys = self.index_keys[c]  # [B, k, dim]
         dot = (keys @ q[:, :, None]).squeeze(2)
@@ -203,7 +207,8 @@ class LoraBank:
             d = 1.0 - dot + self.offset[c]
         else:
             d = (q.pow(2).sum(1, keepdim=True) - 2.0 * dot + self.sq_norms[c]).clamp_min(0).sqrt() + self.offset[c]
-        dist, j = d.masked_fill(cand < 0, float("inf")).min(dim=1)
+        drop = cand < 0 if exclude is None else (cand < 0) | exclude[c]
+        dist, j = d.masked_fill(drop, float("inf")).min(dim=1)
         return dist, c.gather(1, j[:, None]).squeeze(1)
 
     # -- applying -----------------------------------------------------------------------------------

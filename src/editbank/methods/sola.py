@@ -242,6 +242,8 @@ class Sola(Routed):
                 here.capture.append((x.detach(), self._embeds(x)))
             train = self.trainee
             if train is not None:  # training one edit: its LoRA on every row and position
+                if i == 0:
+                    here.ids = here.embeds = None  # this forward's, not needed
                 A, B = train
                 return output + ((x.float() @ A[i].T) @ B[i].T * scale).to(output.dtype)
             if i == 0:
@@ -293,25 +295,22 @@ class Sola(Routed):
         if gate is None:
             dist, slot = bank.nearest(q)
             return dist < self.alpha, slot
-        inf = torch.tensor(float("inf"), device=q.device)
-        best = torch.full((q.shape[0],), float("inf"), device=q.device)
-        slot = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        if gate.any_open:
-            if bank.ann is None:
-                best, slot = bank.distances(q).masked_fill(gate.gated[None, :], float("inf")).min(dim=1)
-            else:  # approximate, as the index is: a row whose nearest key is gated gets no ungated edit behind it
-                best, slot = bank.nearest(q)
-                best = best.masked_fill(gate.gated[slot], float("inf"))
-            best = torch.where(best < self.alpha, best, inf)
+        n = q.shape[0]
+        best, slot = [float("inf")] * n, [0] * n
+        if gate.any_open:  # ungated edits: any row, within alpha, searched as without the gate less the gated keys
+            dist, found = bank.nearest(q, exclude=gate.gated)
+            best = [d if d < self.alpha else float("inf") for d in dist.tolist()]
+            slot = found.tolist()
         pairs = [(r, s) for r, found in enumerate(gate.candidates(rows())) for s in found]
         if pairs:
             r_idx = torch.tensor([r for r, _ in pairs], device=q.device)
             s_idx = torch.tensor([s for _, s in pairs], device=bank.device)
-            d = bank.pair_distances(q.index_select(0, r_idx.to(q.device)), s_idx).to(q.device)
+            d = bank.pair_distances(q.index_select(0, r_idx), s_idx)
             for (r, s), v in zip(pairs, d.tolist()):
-                if v < self.gate_alpha and v < float(best[r]):
+                if v < self.gate_alpha and v < best[r]:
                     best[r], slot[r] = v, s
-        return torch.isfinite(best), slot
+        hit = torch.tensor([b < float("inf") for b in best], device=q.device)
+        return hit, torch.tensor(slot, dtype=torch.long, device=q.device)
 
     def _gate(self) -> SubjectGate | None:
         """The subject gate for the bank as it is, or None when no held edit is gated."""
@@ -560,7 +559,15 @@ class Sola(Routed):
             d = self.bank.distances(key[None])[0]
             stats["nearest_distance"] = float(d.min())
             owners = self.bank.owners()
-            hits = (d < self.alpha).nonzero().squeeze(1)
+            within = d < self.alpha
+            gate = self._gate()
+            if gate is not None:  # a gated edit covers what names its subject within gate_alpha (as it routes)
+                named = torch.zeros_like(within)
+                found = gate.candidates([prompt_ids(self.tokenizer, req.prompt)])[0]
+                if found:
+                    named[found] = True
+                within = torch.where(gate.gated, named & (d < self.gate_alpha), within)
+            hits = within.nonzero().squeeze(1)
             same = torch.isclose(self.bank.keys[hits], key[None], rtol=1e-4, atol=1e-6).all(dim=1)
             for s, same_prompt in zip(hits.tolist(), same.tolist()):
                 eid = owners[s]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-ROUTER_FORMAT = "editbank-sola-router/1"
+ROUTER_FORMAT = "editbank-sola-router/2"  # /2: the subject gate (`gate`); /1 had none
 
 
 KEY_TEXT = {
@@ -96,8 +96,9 @@ def _write(method, out: Path, active: list[int], config: dict[str, Any], base_mo
         "embedding_module": _name_of(method.model, method.embeddings),
         "transform": "(key - center) @ projection" if bank.projection is not None else "key - center",
         "distance": hp.distance,
-        "compare": "1 - cos(transform(query), transform(key)) < alpha" if hp.distance == "cosine"
-        else "|transform(query) - transform(key)| < alpha", "alpha": method.alpha, "edits": active,
+        "compare": ("1 - cos(transform(query), transform(key)) < alpha" if hp.distance == "cosine"
+                    else "|transform(query) - transform(key)| < alpha") + " (gate alpha for a gated key: see gate)",
+        "alpha": method.alpha, "edits": active,
         "adapter_folders": "one per edit, named by its id", "base_model": base_model, "gate": _gate(method, active),
     }
     (out / "router.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
