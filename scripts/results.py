@@ -29,6 +29,8 @@ SOLA_KEYS = {"gate": {}, "pooled": {"gate": "none"}, "last": {"key": "last", "wh
 # norm control (issue 25): AlphaEdit and MetaKE without it and with the values chosen on the dev world
 NORM = {"off": {}, "on": {"alphaedit": {"norm_control": 0.01}, "metake": {"norm_control": 0.03}}}
 # MEMIT (0.03 chosen on the dev world: docs/methods/locate.md) beside ROME, which has no norm control
+# GRACE with SoLA's subject gate (issue 21 item 4; gate_radius 4 chosen on the dev world) and without it
+GRACE_GATE = {"on": {"gate": "subject"}, "off": {}}
 NORM_MEMIT = {"off": ({}, ["memit", "rome"]), "on": ({"memit": {"norm_control": 0.03}}, ["memit"])}
 # one edit per call: the same values, and the values per key (÷ 100, the batch size they were chosen at)
 NORM1 = {**NORM, "scaled": {"alphaedit": {"norm_control": 0.0001}, "metake": {"norm_control": 0.0003}}}
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--counterfact", default=str(ROOT.parent / "shared" / "data" / "easyedit_counterfact-val.json"))
     ap.add_argument("--zsre", default=str(ROOT.parent / "shared" / "data" / "zsre_mend_train-1k.json"))
     ap.add_argument("--runs", default="world,suite,counterfact,counterfact-wise,zsre,zsre-wise,sola-keys-gate-world,"
+                    "grace-gate-on-world,grace-gate-on-suite,grace-gate-off-world,grace-gate-off-suite,"
                     "sola-keys-gate-suite,sola-keys-pooled-world,sola-keys-pooled-suite,sola-keys-last-world,"
                     "sola-keys-last-suite,sola-keys-gate-counterfact,sola-keys-gate-zsre,norm-off-world,norm-on-world,"
                     "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm-off-counterfact,norm-on-counterfact,"
@@ -144,6 +147,9 @@ def main() -> None:
            for keys, hp in SOLA_KEYS.items() for data in ("world", "suite")},
         **{f"sola-keys-gate-{name}": BenchConfig(methods=["sola"], data=f"{name}:{path}", edits=[100, 1000])
            for name, path in (("counterfact", args.counterfact), ("zsre", args.zsre))},
+        **{f"grace-gate-{k}-{data}": BenchConfig(methods=["grace"], data=data, edits=ints(args.edits),
+                                                 hparams={"grace": hp})
+           for k, hp in GRACE_GATE.items() for data in ("world", "suite")},
         # norm control for sequential locate writes (issue 25), batches of 100
         **{f"norm-{k}-{data}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], hparams=hp)
            for k, hp in NORM.items() for data in ("world", "suite")},
@@ -346,6 +352,14 @@ def write_results(out: Path) -> None:
         else:
             lines += not_run(title, name, note)
     lines += sola_keys_section(out)
+    lines += paired_section(
+        out, "grace-gate", {"on": "with the subject gate", "off": "without it (the paper's router)"},
+        "GRACE with SoLA's subject gate (issue 21 item 4)",
+        "GRACE alone with `gate=\"subject\"` (an entry whose edit names its subject is a candidate only for prompts "
+        "containing the subject's tokens, starts at `gate_radius` 4 x eps_init, and the codebook's rules run among a "
+        "prompt's candidates; 4 chosen on the dev world, docs/methods/sola.md) and without it, on this machine's "
+        "builds of the worlds. The gate is an option; GRACE's default is the paper's router.",
+        "The dev world (gate_radius chosen here).")
     lines += norm_section(out)
     lines += norm_memit_section(out)
     lines += norm_prob_section(out)
