@@ -164,7 +164,8 @@ class Grace(Routed):
                     if subject not in self._subject_forms:
                         self._subject_forms[subject] = subject_forms(self.tokenizer, subject)
                     forms[e] = self._subject_forms[subject]
-            gate = self._gate_cache = SubjectGate(forms, len(self.subjects), self.keys.device)
+            gate = self._gate_cache = SubjectGate(forms, len(self.subjects), self.keys.device,
+                                                  ungated=len(self.subjects) - len(forms))
         out = (~gate.gated)[None, :].repeat(len(rows), 1)
         for r, found in enumerate(gate.candidates(rows)):
             out[r, found] = True

@@ -320,7 +320,7 @@ class Sola(Routed):
             forms = {slots[e]: self._forms(s) for e, s in self.subjects.items() if e in slots}
             gate = None
             if self.hparams.gate == "subject" and forms and self.gate_alpha is not None:
-                gate = SubjectGate(forms, self.bank.high, self.bank.device)
+                gate = SubjectGate(forms, self.bank.high, self.bank.device, ungated=len(slots) - len(forms))
             cache = self._gate_cache = (gate,)
         return cache[0]
 

@@ -29,9 +29,10 @@ def subject_forms(tokenizer, subject: str) -> set[tuple[int, ...]]:
 
 class SubjectGate:
     """Which gated slots each row may route to: those of the edits whose subject occurs in the row. Built from
-    (slot, forms) pairs; immutable (rebuild it when the bank changes). Slots not in it are ungated (`open`)."""
+    (slot, forms) pairs; immutable (rebuild it when the bank changes). Slots not in it are ungated (`gated` False);
+    `ungated` is how many of the used ones are: none, and the search for ungated edits is skipped."""
 
-    def __init__(self, slot_forms: dict[int, set[tuple[int, ...]]], high: int, device) -> None:
+    def __init__(self, slot_forms: dict[int, set[tuple[int, ...]]], high: int, device, ungated: int) -> None:
         self.index: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for slot, forms in slot_forms.items():
             for f in forms:
@@ -40,7 +41,7 @@ class SubjectGate:
         self.gated = torch.zeros(high, dtype=torch.bool, device=device)
         if slot_forms:
             self.gated[list(slot_forms)] = True
-        self.any_open = len(slot_forms) < high  # some used or free slot is not gated (free slots never route)
+        self.any_open = ungated > 0  # some held edit is not gated
 
     def candidates(self, rows: list[list[int]]) -> list[list[int]]:
         """Per row, the gated slots whose subject's tokens occur in it (each once, ascending)."""
