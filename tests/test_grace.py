@@ -91,3 +91,20 @@ def test_gated_undo_equals_a_fresh_codebook_of_the_kept_edits(small_world, world
         prompts += [p for r in reqs for p in r.locality]
         for p in prompts:
             assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p
+
+
+def test_a_subject_the_prompts_tokens_do_not_spell_leaves_the_entry_ungated_at_the_plain_radius(small_world,
+                                                                                                 world_requests):
+    import dataclasses
+
+    from editbank.methods.subject_gate import names, subject_forms
+    from editbank.tokens import prompt_ids
+
+    with Editor.open(small_world.path, method="grace", gate="subject") as ed:
+        tok = ed.tokenizer
+        req, part = next((r, r.subject[i : i + 4]) for r in world_requests for i in range(1, len(r.subject) - 4)
+                         if not names(prompt_ids(tok, r.prompt), subject_forms(tok, r.subject[i : i + 4])))
+        e = ed.edit(dataclasses.replace(req, subject=part))
+        assert e.stats["gate"].startswith("off") and ed.method.subjects == [None]
+        assert float(ed.method.eps[0]) == ed.method.hparams.eps_init, "an ungated entry gets the plain radius"
+        assert ed.method.routes([req.prompt]) == [e.id]

@@ -531,3 +531,17 @@ def test_a_gated_reedit_beyond_alpha_within_gate_alpha_supersedes(sola, small_wo
     new = sola.edit(other_target(small_world, dataclasses.replace(r, prompt=q, rephrases=[])), check=False)
     assert new.stats["supersedes"] == [old.id] and m.superseded_by == {old.id: new.id}
     assert m.routes([r.prompt, q]) == [new.id, new.id]
+
+
+def test_a_subject_the_prompts_tokens_do_not_spell_leaves_the_edit_ungated(sola, world_requests):
+    """A tokenizer may spell the subject otherwise inside the prompt (mid-word here; after punctuation with
+    SentencePiece): the gate would keep the edit from its own prompt, so the edit is not gated, and says so."""
+    from editbank.methods.subject_gate import names, subject_forms
+    from editbank.tokens import prompt_ids
+
+    tok = sola.tokenizer
+    req, part = next((r, r.subject[i : i + 4]) for r in world_requests for i in range(1, len(r.subject) - 4)
+                     if not names(prompt_ids(tok, r.prompt), subject_forms(tok, r.subject[i : i + 4])))
+    e = sola.edit(dataclasses.replace(req, subject=part))  # check=True: it must take
+    assert e.stats["gate"].startswith("off") and e.id not in sola.method.subjects
+    assert sola.method.routes([req.prompt]) == [e.id]

@@ -33,7 +33,7 @@ from . import easyedit as ee
 from .base import EditItem, Route, pick_layer, register
 from .fit import fit
 from .routed import Routed
-from .subject_gate import SubjectGate, subject_forms
+from .subject_gate import SubjectGate, names, subject_forms
 
 
 @dataclass
@@ -145,6 +145,15 @@ class Grace(Routed):
             allowed = self.allowed([r[a : q + 1] for r, a, q in zip(ids.tolist(), first, qidx.tolist())])
         dmin, j = self.nearest(x[torch.arange(b, device=x.device), qidx], allowed)  # superseded entries do not route
         return dmin <= self.eps[j], self.values[j], self.span[j], offsets
+
+    def _gate_subject(self, req) -> str | None:
+        """The subject the request's entry is gated by: its subject if the gate is on and the prompt's own tokens
+        contain the subject's (a tokenizer may spell it otherwise inside this prompt), else None (not gated)."""
+        if self.hparams.gate != "subject" or req.subject is None:
+            return None
+        if req.subject not in self._subject_forms:
+            self._subject_forms[req.subject] = subject_forms(self.tokenizer, req.subject)
+        return req.subject if names(prompt_ids(self.tokenizer, req.prompt), self._subject_forms[req.subject]) else None
 
     def _ids_hook(self, module, inputs, output) -> None:
         self.thread.ids = inputs[0]
@@ -266,7 +275,9 @@ class Grace(Routed):
         key, out, batch = self._key_and_output(req.prompt, req.target)
         log: dict[str, Any] = {"created": False, "modified": [], "near": None}
         stats: dict[str, Any] = {}
-        gated = self.hparams.gate == "subject" and req.subject is not None
+        gated = self._gate_subject(req) is not None
+        if req.subject is not None and self.hparams.gate == "subject" and not gated:
+            stats["gate"] = "off: the prompt's tokens do not contain the subject's"
         if len(self.keys):
             # the entries this prompt can route to (the gate), and the distance the hook compares with the radius
             allowed = self.allowed([prompt_ids(self.tokenizer, req.prompt)]) if self.gated else None
@@ -330,7 +341,7 @@ class Grace(Routed):
         self.owner = torch.cat([self.owner, torch.tensor([item.id])])
         self.last_touch = torch.cat([self.last_touch, torch.tensor([item.id])])
         self.labels.append(item.request.target)
-        self.subjects.append(item.request.subject if self.hparams.gate == "subject" else None)
+        self.subjects.append(self._gate_subject(item.request))
         self._gate_cache = None
         log["created"] = True
         self.undo_log[item.id] = log

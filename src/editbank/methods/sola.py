@@ -77,7 +77,7 @@ from .key_index import require_faiss
 from .locate.keys import context_prefixes
 from .lora_bank import DISTANCES, LoraBank
 from .routed import Routed
-from .subject_gate import SubjectGate, subject_forms
+from .subject_gate import SubjectGate, names, subject_forms
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's schedule and fixed threshold
@@ -580,8 +580,10 @@ class Sola(Routed):
             self.superseded_by[eid] = item.id
         self.bank.add(item.id, key, A, B, active=True)
         self.facts[item.id] = req.key
-        if req.subject:
+        if req.subject and names(prompt_ids(self.tokenizer, req.prompt), self._forms(req.subject)):
             self.subjects[item.id] = req.subject
+        elif req.subject and self.hparams.gate == "subject":  # a tokenizer that spells it otherwise in this prompt
+            stats["gate"] = "off: the prompt's tokens do not contain the subject's"
         self._gate_cache = None
         stats.update(loss=loss, steps=steps, action="supersede" if covered else "new")
         if covered:

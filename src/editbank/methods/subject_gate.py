@@ -27,6 +27,11 @@ def subject_forms(tokenizer, subject: str) -> set[tuple[int, ...]]:
     return forms
 
 
+def names(ids: list[int], forms: set[tuple[int, ...]]) -> bool:
+    """Do the token ids contain one of the forms?"""
+    return any(tuple(ids[i : i + len(f)]) == f for f in forms for i in range(len(ids) - len(f) + 1))
+
+
 class SubjectGate:
     """Which gated slots each row may route to: those of the edits whose subject occurs in the row. Built from
     (slot, forms) pairs; immutable (rebuild it when the bank changes). Slots not in it are ungated (`gated` False);
