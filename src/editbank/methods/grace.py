@@ -33,7 +33,7 @@ from . import easyedit as ee
 from .base import EditItem, Route, pick_layer, register
 from .fit import fit
 from .routed import Routed
-from .subject_gate import SubjectGate, names, subject_forms
+from .subject_gate import SubjectGate, names
 
 
 @dataclass
@@ -100,7 +100,6 @@ class Grace(Routed):
         self.hook(self.module, self._hook)
         if hparams.gate == "subject":  # the gate reads each forward's token ids
             self.hook(model.get_input_embeddings(), self._ids_hook)
-        self._subject_forms: dict[str, set[tuple[int, ...]]] = {}
         self.reset()
 
     # -- codebook ---------------------------------------------------------------------------------
@@ -151,9 +150,7 @@ class Grace(Routed):
         contain the subject's (a tokenizer may spell it otherwise inside this prompt), else None (not gated)."""
         if self.hparams.gate != "subject" or req.subject is None:
             return None
-        if req.subject not in self._subject_forms:
-            self._subject_forms[req.subject] = subject_forms(self.tokenizer, req.subject)
-        return req.subject if names(prompt_ids(self.tokenizer, req.prompt), self._subject_forms[req.subject]) else None
+        return req.subject if names(prompt_ids(self.tokenizer, req.prompt), self.subject_forms(req.subject)) else None
 
     def _ids_hook(self, module, inputs, output) -> None:
         self.thread.ids = inputs[0]
@@ -170,9 +167,7 @@ class Grace(Routed):
             forms = {}
             for e, subject in enumerate(self.subjects):
                 if subject is not None:
-                    if subject not in self._subject_forms:
-                        self._subject_forms[subject] = subject_forms(self.tokenizer, subject)
-                    forms[e] = self._subject_forms[subject]
+                    forms[e] = self.subject_forms(subject)
             gate = self._gate_cache = SubjectGate(forms, len(self.subjects), self.keys.device,
                                                   ungated=len(self.subjects) - len(forms))
         out = (~gate.gated)[None, :].repeat(len(rows), 1)

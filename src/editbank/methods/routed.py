@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .base import Method
+from .subject_gate import subject_forms
 
 
 class Routed(Method):
@@ -27,6 +28,7 @@ class Routed(Method):
         super().__init__(model, tokenizer, arch, hparams)
         self._hooks: list[tuple[torch.nn.Module, Callable]] = []
         self._handles: list[Any] = []
+        self._subject_forms: dict[str, set[tuple[int, ...]]] = {}
 
     def hook(self, module: torch.nn.Module, fn: Callable) -> None:
         """Declare a forward hook that `attach` installs (declare them all in __init__)."""
@@ -61,6 +63,13 @@ class Routed(Method):
             self.thread.trainee = previous
 
     # -- routing ------------------------------------------------------------------------------------
+    def subject_forms(self, subject: str) -> set[tuple[int, ...]]:
+        """The subject's token sequences for a subject gate (`subject_gate.subject_forms`), tokenized once."""
+        forms = self._subject_forms.get(subject)
+        if forms is None:
+            forms = self._subject_forms[subject] = subject_forms(self.tokenizer, subject)
+        return forms
+
     def decide(self, key: str, length: int, compute: Callable[[], Any],
                advance: Callable[[Any], Any] | None = None) -> Any:
         """This forward's routing decision under `key` (`Route.reuse`; without a routing context, computed)."""

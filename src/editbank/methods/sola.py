@@ -77,7 +77,7 @@ from .key_index import require_faiss
 from .locate.keys import context_prefixes
 from .lora_bank import DISTANCES, LoraBank
 from .routed import Routed
-from .subject_gate import SubjectGate, names, subject_forms
+from .subject_gate import SubjectGate, names
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's schedule and fixed threshold
@@ -212,7 +212,6 @@ class Sola(Routed):
         self.alpha: float | None = None
         self.gate_alpha: float | None = None  # gate="subject": the threshold of gated edits
         self.gate_from: str | None = None  # which calibration pairs gave it: "one subject" or "any"
-        self._subject_forms: dict[str, set[tuple[int, ...]]] = {}  # subject -> its token sequences (the gate's)
         self.reference_distance: float | None = None
         self.quantile_used: float | None = hparams.alpha_quantile  # the calibration's (None: not calibrated here)
         for i, m in enumerate(self.modules):
@@ -317,19 +316,12 @@ class Sola(Routed):
         cache = self._gate_cache
         if cache is None:
             slots = self.bank.slot_of
-            forms = {slots[e]: self._forms(s) for e, s in self.subjects.items() if e in slots}
+            forms = {slots[e]: self.subject_forms(s) for e, s in self.subjects.items() if e in slots}
             gate = None
             if self.hparams.gate == "subject" and forms and self.gate_alpha is not None:
                 gate = SubjectGate(forms, self.bank.high, self.bank.device, ungated=len(slots) - len(forms))
             cache = self._gate_cache = (gate,)
         return cache[0]
-
-    def _forms(self, subject: str) -> set[tuple[int, ...]]:
-        """The subject's token sequences (tokenized once per subject)."""
-        forms = self._subject_forms.get(subject)
-        if forms is None:
-            forms = self._subject_forms[subject] = subject_forms(self.tokenizer, subject)
-        return forms
 
     def _row_ids(self, x: torch.Tensor, qidx: torch.Tensor, start: torch.Tensor | None) -> list[list[int]]:
         """This forward's prompt token ids per row (start..qidx), from the embedding hook."""
@@ -580,7 +572,7 @@ class Sola(Routed):
             self.superseded_by[eid] = item.id
         self.bank.add(item.id, key, A, B, active=True)
         self.facts[item.id] = req.key
-        if req.subject and names(prompt_ids(self.tokenizer, req.prompt), self._forms(req.subject)):
+        if req.subject and names(prompt_ids(self.tokenizer, req.prompt), self.subject_forms(req.subject)):
             self.subjects[item.id] = req.subject
         elif req.subject and self.hparams.gate == "subject":  # a tokenizer that spells it otherwise in this prompt
             stats["gate"] = "off: the prompt's tokens do not contain the subject's"

@@ -108,13 +108,11 @@ def _gate(method, active: list[int]) -> dict[str, Any] | None:
     """The subject gate as data: each gated edit's subject token sequences, and its threshold."""
     if method._gate() is None:
         return None
-    from .subject_gate import subject_forms
-
     subjects = {eid: method.subjects[eid] for eid in active if eid in method.subjects}
     return {
         "rule": "a gated edit's key is a candidate only for prompts whose token ids (with the tokenizer's special "
                 "tokens) contain one of its subject's sequences; its threshold is gate alpha instead of alpha",
         "alpha": method.gate_alpha,
         "subjects": {str(e): s for e, s in subjects.items()},
-        "forms": {str(e): sorted(list(f) for f in subject_forms(method.tokenizer, s)) for e, s in subjects.items()},
+        "forms": {str(e): sorted(list(f) for f in method.subject_forms(s)) for e, s in subjects.items()},
     }
