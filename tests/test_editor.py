@@ -423,6 +423,36 @@ def test_grace_undo_replays_from_the_last_snapshot(world_model, world_requests, 
         assert torch.equal(g, logits_of(reopened, r))
 
 
+def test_grace_replay_takes_the_stored_entries_instead_of_retraining(world_model, world_requests, monkeypatch):
+    """An undo by replay recomputes GRACE's decisions, not its keys, values and expand checks (functions of the request
+    and the entry alone): only an edit whose decision changed trains, and the model equals a fresh editor fed the kept
+    edits, bitwise."""
+    model, tok = world_model
+    # every key lands in an earlier entry: a new target splits it, a rephrase with its fact's target widens it
+    again = [EditRequest(p, r.target) for r in world_requests[:3] for p in r.rephrases[:1]]
+    reqs = world_requests[:3] + again + world_requests[3:5]
+    ed = Editor(model, tok, method="grace", eps_init=1e6)
+    edits = [ed.edit(r, check=False) for r in reqs]
+    assert {"split", "expand"} <= {e.stats["action"] for e in edits}
+    g, calls = ed.method, []
+    for name in ("_train", "_key_and_output", "_realises"):
+        real = getattr(g, name)
+        monkeypatch.setattr(g, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    assert g.remove(edits[1].id) is False  # later edits split its entry: the editor replays (from the base model)
+    ed.undo(edits[1].id)
+    # only an edit that widened the undone entry has to create (and train) an entry of its own now
+    now_created = [e for e in edits if e is not edits[1] and g.undo_log[e.id]["created"]]
+    changed = [e for e in now_created if e.stats["action"] == "expand"]
+    assert len(changed) == 1 and len(now_created) >= 5
+    assert sorted(calls) == ["_key_and_output", "_train"]  # no key read, no value trained, no check run for the rest
+    fresh = Editor(model, tok, method="grace", eps_init=1e6)
+    for r in reqs[:1] + reqs[2:]:
+        fresh.edit(r, check=False)
+    for r in reqs:
+        assert torch.equal(logits_of(ed, r), logits_of(fresh, r))
+    assert torch.equal(g.eps, fresh.method.eps)
+
+
 @pytest.mark.parametrize("method", ["grace", "wise"])
 def test_a_store_in_the_earlier_state_format_reopens_bitwise(world_model, world_requests, tmp_path, method):
     """GRACE's codebook and WISE's requests used to be saved whole with every edit; a store written that way

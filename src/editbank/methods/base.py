@@ -256,6 +256,12 @@ class Method:
     def replay_restore(self, carry: Any, edit_id: int, request: EditRequest) -> None:
         """After the replay that undid `edit_id` (whose request was `request`): put `carry` back."""
 
+    def replay_work(self, edits: list, artifacts: Callable[[int], dict[str, torch.Tensor]]) -> dict | None:
+        """During an undo by replay, before a call of `edits` (store rows) is re-applied: what the call may take
+        from their stored results instead of recomputing it, as `pretrain`'s work (inside `pretrained(...)`).
+        Only results the method knows recomputing gives bitwise; `artifacts(edit_id)` reads an edit's. None: none."""
+        return None
+
     def reset(self) -> None:
         """Forget every edit (method state only; the editor restores touched weights)."""
 

@@ -11,7 +11,8 @@ falls inside an entry with the same target expands that entry's radius (if that 
 target after the new prompt too), otherwise the two radii split at half the distance. Undo deletes the
 entry (restoring any radius it changed) exactly; if a later edit has touched the same entries, or decided by
 one of them (it was that edit's nearest entry: without it the nearest, and the decision, may differ), the editor
-replays from its last snapshot instead.
+replays from its last snapshot instead, taking every key, value and expand check back from the store
+(`replay_work`): only the decisions are recomputed.
 
 `gate="subject"` (not GRACE's; SoLA's subject gate, docs/methods/sola.md): an entry whose edit names its subject is
 a candidate only for prompts that contain the subject's tokens, and starts with radius `gate_radius` x eps_init; the
@@ -21,7 +22,7 @@ it was built: GRACE's rephrases lie a median 1.25 radii from their entry, no loc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -116,6 +117,7 @@ class Grace(Routed):
         self.subjects: list[str | None] = []  # the subject of each entry's edit (gate="subject"; None: ungated)
         self._gate_cache: SubjectGate | None = None  # for `subjects` as they are (rebuilt when they change)
         self.undo_log: dict[int, dict[str, Any]] = {}
+        self._keys_seen: dict[int, torch.Tensor] = {}
 
     def _row(self, owner: int) -> int:
         hits = (self.owner == owner).nonzero()
@@ -252,6 +254,7 @@ class Grace(Routed):
         return v.detach().to(self.values.dtype), done.loss, done.steps
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
+        self._keys_seen = {}  # the keys of this call's edits that created no entry, for `artifacts`
         return [self._apply_one(it) for it in items]
 
     def pretrain(self, requests) -> dict[tuple[str, str], tuple]:
@@ -261,13 +264,38 @@ class Grace(Routed):
         work = {}
         with torch.enable_grad():
             for r in requests:
-                _, out, batch = self._key_and_output(r.prompt, r.target)
-                work[(r.prompt, r.target)] = self._train(batch, out)
+                key, out, batch = self._key_and_output(r.prompt, r.target)
+                work[(r.prompt, r.target)] = _Work(key, self._train(batch, out))
+        return work
+
+    def replay_work(self, edits, artifacts) -> dict[tuple[str, str], _Work]:
+        """What a replay takes back instead of recomputing: a key is read with the codebook off and a value trains
+        under the training override from the layer's outputs with it off, so both are functions of the request (and
+        the call's seed) alone; whether an entry's values spell a request's target (the expand check) is a function
+        of the request and that entry. Only the decisions (new, split, expand) are recomputed, bitwise as before."""
+        work = {}
+        for e in edits:
+            art = artifacts(e.id)
+            if "key" not in art:  # an edit stored before every edit kept its key: recomputed
+                continue
+            trained = None
+            if {"value", "span"} <= set(art) and {"loss", "steps"} <= set(e.stats):
+                span = int(art["span"][0])  # the stored values are padded to the codebook's width: cut back
+                value = art["value"][: 1 if span == _ALL_POSITIONS else span]
+                trained = (value.to(self.values.device, self.values.dtype), e.stats["loss"], e.stats["steps"])
+            spells = {e.stats["spelled_by"]: e.stats["spelled"]} if "spelled_by" in e.stats else {}
+            work[(e.request.prompt, e.request.target)] = _Work(art["key"].to(self.keys.device, torch.float32),
+                                                               trained, spells)
         return work
 
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req, eid = item.request, item.id
-        key, out, batch = self._key_and_output(req.prompt, req.target)
+        work = self.take_pretrained((req.prompt, req.target))  # computed already (`pretrain`, `replay_work`)
+        if work is None:
+            key, out, batch = self._key_and_output(req.prompt, req.target)
+            work = _Work(key, None)
+        else:  # the layer's outputs (and the batch) are made below if a value must train or a check run after all
+            key, out, batch = work.key, None, None
         log: dict[str, Any] = {"created": False, "modified": [], "near": None}
         stats: dict[str, Any] = {}
         gated = self._gate_subject(req) is not None
@@ -294,18 +322,31 @@ class Grace(Routed):
             # newer supersedes older: the old entry stops routing (radius -1) until this edit is undone
             stats.update(action="supersede", supersedes=[int(self.owner[j])])
             set_radius(-1.0)
-            return self._add_entry(item, key, out, batch, eps0, log, stats)
+            return self._add_entry(item, key, out, batch, eps0, log, stats, work.trained)
         near = j >= 0 and dist <= float(self.eps[j]) + eps0
-        if near and self.labels[j] == req.target and self._realises(j, dist, batch):
+        if near and self.labels[j] == req.target and self._spells(j, dist, req, batch, work, stats):
             set_radius(max(float(self.eps[j]), dist))
             stats.update(action="expand", loss=0.0, steps=0)
+            self._keys_seen[eid] = key
         else:
             if near:  # a conflicting label, or the same label that the entry's values cannot spell here
                 set_radius(min(float(self.eps[j]), dist / 2))
             stats["action"] = "split" if near else "new"
-            return self._add_entry(item, key, out, batch, dist / 2 if near else eps0, log, stats)
+            return self._add_entry(item, key, out, batch, dist / 2 if near else eps0, log, stats, work.trained)
         self.undo_log[eid] = log
         return stats
+
+    def _spells(self, j: int, dist: float, req, batch, work: _Work, stats: dict) -> bool:
+        """`_realises`, or its answer for entry j's edit from `work` (a replay: the same request and entry, the
+        same answer); recorded in the stats (`spelled_by`: the entry's edit) for a later replay."""
+        owner = int(self.owner[j])
+        if owner in work.spells:
+            spelled = work.spells[owner]
+        else:
+            spelled = self._realises(j, dist, batch or make_batch(self.tokenizer, [(req.prompt, req.target)],
+                                                                  device=self.keys.device))
+        stats.update(spelled_by=owner, spelled=spelled)
+        return spelled
 
     @torch.no_grad()
     def _realises(self, j: int, dist: float, batch) -> bool:
@@ -324,9 +365,11 @@ class Grace(Routed):
         q, t = int(batch.query_index[0]), batch.target_len[0]
         return bool((logits[0, q : q + t].argmax(-1) == batch.input_ids[0, q + 1 : q + 1 + t]).all())
 
-    def _add_entry(self, item: EditItem, key, out, batch, eps: float, log: dict, stats: dict) -> dict[str, Any]:
+    def _add_entry(self, item: EditItem, key, out, batch, eps: float, log: dict, stats: dict,
+                   trained: tuple | None) -> dict[str, Any]:
         """Train the new entry's values (or take what `pretrain` trained) and append it to the codebook."""
-        trained = self.take_pretrained((item.request.prompt, item.request.target))
+        if trained is None and out is None:  # the key came from `pretrain`/`replay_work`, the values did not
+            _, out, batch = self._key_and_output(item.request.prompt, item.request.target)
         value, loss, steps = trained if trained is not None else self._train(batch, out)
         self.keys = torch.cat([self.keys, key[None]])
         width = max(self.values.shape[1], value.shape[0])
@@ -343,9 +386,11 @@ class Grace(Routed):
         return {**stats, "loss": loss, "steps": steps}
 
     def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
-        """The entry an edit created (fixed once written): key, values, span, and its radius then."""
-        if not self.undo_log.get(edit_id, {}).get("created"):
-            return {}
+        """The entry an edit created (fixed once written): key, values, span, and its radius then; an edit that
+        created none (it widened an entry): its key (a replay reads it instead of recomputing it)."""
+        log = self.undo_log.get(edit_id, {})
+        if not log.get("created"):
+            return {"key": self._keys_seen[edit_id]} if edit_id in self._keys_seen else {}
         r = self._row(edit_id)
         return {"key": self.keys[r], "value": self.values[r], "eps": self.eps[r : r + 1], "span": self.span[r : r + 1]}
 
@@ -426,6 +471,16 @@ class Grace(Routed):
         self.subjects = list(subjects)
         self._gate_cache = None
         self.eps, self.last_touch, self.undo_log = eps.clone(), touch.clone(), dict(log)
+
+
+@dataclass
+class _Work:
+    """What an edit's `apply` takes instead of computing it: its key, its trained values (value, loss, steps) or
+    None, and the expand checks known for it ({entry's edit id: whether that entry's values spell the target})."""
+
+    key: torch.Tensor
+    trained: tuple | None
+    spells: dict[int, bool] = field(default_factory=dict)
 
 
 _ALL_POSITIONS = 2**31 - 1  # GRACE's shared value replaces every position from the query on
