@@ -414,6 +414,21 @@ def test_rome_clamps_the_target_relative_to_the_reference_vector(small_world, wo
     ed.close()
 
 
+def test_metake_plans_the_pull_of_norm_control(small_world):
+    """A norm-controlled write also pulls W towards W0, by −μ·(W − W0)·P·M⁻¹·q at a key q whatever D is. The plan
+    sees that pull (`plan_pull`, default): on one edited layer, where the proxy is exact, what the write realises is
+    what the plan predicted (`proxy_ratio` 1); a plan without it is off once the weights have drifted."""
+    reqs = small_world.edit_requests(n=8, seed=4)
+    ratios = {}
+    for pull in (True, False):
+        ed = open_editor(small_world, "metake", layers=[1], norm_control=1.0, plan_pull=pull)
+        ratios[pull] = [e.stats["proxy_ratio"] for i in range(0, 8, 2) for e in ed.edit(reqs[i : i + 2], check=False)]
+        ed.close()
+    assert max(abs(r - 1) for r in ratios[True]) < 1e-3
+    assert ratios[False][:2] == ratios[True][:2]  # the first write: no drift yet, no pull
+    assert max(abs(r - 1) for r in ratios[False][2:]) > 0.02
+
+
 def test_metake_proxy_over_every_layer(small_world, world_requests):
     """proxy="all" chains each edited layer's share of the write; with one layer it is the last layer's proxy, and
     every edit reports what the write realised over what its proxy predicted (`proxy_ratio`)."""

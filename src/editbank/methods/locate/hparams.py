@@ -121,6 +121,9 @@ class MetaKEHparams(AlphaEditHparams):
     # the solver the plan sees: "last" (the last edited layer's transfer) or "all" (every edited layer's share of
     # the write, chained as the multi-layer write spreads the residual; docs/methods/locate.md)
     proxy: str = "last"
+    # with norm control: the plan also sees the write's pull towards W0 at its keys, −μ·(W − W0)·P·M⁻¹·q, which
+    # does not depend on D (False: the plan ignores it and the write realises less than planned)
+    plan_pull: bool = True
 
     def validate(self) -> None:
         super().validate()

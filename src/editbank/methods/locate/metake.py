@@ -10,6 +10,10 @@ G = Kᵀ P ((K Kᵀ + C_p) P + L2·I)⁻¹ K, the realised residual is D·G, and
 look-ahead patch h + D·G in the forward (autograd gives ∇_D L = (∂L/∂h)·Gᵀ). Then z* = h + D is written once
 with AlphaEdit's multi-layer solver. Stats report the planned gate diag(G) and the realised/planned ratio.
 
+With norm control (`norm_control` > 0) the write also pulls W towards W0: at a key q it adds −μ·(W − W0)·P·M⁻¹·q
+whatever D is. `plan_pull` (default) puts that pull in the look-ahead patch (h + D·G + pull), chained like the
+transfer with `proxy="all"`, so the plan asks for what the pulled-back write will keep.
+
 The virtual post-edit model is patched at every optimisation row with the realised residual at that row's own key
 (prefixed prompts and the KL prompt "{subject} is a" alike: G taken with Q = the rows' keys), so the locality
 (KL) term sees what the write would do to the subject's other prompts, with fact_token="last" too.
@@ -31,33 +35,51 @@ from .target import optimize_targets
 class MetaKE(AlphaEdit):
     easyedit_names = ("alphaedit", "metake")  # MetaKE reads AlphaEdit's files (AlphaEdit's rules)
     Hparams = MetaKEHparams
+    stored_defaults = {"plan_pull": False}  # stores made before the plan saw norm control's pull
 
     def _plan(self, requests, prefixes: list[str]):
         n_layers, last = len(self.layers), self.layers[-1]
         chosen = self.layers if self.hparams.proxy == "all" else [last]
-        # per layer: its keys, projector, C_p and ridge (norm control shrinks the write like a larger ridge; its
-        # pull towards W0 is left out of the plan), and its share 1 / (layers left) of the remaining residual
-        parts = [(self.keys(layer, requests, prefixes), self.projector(layer), self.cp.get(layer),
-                  self.hparams.L2 + self.norm_weight(layer, len(requests)), layer,
-                  1.0 / (n_layers - self.layers.index(layer))) for layer in chosen]
+        # per layer: its keys, projector, C_p, ridge (norm control shrinks the write like a larger ridge), share
+        # 1 / (layers left) of the remaining residual, and (plan_pull) μ·(W − W0): the write's pull towards W0
+        parts = []
+        for layer in chosen:
+            mu = self.norm_weight(layer, len(requests))
+            parts.append((self.keys(layer, requests, prefixes), self.projector(layer), self.cp.get(layer),
+                          self.hparams.L2 + mu, layer, 1.0 / (n_layers - self.layers.index(layer)),
+                          mu * self.drift(layer) if mu and self.hparams.plan_pull else None))
 
-        def chain(queries_of) -> torch.Tensor:
-            """Σ_i C_i G_i(Q_i) s_i, C_0 = I, C_{i+1} = C_i (I − s_i G_i(K_i)): what the layers realise at the
-            queries when each writes its share s_i of what the layers below left (keys frozen at the plan)."""
+        def chain(queries_of) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """What the layers realise at the queries, as D·A + B: A = Σ_i C_i G_i(Q_i) s_i, C_0 = I,
+            C_{i+1} = C_i (I − s_i G_i(K_i)) when each layer writes its share s_i of what the layers below left (keys
+            frozen at the plan); B (None without a pull) = Σ_i c_i(Q_i) − E_i G_i(Q_i) s_i, the pulls
+            c_i(Q) = −μ_i (W_i − W0_i) P_i M_i⁻¹ Q and what they leave to the layers above, E_0 = 0,
+            E_{i+1} = E_i (I − s_i G_i(K_i)) + c_i(K_i)."""
             n = parts[0][0].shape[1]
-            carry, total = torch.eye(n, device=parts[0][0].device), 0.0
-            for keys, proj, prev, l2, layer, share in parts:
-                total = total + carry @ metake_transfer(keys, proj, prev, l2, queries_of(layer)) * share
-                carry = carry @ (torch.eye(n, device=carry.device) - metake_transfer(keys, proj, prev, l2) * share)
-            return total
+            eye = torch.eye(n, device=parts[0][0].device)
+            carry, total, offset, behind = eye, 0.0, None, None
+            for keys, proj, prev, l2, layer, share, pulled in parts:
+                g_q, r_q = metake_transfer(keys, proj, prev, l2, queries_of(layer), with_response=True)
+                g_k, r_k = metake_transfer(keys, proj, prev, l2, with_response=True)
+                total = total + carry @ g_q * share
+                carry = carry @ (eye - g_k * share)
+                if behind is not None:
+                    offset = offset - behind @ g_q * share
+                    behind = behind @ (eye - g_k * share)
+                if pulled is not None:
+                    offset = (0.0 if offset is None else offset) - pulled @ r_q
+                    behind = (0.0 if behind is None else behind) - pulled @ r_k
+            return total, offset
 
-        def transfer(ids: list[list[int]], index: list[int]) -> torch.Tensor:
-            return chain(lambda layer: read_rows(self.model, self.tokenizer, self.paths[layer], ids, index,
-                                                 inputs=True).float().T)
+        def transfer(ids: list[list[int]], index: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            mix, offset = chain(lambda layer: read_rows(self.model, self.tokenizer, self.paths[layer], ids, index,
+                                                        inputs=True).float().T)
+            return mix, None if offset is None else offset.T
 
         target = optimize_targets(self.model, self.tokenizer, self.arch.layer_path(last, ""), requests, prefixes,
                                   self.hparams, transfer=transfer, max_norm_factor=self.hparams.max_plan_factor)
-        keys_at = {layer: keys for keys, *_, layer, _ in parts}
-        plan = chain(keys_at.__getitem__)  # [n, n]: what the write realises at each request's key, per planned D
+        keys_at = {layer: part[0] for layer, part in zip(chosen, parts)}
+        plan, offset = chain(keys_at.__getitem__)  # [n, n] (+ [hidden, n]): what the write realises at the keys
+        predicted = plan.T @ target.delta + (0.0 if offset is None else offset.T)
         # the planned residual's realisation as the proxy predicts it, [n, hidden] (`proxy_ratio` in the stats)
-        return target, {"gate": [float(g) for g in plan.diagonal()], "_predicted": plan.T @ target.delta}
+        return target, {"gate": [float(g) for g in plan.diagonal()], "_predicted": predicted}

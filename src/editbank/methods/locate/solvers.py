@@ -74,8 +74,10 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor
 
 
 def metake_transfer(keys: torch.Tensor, proj: torch.Tensor, prev: torch.Tensor | None, l2: float,
-                    queries: torch.Tensor | None = None) -> torch.Tensor:
+                    queries: torch.Tensor | None = None, with_response: bool = False):
     """MetaKE's structural transfer G = Kᵀ P ((K Kᵀ + C_p) P + L2·I)⁻¹ Q (n × m, Q = K by default): writing D
-    changes the outputs at the keys Q by D·G."""
-    m = _alpha_system(keys, proj, prev, l2)
-    return keys.T @ proj @ _sym_solve(m, keys if queries is None else queries)
+    changes the outputs at the keys Q by D·G. `with_response`: also P ((K Kᵀ + C_p) P + L2·I)⁻¹ Q (in × m), which
+    a norm-controlled write's pull acts through (its change at Q is −norm·drift times it, `alphaedit_update`)."""
+    solved = _sym_solve(_alpha_system(keys, proj, prev, l2), keys if queries is None else queries)
+    g = keys.T @ proj @ solved
+    return (g, proj @ solved) if with_response else g

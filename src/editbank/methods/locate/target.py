@@ -8,7 +8,7 @@ small; ‖δ‖ is clamped to clamp_norm_factor × ‖h‖. With target_norms="r
 v_weight_decay·‖δ‖/‖h_ref‖² and the clamp clamp_norm_factor·‖h_ref‖, as in kmeng01/rome and memit (h_ref:
 `norm_ref`, ROME's MLP output; else h); ours is v_weight_decay·‖δ‖²/‖h‖².
 With a `transfer` function (MetaKE) δ is the planned residual D and every row, the KL rows included, is patched
-with what the write would realise at that row's key (D·T, T = transfer(rows)), instead of δ itself.
+with what the write would realise at that row's key (D·T + B, (T, B) = transfer(rows)), instead of δ itself.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from ...tokens import batch_from_ids, pad_id, pair_ids
 from ..fit import fit
 from .keys import lookup_rows, read_at, subject_last_index
 
-# (token ids of each row, patched position of each row) -> T [n requests, rows]: row j gets Σ_i D_i T[i, j]
-TransferFn = Callable[[list[list[int]], list[int]], torch.Tensor]
+# (token ids of each row, patched position of each row) -> (T [n requests, rows], B [rows, hidden] or None): row j
+# gets Σ_i D_i T[i, j] + B[j] (B: what the write does there whatever D is, MetaKE's norm-control pull)
+TransferFn = Callable[[list[list[int]], list[int]], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -101,10 +102,13 @@ def optimize_targets(model, tokenizer, layer_path: str, requests: list[EditReque
     # with fact_token="last" the KL prompt's patched position would be the very one the KL is measured at, which
     # forbids any edit; the KL term then only applies with subject positions (or through a transfer, MetaKE)
     patched = row_ids if hp.fact_token == "subject_last" or transfer is not None else row_ids[:n_nll]
-    mix = transfer([r for r, _ in rows], index).float() if transfer is not None else None
+    mix, shift = transfer([r for r, _ in rows], index) if transfer is not None else (None, None)
+    mix = None if mix is None else mix.float()
 
     def add_delta(module, inp, out):
         eff = delta[own] if mix is None else mix.T @ delta
+        if shift is not None:
+            eff = eff + shift.float()
         add = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         add = add.index_put((patched, pos[patched]), eff[patched])
         return out + add.to(out.dtype)
