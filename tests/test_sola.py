@@ -534,8 +534,8 @@ def test_a_gated_reedit_beyond_alpha_within_gate_alpha_supersedes(sola, small_wo
 
 
 def test_a_subject_the_prompts_tokens_do_not_spell_leaves_the_edit_ungated(sola, world_requests):
-    """A tokenizer may spell the subject otherwise inside the prompt (mid-word here; after punctuation with
-    SentencePiece): the gate would keep the edit from its own prompt, so the edit is not gated, and says so."""
+    """A tokenizer may spell the subject otherwise inside the prompt (mid-word here): the gate would keep the edit
+    from its own prompt, so the edit is not gated, and says so."""
     from editbank.methods.subject_gate import names, subject_forms
     from editbank.tokens import prompt_ids
 
@@ -545,3 +545,29 @@ def test_a_subject_the_prompts_tokens_do_not_spell_leaves_the_edit_ungated(sola,
     e = sola.edit(dataclasses.replace(req, subject=part))  # check=True: it must take
     assert e.stats["gate"].startswith("off") and e.id not in sola.method.subjects
     assert sola.method.routes([req.prompt]) == [e.id]
+
+
+def test_the_gate_finds_a_subject_after_a_mark_with_a_sentencepiece_tokenizer():
+    """SentencePiece spells a subject right after "(" or a quote without its word-start marker, so neither the form
+    alone nor the form after a space occurs there; the gate's forms include the one after a mark. A byte-level BPE
+    spells it the same everywhere: no form is added for it."""
+    from tiny_models import tiny_tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from editbank.methods.subject_gate import names, subject_forms
+    from editbank.tokens import prompt_ids
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    lines = ["Arvelia is a country.", "The capital of Arvelia is Vorn.", "People of Arvelia speak Velish."] * 20
+    raw.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False))
+    sp = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    forms = subject_forms(sp, "Arvelia")
+    for prompt in ['The capital of "Arvelia" is', "The capital of (Arvelia) is", "The capital of Arvelia is"]:
+        assert names(prompt_ids(sp, prompt), forms), prompt
+    assert not names(prompt_ids(sp, "The capital of Velish is"), forms)
+    bpe = tiny_tokenizer()
+    plain = {tuple(bpe(t, add_special_tokens=False)["input_ids"]) for t in ("Arvelia", " Arvelia")}
+    assert subject_forms(bpe, "Arvelia") == plain

@@ -4,7 +4,8 @@ Why (docs/methods/sola.md, "The subject gate"): on the held-out worlds the key a
 edited fact from an unrelated prompt under the same wording, so any alpha wide enough to route paraphrases also
 routes unrelated prompts. Every paraphrase of a fact about a subject names the subject; an unrelated prompt about
 another subject does not. The gate is lexical, on token ids: a subject is matched in the forms its tokenizer gives
-it (alone and after a space: the forms it takes at the start of a prompt and inside one), so a paraphrase that calls
+it (alone, after a space and right after a mark such as "(": the forms it takes at the start of a prompt and inside
+one), so a paraphrase that calls
 the subject something else (an alias, another casing, a pronoun) is not routed to the edit. Edits without a subject
 are not gated.
 """
@@ -15,15 +16,24 @@ from collections import defaultdict
 
 import torch
 
+# marks a subject may follow without a space ("(Paris)", '"Paris"', "anti-Paris", a new line)
+_MARKS = ("(", '"', "'", "-", "/", "\n")
+
 
 def subject_forms(tokenizer, subject: str) -> set[tuple[int, ...]]:
     """The token sequences the subject takes in a prompt: tokenized alone (a prompt's start; SentencePiece's form
-    inside a sentence too) and after a space (a byte-level BPE's form inside a sentence)."""
+    inside a sentence too), after a space (a byte-level BPE's form inside a sentence) and right after a mark such as
+    "(" or a quote (SentencePiece spells it there without its word-start marker: the tokens after the mark's own)."""
     forms = set()
     for text in (subject, " " + subject):
         ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
         if ids:
             forms.add(ids)
+    for mark in _MARKS:
+        head = tokenizer(mark, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(mark + subject, add_special_tokens=False)["input_ids"]
+        if ids[: len(head)] == head and len(ids) > len(head):  # else the mark merged into the subject: no form
+            forms.add(tuple(ids[len(head) :]))
     return forms
 
 
