@@ -424,9 +424,8 @@ def test_grace_undo_replays_from_the_last_snapshot(world_model, world_requests, 
 
 
 def test_grace_replay_takes_the_stored_entries_instead_of_retraining(world_model, world_requests, monkeypatch):
-    """An undo by replay recomputes GRACE's decisions, not its keys, values and expand checks (functions of the request
-    and the entry alone): only an edit whose decision changed trains, and the model equals a fresh editor fed the kept
-    edits, bitwise."""
+    """An undo by replay recomputes GRACE's decisions, not its keys and values (functions of the request alone): only
+    an edit whose decision changed trains, and the model equals a fresh editor fed the kept edits, bitwise."""
     model, tok = world_model
     # every key lands in an earlier entry: a new target splits it, a rephrase with its fact's target widens it
     again = [EditRequest(p, r.target) for r in world_requests[:3] for p in r.rephrases[:1]]
@@ -444,7 +443,9 @@ def test_grace_replay_takes_the_stored_entries_instead_of_retraining(world_model
     now_created = [e for e in edits if e is not edits[1] and g.undo_log[e.id]["created"]]
     changed = [e for e in now_created if e.stats["action"] == "expand"]
     assert len(changed) == 1 and len(now_created) >= 5
-    assert sorted(calls) == ["_key_and_output", "_train"]  # no key read, no value trained, no check run for the rest
+    # no other key read, no other value trained; an expand check runs again only where its entry's radius moved
+    assert calls.count("_key_and_output") == 1 and calls.count("_train") == 1
+    assert calls.count("_realises") <= sum(e.stats["action"] == "expand" for e in edits[2:])
     fresh = Editor(model, tok, method="grace", eps_init=1e6)
     for r in reqs[:1] + reqs[2:]:
         fresh.edit(r, check=False)

@@ -108,3 +108,28 @@ def test_a_subject_the_prompts_tokens_do_not_spell_leaves_the_entry_ungated_at_t
         assert e.stats["gate"].startswith("off") and ed.method.subjects == [None]
         assert float(ed.method.eps[0]) == ed.method.hparams.eps_init, "an ungated entry gets the plain radius"
         assert ed.method.routes([req.prompt]) == [e.id]
+
+
+def test_a_stored_expand_check_is_reused_only_for_the_same_entry_and_radius(small_world, world_requests,
+                                                                             monkeypatch):
+    """Whether an entry's values, its radius widened to a key, spell a target depends on that radius too (the check's
+    full forward reads the key a rounding away from the prompt-only one): a replay reuses a stored answer only for
+    the same entry at the same radius, bitwise, and runs the check otherwise."""
+    from editbank.methods.grace import _Work
+
+    ed = Editor.open(small_world.path, method="grace")
+    first = ed.edit(world_requests[0], check=False)
+    g, req = ed.method, world_requests[1]
+    key, _, batch = g._key_and_output(req.prompt, req.target)
+    dist = float(g.nearest(key[None])[0][0])
+    radius = float(g.eps.new_tensor(max(float(g.eps[0]), dist)))
+    calls = []
+    monkeypatch.setattr(g, "_realises", lambda *a: calls.append(a) or False)
+    for memo, ran in (({(first.id, radius): True}, False), ({(first.id, radius * 2): True}, True),
+                      ({(first.id + 1, radius): True}, True)):
+        calls.clear()
+        stats = {}
+        got = g._spells(0, dist, req, batch, _Work(key, None, memo), stats)
+        assert got is (not ran) and bool(calls) is ran
+        assert stats == {"spelled_by": first.id, "spelled_at": radius, "spelled": got}
+    ed.close()

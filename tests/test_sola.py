@@ -549,8 +549,9 @@ def test_a_subject_the_prompts_tokens_do_not_spell_leaves_the_edit_ungated(sola,
 
 def test_the_gate_finds_a_subject_after_a_mark_with_a_sentencepiece_tokenizer():
     """SentencePiece spells a subject right after "(" or a quote without its word-start marker, so neither the form
-    alone nor the form after a space occurs there; the gate's forms include the one after a mark. A byte-level BPE
-    spells it the same everywhere: no form is added for it."""
+    alone nor the form after a space occurs there; the gate's forms include the one after a mark (with the mark, so
+    the same pieces inside another word do not match). A byte-level BPE spells it the same everywhere: no form is
+    added for it. `marks=False` (stores made before) keeps the two plain forms."""
     from tiny_models import tiny_tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -561,13 +562,16 @@ def test_the_gate_finds_a_subject_after_a_mark_with_a_sentencepiece_tokenizer():
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    lines = ["Arvelia is a country.", "The capital of Arvelia is Vorn.", "People of Arvelia speak Velish."] * 20
+    lines = ["Arvelia is a country.", "The capital of Arvelia is Vorn.", "People of Arvelia speak Velish.",
+             '( ) " X'] * 20
     raw.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False))
     sp = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
     forms = subject_forms(sp, "Arvelia")
     for prompt in ['The capital of "Arvelia" is', "The capital of (Arvelia) is", "The capital of Arvelia is"]:
         assert names(prompt_ids(sp, prompt), forms), prompt
     assert not names(prompt_ids(sp, "The capital of Velish is"), forms)
+    assert not names(prompt_ids(sp, "The capital of XArvelia is"), forms)
+    assert not names(prompt_ids(sp, 'The capital of "Arvelia" is'), subject_forms(sp, "Arvelia", marks=False))
     bpe = tiny_tokenizer()
     plain = {tuple(bpe(t, add_special_tokens=False)["input_ids"]) for t in ("Arvelia", " Arvelia")}
     assert subject_forms(bpe, "Arvelia") == plain

@@ -36,14 +36,16 @@ def _max_positions(config) -> int | None:
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Deterministic randomness for one edit without disturbing the caller's RNG."""
+def _seeded(seed: int, cpu: bool = False) -> Iterator[None]:
+    """Deterministic randomness for one edit without disturbing the caller's RNG. `cpu`: the model is on the CPU,
+    so only the CPU generator is seeded (`torch.manual_seed` also queues lazy seeds for every accelerator backend,
+    about 1 ms a call, which a replay of many edits pays once per call)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        if devices or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
-            torch.manual_seed(seed)
-        else:  # CPU only: the same seeding, without queueing lazy seeds for absent accelerators (about 1 ms a call)
+        if cpu:
             torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
         yield
 
 
@@ -307,7 +309,8 @@ class Editor:
                 first = self.store.add_edit(reqs[0], self.method.name)
                 edits = [first] + [self.store.add_edit(r, self.method.name, first.id) for r in reqs[1:]]
                 t0 = time.perf_counter()
-                with _seeded(self._batch_seed(reqs)), torch.enable_grad(), self.method.pretrained(pretrained):
+                with _seeded(self._batch_seed(reqs), self._on_cpu()), torch.enable_grad(), \
+                        self.method.pretrained(pretrained):
                     stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
                 elapsed = time.perf_counter() - t0
                 state = self._state_tensors()  # once per call: checked here, saved below
@@ -347,6 +350,9 @@ class Editor:
             w0 = self._base_weights[k]
             out[k] = round(float((p.detach().float() - w0.float()).norm() / w0.float().norm().clamp_min(1e-12)), 6)
         return {"weight_drift": out}
+
+    def _on_cpu(self) -> bool:
+        return next(self.model.parameters()).device.type == "cpu"
 
     def _batch_seed(self, requests: list[EditRequest]) -> int:
         """The torch seed an editor call runs under: from the requests and `seed`, never from edit ids, so a replay
@@ -447,7 +453,7 @@ class Editor:
             disable=not (self.progress and len(groups) > 1), transient=True, console=Console(stderr=True),
         ):
             work = self.method.replay_work(group, self.store.artifacts)  # stored results it may take back
-            with _seeded(self._batch_seed([e.request for e in group])), torch.enable_grad(), \
+            with _seeded(self._batch_seed([e.request for e in group]), self._on_cpu()), torch.enable_grad(), \
                     self.method.pretrained(work):
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
             self._check_finite(stats, group, tensors={})  # the state's tensors once, after the loop

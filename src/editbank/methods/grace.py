@@ -11,8 +11,8 @@ falls inside an entry with the same target expands that entry's radius (if that 
 target after the new prompt too), otherwise the two radii split at half the distance. Undo deletes the
 entry (restoring any radius it changed) exactly; if a later edit has touched the same entries, or decided by
 one of them (it was that edit's nearest entry: without it the nearest, and the decision, may differ), the editor
-replays from its last snapshot instead, taking every key, value and expand check back from the store
-(`replay_work`): only the decisions are recomputed.
+replays from its last snapshot instead, taking every key and value back from the store, and each expand check's
+answer where the entry and its radius are the same (`replay_work`): only the decisions are recomputed.
 
 `gate="subject"` (not GRACE's; SoLA's subject gate, docs/methods/sola.md): an entry whose edit names its subject is
 a candidate only for prompts that contain the subject's tokens, and starts with radius `gate_radius` x eps_init; the
@@ -51,6 +51,7 @@ class GraceHparams:
     # with radius gate_radius x eps_init (4: the dev world's choice, docs/methods/sola.md); "none": GRACE's routing
     gate: str = "none"
     gate_radius: float = 4.0
+    gate_marks: bool = True  # the gate's subject forms after a mark such as "(" too (SoLA's; False: stores before it)
 
     def validate(self) -> None:
         if self.eps_init <= 0:
@@ -74,6 +75,7 @@ class Grace(Routed):
     # (the small mutable part: radii, owners; the entries themselves are each edit's artifacts, written once)
     state_in_artifacts = True
     trains_beside_readers = True  # a value trains alone under the training override (see `pretrain`)
+    stored_defaults = {"gate_marks": False}  # stores made before the gate's forms after a mark
     easyedit_rules = {
         "inner_params": ee.inner_params,
         "edit_lr": ee.to("edit_lr"),
@@ -271,8 +273,9 @@ class Grace(Routed):
     def replay_work(self, edits, artifacts) -> dict[tuple[str, str], _Work]:
         """What a replay takes back instead of recomputing: a key is read with the codebook off and a value trains
         under the training override from the layer's outputs with it off, so both are functions of the request (and
-        the call's seed) alone; whether an entry's values spell a request's target (the expand check) is a function
-        of the request and that entry. Only the decisions (new, split, expand) are recomputed, bitwise as before."""
+        the call's seed) alone. The expand check (do entry j's values, its radius widened to the key, spell the
+        target?) is a function of the request, entry j and that radius: its answer is reused for the same entry and
+        the same radius, bitwise. Only the decisions (new, split, expand) are recomputed."""
         work = {}
         for e in edits:
             art = artifacts(e.id)
@@ -283,7 +286,8 @@ class Grace(Routed):
                 span = int(art["span"][0])  # the stored values are padded to the codebook's width: cut back
                 value = art["value"][: 1 if span == _ALL_POSITIONS else span]
                 trained = (value.to(self.values.device, self.values.dtype), e.stats["loss"], e.stats["steps"])
-            spells = {e.stats["spelled_by"]: e.stats["spelled"]} if "spelled_by" in e.stats else {}
+            spells = {} if "spelled_at" not in e.stats else \
+                {(e.stats["spelled_by"], e.stats["spelled_at"]): e.stats["spelled"]}
             work[(e.request.prompt, e.request.target)] = _Work(art["key"].to(self.keys.device, torch.float32),
                                                                trained, spells)
         return work
@@ -337,15 +341,16 @@ class Grace(Routed):
         return stats
 
     def _spells(self, j: int, dist: float, req, batch, work: _Work, stats: dict) -> bool:
-        """`_realises`, or its answer for entry j's edit from `work` (a replay: the same request and entry, the
-        same answer); recorded in the stats (`spelled_by`: the entry's edit) for a later replay."""
+        """`_realises`, or its answer from `work` (a replay: the same request, entry and radius, the same answer);
+        recorded in the stats (`spelled_by`: the entry's edit, `spelled_at`: the radius the check used)."""
         owner = int(self.owner[j])
-        if owner in work.spells:
-            spelled = work.spells[owner]
+        radius = float(self.eps.new_tensor(max(float(self.eps[j]), dist)))  # what `_realises` sets, in float32
+        if (owner, radius) in work.spells:
+            spelled = work.spells[(owner, radius)]
         else:
             spelled = self._realises(j, dist, batch or make_batch(self.tokenizer, [(req.prompt, req.target)],
                                                                   device=self.keys.device))
-        stats.update(spelled_by=owner, spelled=spelled)
+        stats.update(spelled_by=owner, spelled_at=radius, spelled=spelled)
         return spelled
 
     @torch.no_grad()
@@ -476,11 +481,11 @@ class Grace(Routed):
 @dataclass
 class _Work:
     """What an edit's `apply` takes instead of computing it: its key, its trained values (value, loss, steps) or
-    None, and the expand checks known for it ({entry's edit id: whether that entry's values spell the target})."""
+    None, and the expand checks known for it ({(entry's edit id, radius): whether its values spell the target})."""
 
     key: torch.Tensor
     trained: tuple | None
-    spells: dict[int, bool] = field(default_factory=dict)
+    spells: dict[tuple[int, float], bool] = field(default_factory=dict)
 
 
 _ALL_POSITIONS = 2**31 - 1  # GRACE's shared value replaces every position from the query on

@@ -64,10 +64,12 @@ class Routed(Method):
 
     # -- routing ------------------------------------------------------------------------------------
     def subject_forms(self, subject: str) -> set[tuple[int, ...]]:
-        """The subject's token sequences for a subject gate (`subject_gate.subject_forms`), tokenized once."""
+        """The subject's token sequences for a subject gate (`subject_gate.subject_forms`, with the forms after a
+        mark unless the hyperparameters say `gate_marks=False`), tokenized once."""
         forms = self._subject_forms.get(subject)
         if forms is None:
-            forms = self._subject_forms[subject] = subject_forms(self.tokenizer, subject)
+            marks = getattr(self.hparams, "gate_marks", True)
+            forms = self._subject_forms[subject] = subject_forms(self.tokenizer, subject, marks=marks)
         return forms
 
     def decide(self, key: str, length: int, compute: Callable[[], Any],

@@ -120,6 +120,9 @@ class SolaHparams:
     # "subject": an edit whose request names its subject routes only prompts that contain the subject's tokens, within
     # the wider gate_alpha (subject_gate.py); edits without a subject route as with "none" (any prompt within alpha)
     gate: str = "subject"
+    # the gate also finds the subject right after a mark such as "(" or a quote (SentencePiece spells it otherwise
+    # there); False: alone and after a space only (stores made before it)
+    gate_marks: bool = True
     # gate_alpha (never below alpha) = this quantile of the distances between calibration texts of different facts of
     # one subject (`paraphrase_subjects`; a World supplies them), else of any two different facts; None: 1e-3 and
     # 3e-3 respectively (each the dev world's choice, docs/methods/sola.md)
@@ -188,7 +191,8 @@ class Sola(Routed):
     snapshots = False  # undo is always exact
     trains_beside_readers = True  # each LoRA trains alone against the frozen base (see `pretrain`)
     state_in_artifacts = True  # each edit's key and LoRA are stored once, as its artifacts
-    stored_defaults = {"key": "last", "whitening": "pca", "gate": "none"}  # stores made before these existed
+    stored_defaults = {"key": "last", "whitening": "pca", "gate": "none",  # stores made before these existed
+                       "gate_marks": False}
 
     def __init__(self, model, tokenizer, arch, hparams: SolaHparams) -> None:
         super().__init__(model, tokenizer, arch, hparams)

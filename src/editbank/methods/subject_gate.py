@@ -20,20 +20,24 @@ import torch
 _MARKS = ("(", '"', "'", "-", "/", "\n")
 
 
-def subject_forms(tokenizer, subject: str) -> set[tuple[int, ...]]:
+def subject_forms(tokenizer, subject: str, marks: bool = True) -> set[tuple[int, ...]]:
     """The token sequences the subject takes in a prompt: tokenized alone (a prompt's start; SentencePiece's form
-    inside a sentence too), after a space (a byte-level BPE's form inside a sentence) and right after a mark such as
-    "(" or a quote (SentencePiece spells it there without its word-start marker: the tokens after the mark's own)."""
-    forms = set()
+    inside a sentence too) and after a space (a byte-level BPE's form inside a sentence). `marks`: also right after
+    a mark such as "(" or a quote, where SentencePiece spells the subject without its word-start marker; that form
+    keeps the mark's last token in front, so it does not match the subject's pieces inside another word. A form
+    after a mark that one of the others already is (a byte-level BPE's) is not added."""
+    plain = set()
     for text in (subject, " " + subject):
         ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
         if ids:
-            forms.add(ids)
-    for mark in _MARKS:
+            plain.add(ids)
+    forms = set(plain)
+    for mark in _MARKS if marks else ():
         head = tokenizer(mark, add_special_tokens=False)["input_ids"]
         ids = tokenizer(mark + subject, add_special_tokens=False)["input_ids"]
-        if ids[: len(head)] == head and len(ids) > len(head):  # else the mark merged into the subject: no form
-            forms.add(tuple(ids[len(head) :]))
+        rest = tuple(ids[len(head) :])
+        if head and ids[: len(head)] == head and rest and rest not in plain:  # else merged, or spelled as before
+            forms.add((head[-1], *rest))
     return forms
 
 

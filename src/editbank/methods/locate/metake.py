@@ -59,8 +59,9 @@ class MetaKE(AlphaEdit):
             eye = torch.eye(n, device=parts[0][0].device)
             carry, total, offset, behind = eye, 0.0, None, None
             for keys, proj, prev, l2, layer, share, pulled in parts:
-                g_q, r_q = metake_transfer(keys, proj, prev, l2, queries_of(layer), with_response=True)
-                g_k, r_k = metake_transfer(keys, proj, prev, l2, with_response=True)
+                pull = pulled is not None
+                g_q, r_q = _split(metake_transfer(keys, proj, prev, l2, queries_of(layer), with_response=pull))
+                g_k, r_k = _split(metake_transfer(keys, proj, prev, l2, with_response=pull))
                 total = total + carry @ g_q * share
                 carry = carry @ (eye - g_k * share)
                 if behind is not None:
@@ -80,6 +81,13 @@ class MetaKE(AlphaEdit):
                                   self.hparams, transfer=transfer, max_norm_factor=self.hparams.max_plan_factor)
         keys_at = {layer: part[0] for layer, part in zip(chosen, parts)}
         plan, offset = chain(keys_at.__getitem__)  # [n, n] (+ [hidden, n]): what the write realises at the keys
-        predicted = plan.T @ target.delta + (0.0 if offset is None else offset.T)
+        predicted = plan.T @ target.delta
+        if offset is not None:
+            predicted = predicted + offset.T
         # the planned residual's realisation as the proxy predicts it, [n, hidden] (`proxy_ratio` in the stats)
         return target, {"gate": [float(g) for g in plan.diagonal()], "_predicted": predicted}
+
+
+def _split(transfer) -> tuple:
+    """`metake_transfer`'s result as (G, response or None)."""
+    return transfer if isinstance(transfer, tuple) else (transfer, None)
