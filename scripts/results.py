@@ -101,8 +101,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(m for m in ORDER if m in METHODS), help="dev world and suite runs")
     ap.add_argument("--edits", default="1,10,100,1000", help="capped at each world's editable facts")
-    ap.add_argument("--undo-methods", default="sola,grace,wise,repair",
-                    help="dev world run: methods whose rollback is measured (the others replay every later edit)")
+    ap.add_argument("--undo-methods", default="sola,grace,wise",
+                    help="dev world run: methods whose rollback is measured (the others replay every later edit; "
+                         "REPAIR's replay retrains every later call: hours at T = 350 on a CPU)")
     ap.add_argument("--dataset-methods", default="sola,grace,ft,rome,memit,alphaedit,metake",
                     help="CounterFact and ZsRE runs at --dataset-edits")
     ap.add_argument("--dataset-edits", default="1,10,100,1000")
@@ -117,7 +118,8 @@ def main() -> None:
                     "sola-keys-last-suite,sola-keys-gate-counterfact,sola-keys-gate-zsre,norm-off-world,norm-on-world,"
                     "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm-off-counterfact,norm-on-counterfact,"
                     "norm1-off-suite,norm1-on-suite,norm1-scaled-suite,norm-memit-off-world,norm-memit-on-world,norm-memit-off-suite,"
-                    "norm-memit-on-suite,normp-off-world,normp-on-world,normp-off-suite,normp-on-suite",
+                    "norm-memit-on-suite,normp-off-world,normp-on-world,normp-off-suite,normp-on-suite,norm-pull-world,"
+                    "norm-pull-suite,norm-pull-zsre,norm-pull-counterfact",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--report", action="store_true",
@@ -162,6 +164,12 @@ def main() -> None:
            for k, hp in NORM.items() for data in ("world", "suite")},
         **{f"norm-memit-{k}-{data}": BenchConfig(methods=methods, data=data, edits=[100, 1000], hparams=hp)
            for k, (hp, methods) in NORM_MEMIT.items() for data in ("world", "suite")},
+        # MetaKE whose plan sees norm control's pull (plan_pull, default since it was added; the norm-on runs above
+        # were made before it), the dev world's value
+        **{f"norm-pull-{name}": BenchConfig(methods=["metake"], data=data, edits=[100, 1000],
+                                            hparams={"metake": {"norm_control": 0.03}})
+           for name, data in (("world", "world"), ("suite", "suite"), ("zsre", f"zsre:{args.zsre}"),
+                              ("counterfact", f"counterfact:{args.counterfact}"))},
         # ... and one edit per call (the norm-aware papers' sequential protocol)
         **{f"norm1-{k}-suite": BenchConfig(methods=["alphaedit", "metake"], data="suite", edits=[100, 1000], batch=1,
                                            hparams=hp) for k, hp in NORM1.items()},
@@ -190,13 +198,19 @@ TUNING = ("**What was tuned where.** The default world is the dev world: every d
           "rephrase or probe. **WISE and REPAIR route by key** in every row here (`route_by: key` on layer 0's input "
           "with a cosine gate of 0.9): that router is ours, not the papers' (they route by the activation score). "
           "**A world is a build, not only a spec.** The same spec, seed, torch version and one build thread train "
-          "other weights on another CPU instruction set: the dev world rebuilt on an AVX2 machine (2026-12-04) gave "
-          "SoLA rel/gen/loc 1.000/0.607/1.000 at T = 100 and GRACE 1.000/0.353/1.000, against 1.000/0.720/0.977 "
-          "and 1.000/0.420/1.000 below. Differences between builds are as large as many differences between "
-          "methods; compare figures only within one build (the environment lines name the weights' digest where "
-          "the run recorded it). **SoLA's rows** in the suite, ZsRE, CounterFact and dev sections were measured with "
-          "its defaults of 2026-12-03 (`key=\"last\"`, `whitening=\"pca\"`, alpha_quantile 1e-4, no subject gate); its "
-          "current defaults are in their own section, beside the previous ones on one build.")
+          "other weights on another CPU instruction set: SoLA with its defaults of 2026-12-03 (`key=\"last\"`, "
+          "`whitening=\"pca\"`, no subject gate) scored rel/gen/loc 1.000/0.720/0.977 at T = 100 on the first build of "
+          "the dev world, 1.000/0.607/1.000 on an AVX2 rebuild (2026-12-04) and 1.000/0.777/0.967 on this machine's "
+          "AVX512 build (the SoLA routing section); GRACE 1.000/0.420/1.000, 1.000/0.353/1.000 and 0.990/0.357/1.000. "
+          "Differences between builds are as large as many differences between methods; compare figures only within "
+          "one build (the environment lines name the weights' digest where the run recorded it). **The suite and dev "
+          "sections** were rerun on 2026-12-05 with the code and defaults of that day, on the AVX512 builds every "
+          "other section of that week used (SoLA with its subject gate, WISE/REPAIR with `avoid_last_layer`). **The "
+          "ZsRE and CounterFact sections** are older: another build of each world, SoLA's defaults of 2026-12-03 and "
+          "WISE's preset before mask_ratio 0.5 (chosen on the dev world on 2026-12-05, docs/methods/wise_repair.md); "
+          "SoLA's current defaults on this machine's builds of them are in the SoLA routing section. The dev "
+          "section's rollback column leaves REPAIR out: its undo replays every later call with retraining, hours at "
+          "T = 350 on a CPU.")
 
 
 def paired_section(out: Path, prefix: str, variants: dict[str, str], title: str, intro: str, dev_note: str
@@ -248,17 +262,21 @@ def sola_keys_section(out: Path) -> list[str]:
 def norm_section(out: Path) -> list[str]:
     """AlphaEdit and MetaKE with and without norm control, dev world and suite, on one build; then the ZsRE world
     and the suite one edit per call, where run."""
+    variants = {"off": "without norm control", "on": "with norm control",
+                "pull": "with norm control, MetaKE's plan seeing the pull (plan_pull)"}
     lines = paired_section(
-        out, "norm", {"off": "without norm control", "on": "with norm control"},
+        out, "norm", variants,
         "Norm control for sequential locate writes (issue 25)",
         "AlphaEdit and MetaKE in sequential batches of 100, without norm control and with it (`norm_control` "
         "0.01 for AlphaEdit and 0.03 for MetaKE: each write also minimises mu ||W + dW - W0||^2, mu = "
         "norm_control x tr(C); the values were chosen on the dev world, docs/methods/locate.md has the sweep), on "
         "this machine's builds of the worlds in one session (compare within this section). The largest T is "
-        "every editable fact of each world.",
+        "every editable fact of each world. The \"with norm control\" runs were made before MetaKE's plan saw the pull "
+        "towards W0 that norm control adds to the write (`plan_pull`, now MetaKE's default): their MetaKE rows are "
+        "`plan_pull=False`; the \"plan_pull\" runs are MetaKE alone with the same value and the pull in its plan.",
         "The dev world (the values chosen here).")
     for data, name in (("zsre", "ZsRE"), ("counterfact", "CounterFact")):
-        for k, label in {"off": "without norm control", "on": "with norm control"}.items():
+        for k, label in variants.items():
             if (out / f"norm-{k}-{data}" / "summary.json").exists():
                 lines += section(f"{name} world, {label}", out / f"norm-{k}-{data}", "Batches of 100; the largest T "
                                  "is 1000 or every record left after the calibration hold-out.", level="###")
