@@ -34,7 +34,7 @@ from . import easyedit as ee
 from .base import EditItem, Route, pick_layer, register
 from .fit import fit
 from .routed import Routed
-from .subject_gate import SubjectGate, names
+from .subject_gate import SubjectGate
 
 
 @dataclass
@@ -148,13 +148,6 @@ class Grace(Routed):
             allowed = self.allowed([r[a : q + 1] for r, a, q in zip(ids.tolist(), first, qidx.tolist())])
         dmin, j = self.nearest(x[torch.arange(b, device=x.device), qidx], allowed)  # superseded entries do not route
         return dmin <= self.eps[j], self.values[j], self.span[j], offsets
-
-    def _gate_subject(self, req) -> str | None:
-        """The subject the request's entry is gated by: its subject if the gate is on and the prompt's own tokens
-        contain the subject's (a tokenizer may spell it otherwise inside this prompt), else None (not gated)."""
-        if self.hparams.gate != "subject" or req.subject is None:
-            return None
-        return req.subject if names(prompt_ids(self.tokenizer, req.prompt), self.subject_forms(req.subject)) else None
 
     def _ids_hook(self, module, inputs, output) -> None:
         self.thread.ids = inputs[0]
@@ -302,9 +295,8 @@ class Grace(Routed):
             key, out, batch = work.key, None, None
         log: dict[str, Any] = {"created": False, "modified": [], "near": None}
         stats: dict[str, Any] = {}
-        gated = self._gate_subject(req) is not None
-        if req.subject is not None and self.hparams.gate == "subject" and not gated:
-            stats["gate"] = "off: the prompt's tokens do not contain the subject's"
+        # the subject this edit's entry is gated by (None: not gated)
+        subject = self.spelled_subject(req, stats) if self.hparams.gate == "subject" else None
         if len(self.keys):
             # the entries this prompt can route to (the gate), and the distance the hook compares with the radius
             allowed = self.allowed([prompt_ids(self.tokenizer, req.prompt)]) if self.gated else None
@@ -315,7 +307,7 @@ class Grace(Routed):
                 log["near"] = int(self.owner[j])
         else:
             dist, j = float("inf"), -1
-        eps0 = self.hparams.eps_init * (self.hparams.gate_radius if gated else 1.0)
+        eps0 = self.hparams.eps_init * (self.hparams.gate_radius if subject is not None else 1.0)
 
         def set_radius(radius: float) -> None:  # entry j's radius changes: logged for undo
             log["modified"].append([int(self.owner[j]), float(self.eps[j]), int(self.last_touch[j])])
@@ -326,7 +318,7 @@ class Grace(Routed):
             # newer supersedes older: the old entry stops routing (radius -1) until this edit is undone
             stats.update(action="supersede", supersedes=[int(self.owner[j])])
             set_radius(-1.0)
-            return self._add_entry(item, key, out, batch, eps0, log, stats, work.trained)
+            return self._add_entry(item, key, out, batch, eps0, log, stats, work.trained, subject)
         near = j >= 0 and dist <= float(self.eps[j]) + eps0
         if near and self.labels[j] == req.target and self._spells(j, dist, req, batch, work, stats):
             set_radius(max(float(self.eps[j]), dist))
@@ -336,7 +328,8 @@ class Grace(Routed):
             if near:  # a conflicting label, or the same label that the entry's values cannot spell here
                 set_radius(min(float(self.eps[j]), dist / 2))
             stats["action"] = "split" if near else "new"
-            return self._add_entry(item, key, out, batch, dist / 2 if near else eps0, log, stats, work.trained)
+            return self._add_entry(item, key, out, batch, dist / 2 if near else eps0, log, stats, work.trained,
+                                   subject)
         self.undo_log[eid] = log
         return stats
 
@@ -371,7 +364,7 @@ class Grace(Routed):
         return bool((logits[0, q : q + t].argmax(-1) == batch.input_ids[0, q + 1 : q + 1 + t]).all())
 
     def _add_entry(self, item: EditItem, key, out, batch, eps: float, log: dict, stats: dict,
-                   trained: tuple | None) -> dict[str, Any]:
+                   trained: tuple | None, subject: str | None) -> dict[str, Any]:
         """Train the new entry's values (or take what `pretrain` trained) and append it to the codebook."""
         if trained is None and out is None:  # the key came from `pretrain`/`replay_work`, the values did not
             _, out, batch = self._key_and_output(item.request.prompt, item.request.target)
@@ -384,7 +377,7 @@ class Grace(Routed):
         self.owner = torch.cat([self.owner, torch.tensor([item.id])])
         self.last_touch = torch.cat([self.last_touch, torch.tensor([item.id])])
         self.labels.append(item.request.target)
-        self.subjects.append(self._gate_subject(item.request))
+        self.subjects.append(subject)
         self._gate_cache = None
         log["created"] = True
         self.undo_log[item.id] = log

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from ..tokens import prompt_ids
 from .base import Method
-from .subject_gate import subject_forms
+from .subject_gate import names, subject_forms
 
 
 class Routed(Method):
@@ -71,6 +72,18 @@ class Routed(Method):
             marks = getattr(self.hparams, "gate_marks", True)
             forms = self._subject_forms[subject] = subject_forms(self.tokenizer, subject, marks=marks)
         return forms
+
+    def spelled_subject(self, req, stats: dict[str, Any]) -> str | None:
+        """The request's subject if its prompt's own tokens contain the subject's (a tokenizer may spell it otherwise
+        inside this prompt, mid-word for example), else None; with the subject gate on, a subject the prompt does not
+        spell is said in `stats` (the edit is then not gated, rather than gated away from its own prompt)."""
+        if req.subject is None:
+            return None
+        if names(prompt_ids(self.tokenizer, req.prompt), self.subject_forms(req.subject)):
+            return req.subject
+        if getattr(self.hparams, "gate", "none") == "subject":
+            stats["gate"] = "off: the prompt's tokens do not contain the subject's"
+        return None
 
     def decide(self, key: str, length: int, compute: Callable[[], Any],
                advance: Callable[[Any], Any] | None = None) -> Any:

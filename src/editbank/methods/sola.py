@@ -77,7 +77,7 @@ from .key_index import require_faiss
 from .locate.keys import context_prefixes
 from .lora_bank import DISTANCES, LoraBank
 from .routed import Routed
-from .subject_gate import SubjectGate, names
+from .subject_gate import SubjectGate
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's schedule and fixed threshold
@@ -576,10 +576,9 @@ class Sola(Routed):
             self.superseded_by[eid] = item.id
         self.bank.add(item.id, key, A, B, active=True)
         self.facts[item.id] = req.key
-        if req.subject and names(prompt_ids(self.tokenizer, req.prompt), self.subject_forms(req.subject)):
-            self.subjects[item.id] = req.subject
-        elif req.subject and self.hparams.gate == "subject":  # a tokenizer that spells it otherwise in this prompt
-            stats["gate"] = "off: the prompt's tokens do not contain the subject's"
+        subject = self.spelled_subject(req, stats)
+        if subject is not None:
+            self.subjects[item.id] = subject
         self._gate_cache = None
         stats.update(loss=loss, steps=steps, action="supersede" if covered else "new")
         if covered:
