@@ -575,3 +575,50 @@ def test_the_gate_finds_a_subject_after_a_mark_with_a_sentencepiece_tokenizer():
     bpe = tiny_tokenizer()
     plain = {tuple(bpe(t, add_special_tokens=False)["input_ids"]) for t in ("Arvelia", " Arvelia")}
     assert subject_forms(bpe, "Arvelia") == plain
+
+
+def test_subject_sentence_cuts_what_comes_before_the_sentence_naming_the_subject():
+    from editbank.methods.subject_gate import subject_sentence
+    assert subject_sentence("Fog lay on the hills. The patron of Arvelia is", "Arvelia") == "The patron of Arvelia is"
+    assert subject_sentence("Is it late? No!\nArvelia's mayor is", "Arvelia") == "Arvelia's mayor is"
+    assert subject_sentence("Q: Name the capital of Arvelia. A:", "Arvelia") is None, "the subject's own sentence"
+    assert subject_sentence("What is the capital of Arvelia? It is", "Arvelia") is None
+    assert subject_sentence("Arvelia. Arvelia is", "Arvelia") == "Arvelia is", "the last mention"
+    assert subject_sentence("The patron of Arvelia is", "Ostrand") is None
+
+
+def test_a_sentence_before_the_subjects_does_not_move_a_gated_key(world_model, small_world, world_requests):
+    """key_span="sentence": a prompt whose subject comes after an unrelated sentence is queried by the key of its
+    subject's sentence, read alone, so the edited prompt behind any opening sentence routes to its edit at distance
+    zero and answers as edited, in a batch as alone; with key_span="prompt" the opening sentence moves the key."""
+    model, tok = world_model
+    kw = dict(corpus=small_world.fact_prompts(), paraphrases=small_world.calibration_paraphrases())
+    reqs = world_requests[:4]
+    opening = ["A cold wind came down from the hills.", "Nobody remembered the name of the ship.",
+               "The market closed early that day.", "It rained.\n"]
+    prefixed = [f"{o} {r.prompt}" for o, r in zip(opening, reqs)]
+    with Editor(model, tok, method="sola", **kw) as whole:
+        assert whole.method.hparams.key_span == "prompt", "the default"
+        for r in reqs:
+            whole.edit(r, check=False)
+        moved = [float(whole.method.bank.distances(whole.method.key_of(p)[None])[0].min()) for p in prefixed]
+        assert min(moved) > 1e-3, "the opening sentence moves a whole-prompt key"
+    others = [f"{o} {r.prompt}" for o, r in zip(opening, world_requests[6:10])
+              if not any(q.subject in r.prompt for q in reqs)]
+    with Editor(model, tok, method="sola", key_span="sentence", **kw) as ed:
+        base = [logits_of(ed, (p, r.target)) for p, r in zip(prefixed + others, reqs + world_requests[6:10])]
+        for r in reqs:
+            assert "key_from" not in ed.edit(r, check=False).stats, "nothing before the subject's sentence"
+        assert ed.method.routes(prefixed) == [1, 2, 3, 4]
+        assert others and ed.method.routes(others) == [None] * len(others), "other subjects stay on the base model"
+        together = ed.generate(prefixed + others, max_new_tokens=3)
+        assert together == [ed.generate(p, max_new_tokens=3) for p in prefixed + others]
+        now = [logits_of(ed, (p, r.target)) for p, r in zip(prefixed + others, reqs + world_requests[6:10])]
+        assert not any(torch.equal(a, b) for a, b in zip(now[:4], base[:4])), "each edit's LoRA acts there"
+        assert all(torch.equal(a, b) for a, b in zip(now[4:], base[4:]))
+        # an edit whose own prompt opens with a sentence is keyed on its subject's sentence
+        third = world_requests[12]
+        e = ed.edit(dataclasses.replace(third, prompt="The market closed early that day. " + third.prompt),
+                    check=False)
+        assert e.stats["key_from"] == third.prompt
+        assert ed.method.routes([third.prompt, "Nobody came. " + third.prompt]) == [e.id, e.id]

@@ -77,7 +77,7 @@ from .key_index import require_faiss
 from .locate.keys import context_prefixes
 from .lora_bank import DISTANCES, LoraBank
 from .routed import Routed
-from .subject_gate import SubjectGate
+from .subject_gate import SubjectGate, subject_sentence
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's schedule and fixed threshold
@@ -87,6 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 KEYS = ("last", "pooled", "last+pooled")
 WHITENINGS = ("pca", "paraphrase")
 GATES = ("none", "subject")
+SPANS = ("prompt", "sentence")
 
 
 @dataclass
@@ -123,6 +124,11 @@ class SolaHparams:
     # the gate also finds the subject right after a mark such as "(" or a quote (SentencePiece spells it otherwise
     # there); False: alone and after a space only (stores made before it)
     gate_marks: bool = True
+    # with the gate: "sentence" reads a gated edit's key, and a prompt's query against it, from the text cut to the
+    # sentence that names the subject (its last mention), so a sentence before it does not move the key; "prompt":
+    # the whole prompt. Edits without a subject, and prompts with nothing before that sentence, use the whole prompt.
+    # An option, measured in docs/methods/sola.md ("Keys from the subject's sentence"): not the default
+    key_span: str = "prompt"
     # gate_alpha (never below alpha) = this quantile of the distances between calibration texts of different facts of
     # one subject (`paraphrase_subjects`; a World supplies them), else of any two different facts; None: 1e-3 and
     # 3e-3 respectively (each the dev world's choice, docs/methods/sola.md)
@@ -183,6 +189,8 @@ class SolaHparams:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.gate_quantile is not None and not 0 < self.gate_quantile < 1:
             raise ValueError("gate_quantile must be in (0, 1)")
+        if self.key_span not in SPANS:
+            raise ValueError(f"key_span must be one of {SPANS}, got {self.key_span!r}")
 
 
 @register("sola")
@@ -304,16 +312,45 @@ class Sola(Routed):
             dist, found = bank.nearest(q, exclude=gate.gated)
             best = [d if d < self.alpha else float("inf") for d in dist.tolist()]
             slot = found.tolist()
-        pairs = [(r, s) for r, found in enumerate(gate.candidates(rows())) for s in found]
+        ids = rows()
+        pairs = [(r, s) for r, found in enumerate(gate.candidates(ids)) for s in found]
         if pairs:
             r_idx = torch.tensor([r for r, _ in pairs], device=q.device)
             s_idx = torch.tensor([s for _, s in pairs], device=bank.device)
-            d = bank.pair_distances(q.index_select(0, r_idx), s_idx)
+            d = bank.pair_distances(self._span_queries(q.index_select(0, r_idx), pairs, ids, gate), s_idx)
             for (r, s), v in zip(pairs, d.tolist()):
                 if v < self.gate_alpha and v < best[r]:
                     best[r], slot[r] = v, s
         hit = torch.tensor([b < float("inf") for b in best], device=q.device)
         return hit, torch.tensor(slot, dtype=torch.long, device=q.device)
+
+    def _span_queries(self, qp: torch.Tensor, pairs: list[tuple[int, int]], ids: list[list[int]],
+                      gate: SubjectGate) -> torch.Tensor:
+        """The queries of (row, gated slot) pairs: with key_span="sentence", a row whose text has a sentence before
+        the one naming the slot's subject is queried by the key of the text from that sentence on (read alone, as
+        the edit's own key was), else by its whole-prompt query `qp[j]`."""
+        if self.hparams.key_span != "sentence":
+            return qp
+        texts: dict[int, str] = {}
+        keys: dict[str, torch.Tensor] = {}
+        out = None
+        for j, (r, s) in enumerate(pairs):
+            if r not in texts:
+                texts[r] = self.tokenizer.decode(ids[r], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            tail = subject_sentence(texts[r], gate.subjects[s])
+            if tail is None:
+                continue
+            if tail not in keys:
+                keys[tail] = self.key_of(tail).to(qp.device, qp.dtype)  # alone: the same numbers in any batch
+            out = qp.clone() if out is None else out
+            out[j] = keys[tail]
+        return qp if out is None else out
+
+    def _span(self, text: str, subject: str | None) -> str:
+        """The text a gated key is read from (`key_span`): the text from the sentence naming the subject on, or all."""
+        if subject is None or self.hparams.key_span != "sentence" or self.hparams.gate != "subject":
+            return text
+        return subject_sentence(text, subject) or text
 
     def _gate(self) -> SubjectGate | None:
         """The subject gate for the bank as it is, or None when no held edit is gated."""
@@ -323,7 +360,8 @@ class Sola(Routed):
             forms = {slots[e]: self.subject_forms(s) for e, s in self.subjects.items() if e in slots}
             gate = None
             if self.hparams.gate == "subject" and forms and self.gate_alpha is not None:
-                gate = SubjectGate(forms, self.bank.high, self.bank.device, ungated=len(slots) - len(forms))
+                gate = SubjectGate(forms, self.bank.high, self.bank.device, ungated=len(slots) - len(forms),
+                                   subjects={slots[e]: s for e, s in self.subjects.items() if e in slots})
             cache = self._gate_cache = (gate,)
         return cache[0]
 
@@ -374,7 +412,7 @@ class Sola(Routed):
         named = self._paraphrase_groups() if paraphrase else None
         groups = None if named is None else [g for _, g in named]
         if groups is not None:  # the paraphrase whitening, and alpha between the groups' texts (different facts)
-            keys, group = self._prompt_keys([p for g in groups for p in g]), torch.tensor(
+            keys, group = self._prompt_keys([self._span(p, s) for s, g in named for p in g]), torch.tensor(
                 [i for i, g in enumerate(groups) for _ in g], device=self.bank.device)
             self.bank.set_transform(*_paraphrase_whitening(keys, group, hp.key_dims, hp.shrinkage))
         else:
@@ -548,8 +586,12 @@ class Sola(Routed):
 
     def _apply_one(self, item: EditItem) -> dict[str, Any]:
         req = item.request
-        key = self.key_of(req.prompt)
         stats: dict[str, Any] = {"alpha": self.alpha}
+        subject = self.spelled_subject(req, stats)
+        span = self._span(req.prompt, subject)
+        key = self.key_of(span)
+        if span != req.prompt:
+            stats["key_from"] = span
         covered: list[int] = []
         if len(self.bank):
             d = self.bank.distances(key[None])[0]
@@ -576,7 +618,6 @@ class Sola(Routed):
             self.superseded_by[eid] = item.id
         self.bank.add(item.id, key, A, B, active=True)
         self.facts[item.id] = req.key
-        subject = self.spelled_subject(req, stats)
         if subject is not None:
             self.subjects[item.id] = subject
         self._gate_cache = None

@@ -113,6 +113,10 @@ def _gate(method, active: list[int]) -> dict[str, Any] | None:
         "rule": "a gated edit's key is a candidate only for prompts whose token ids (with the tokenizer's special "
                 "tokens) contain one of its subject's sequences; its threshold is gate alpha instead of alpha",
         "alpha": method.gate_alpha,
+        "key_span": method.hparams.key_span,
+        "span_rule": "with key_span 'sentence', a gated key is read from the prompt's text cut to the sentence that "
+                     "names the subject (after the last '. ', '? ', '! ' or new line before its last mention), alone, "
+                     "when something comes before that sentence; the prompt's query against that key likewise",
         "subjects": {str(e): s for e, s in subjects.items()},
         "forms": {str(e): sorted(list(f) for f in method.subject_forms(s)) for e, s in subjects.items()},
     }

@@ -41,6 +41,22 @@ def subject_forms(tokenizer, subject: str, marks: bool = True) -> set[tuple[int,
     return forms
 
 
+# what ends a sentence in a prompt's text: a key read with `key_span="sentence"` starts after the last of these
+# before the subject's last mention
+SENTENCE_ENDS = (". ", "? ", "! ", "\n")
+
+
+def subject_sentence(text: str, subject: str) -> str | None:
+    """The text from the start of the sentence that names the subject (its last mention) on, or None when that is
+    the whole text (nothing before that sentence) or the text does not contain the subject."""
+    at = text.rfind(subject)
+    if at <= 0:
+        return None
+    start = max(text.rfind(e, 0, at) + len(e) if text.rfind(e, 0, at) >= 0 else 0 for e in SENTENCE_ENDS)
+    rest = text[start:].lstrip()
+    return rest if start > 0 and rest else None
+
+
 def names(ids: list[int], forms: set[tuple[int, ...]]) -> bool:
     """Do the token ids contain one of the forms?"""
     return any(tuple(ids[i : i + len(f)]) == f for f in forms for i in range(len(ids) - len(f) + 1))
@@ -51,7 +67,9 @@ class SubjectGate:
     (slot, forms) pairs; immutable (rebuild it when the bank changes). Slots not in it are ungated (`gated` False);
     `ungated` is how many of the used ones are: none, and the search for ungated edits is skipped."""
 
-    def __init__(self, slot_forms: dict[int, set[tuple[int, ...]]], high: int, device, ungated: int) -> None:
+    def __init__(self, slot_forms: dict[int, set[tuple[int, ...]]], high: int, device, ungated: int,
+                 subjects: dict[int, str] | None = None) -> None:
+        self.subjects = subjects or {}  # slot -> the subject's text (SoLA's sentence keys)
         self.index: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for slot, forms in slot_forms.items():
             for f in forms:
