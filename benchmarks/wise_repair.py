@@ -37,20 +37,21 @@ from editbank.tokens import make_batch
 
 # the built-in worlds' settings (`Wise.world_preset` and `Repair.world_preset`, where they are explained): Adam
 # at lr 0.03, three corpus prefixes, key routing with a cosine gate of 0.9 on layer 0's key, one joint batch of 8
-# per shard, two shards per merge; REPAIR with WISE's margins, distillation weight 0.1, "spread" batching of calls
-# of 32 and merge_fit.
+# per shard, two shards per merge, merge_fit; REPAIR with WISE's margins, distillation weight 0.1 and "spread"
+# batching of calls of 32.
 # "(paper routing)" rows keep the paper's top-1 by score; "(paper)" rows also the papers' optimiser (SGD at the
-# class's learning rate); "repair (similar batching)" is the paper's grouping; "repair (consensus merge)" its merge.
+# class's learning rate, and no merge_fit); "repair (similar batching)" is the paper's grouping; "repair (consensus merge)" its merge.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
 WISE_HP, REPAIR_HP = get_method("wise").world_preset, get_method("repair").world_preset
 PAPER = {**PAPER_ROUTING, "optimizer": "sgd"}
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wise": ("wise", WISE_HP),
     "repair": ("repair", REPAIR_HP),
-    "wise +merge fit": ("wise", {**WISE_HP, "merge_fit": True}),
+    "wise -merge fit": ("wise", {**WISE_HP, "merge_fit": False}),
     "wise (paper routing)": ("wise", {**WISE_HP, **PAPER_ROUTING}),
     "repair (paper routing)": ("repair", {**REPAIR_HP, **PAPER_ROUTING}),
-    "wise (paper)": ("wise", {**WISE_HP, **PAPER, "edit_lr": get_method("wise").Hparams.edit_lr}),
+    "wise (paper)": ("wise", {**WISE_HP, **PAPER, "edit_lr": get_method("wise").Hparams.edit_lr,
+                              "merge_fit": False}),
     "repair (paper)": ("repair", {**REPAIR_HP, **PAPER, "edit_lr": get_method("repair").Hparams.edit_lr,
                                   "merge_fit": False}),
     "repair -feedback": ("repair", {**REPAIR_HP, "error_feedback": False}),

@@ -119,7 +119,10 @@ def main() -> None:
                     "norm-off-suite,norm-on-suite,norm-off-zsre,norm-on-zsre,norm-off-counterfact,norm-on-counterfact,"
                     "norm1-off-suite,norm1-on-suite,norm1-scaled-suite,norm-memit-off-world,norm-memit-on-world,norm-memit-off-suite,"
                     "norm-memit-on-suite,normp-off-world,normp-on-world,normp-off-suite,normp-on-suite,norm-pull-world,"
-                    "norm-pull-suite,norm-pull-zsre,norm-pull-counterfact",
+                    "norm-pull-suite,norm-pull-zsre,norm-pull-counterfact,norm1-off-zsre,norm1-scaled-zsre,"
+                    "norm1-off-counterfact,norm1-scaled-counterfact,norm-memit-off-zsre,norm-memit-on-zsre,"
+                    "norm-memit-off-counterfact,norm-memit-on-counterfact,normp-off-zsre,normp-on-zsre,"
+                    "normp-off-counterfact,normp-on-counterfact,zsre-wise-preset,counterfact-wise-preset",
                     help="which runs to (re)do; the others' sections are kept from their run directories")
     ap.add_argument("--shard", default=None, help="I/N: only this share of the chosen runs' cells (no RESULTS.md)")
     ap.add_argument("--report", action="store_true",
@@ -131,18 +134,24 @@ def main() -> None:
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     out = Path(args.out)
     names = lambda text: text.split(",")  # noqa: E731
+    datasets = {"zsre": f"zsre:{args.zsre}", "counterfact": f"counterfact:{args.counterfact}"}
+    slow_hp = {"wise": {"merge_fit": False}} if "wise" in names(args.slow_methods) else {}
     runs = {
         "world": BenchConfig(methods=names(args.methods), data="world", edits=ints(args.edits), undo_fraction=0.1,
                              undo_methods=names(args.undo_methods), eval_every=50),
         "suite": BenchConfig(methods=names(args.methods), data="suite", edits=ints(args.edits)),
         "counterfact": BenchConfig(methods=names(args.dataset_methods), data=f"counterfact:{args.counterfact}",
                                    edits=ints(args.dataset_edits)),
+        # WISE here without merge_fit (run before the dev world chose it for WISE's preset): `slow_hp`
         "counterfact-wise": BenchConfig(methods=names(args.slow_methods), data=f"counterfact:{args.counterfact}",
-                                        edits=ints(args.slow_edits)),
+                                        edits=ints(args.slow_edits), hparams=slow_hp),
         "zsre": BenchConfig(methods=names(args.dataset_methods), data=f"zsre:{args.zsre}",
                             edits=ints(args.dataset_edits)),
         "zsre-wise": BenchConfig(methods=names(args.slow_methods), data=f"zsre:{args.zsre}",
-                                 edits=ints(args.slow_edits)),
+                                 edits=ints(args.slow_edits), hparams=slow_hp),
+        # ... and WISE with its preset (merge_fit on)
+        **{f"{name}-wise-preset": BenchConfig(methods=["wise"], data=data, edits=ints(args.slow_edits))
+           for name, data in datasets.items()},
         # SoLA's keys (issue 21): the current defaults and the previous ones, dev world and suite, one build
         **{f"sola-keys-{keys}-{data}": BenchConfig(methods=["sola"], data=data, edits=ints(args.edits),
                                                    hparams={"sola": hp})
@@ -173,6 +182,16 @@ def main() -> None:
         # ... and one edit per call (the norm-aware papers' sequential protocol)
         **{f"norm1-{k}-suite": BenchConfig(methods=["alphaedit", "metake"], data="suite", edits=[100, 1000], batch=1,
                                            hparams=hp) for k, hp in NORM1.items()},
+        # the same comparisons on the dataset worlds: one edit per call (off and the per-key values), MEMIT/ROME,
+        # prob_preference
+        **{f"norm1-{k}-{name}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], batch=1,
+                                            hparams=NORM1[k])
+           for k in ("off", "scaled") for name, data in datasets.items()},
+        **{f"norm-memit-{k}-{name}": BenchConfig(methods=methods, data=data, edits=[100, 1000], hparams=hp)
+           for k, (hp, methods) in NORM_MEMIT.items() for name, data in datasets.items()},
+        **{f"normp-{k}-{name}": BenchConfig(methods=["alphaedit", "metake"], data=data, edits=[100, 1000], hparams=hp,
+                                            protocol="prob_preference")
+           for k, hp in NORM.items() for name, data in datasets.items()},
     }
     chosen = [x for x in args.runs.split(",") if x]  # --runs "": only rewrite RESULTS.md
     unknown = sorted(set(chosen) - set(runs))
@@ -189,9 +208,10 @@ def main() -> None:
 
 
 TUNING = ("**What was tuned where.** The default world is the dev world: every default and every world preset "
-          "(each method class's `world_preset`: WISE's and REPAIR's optimiser, prefixes, key router and shard "
-          "sizes; SoLA's alpha quantile and whitening; the locate methods' layers and steps) was chosen on it, and on "
-          "nothing else. The held-out test worlds and the dataset worlds were built after those choices and run with "
+          "(each method class's `world_preset`: WISE's and REPAIR's optimiser, prefixes, key router, shard "
+          "sizes, mask ratio and merge refit; SoLA's alpha quantile and whitening; the locate methods' layers and "
+          "steps) was chosen on it, and on nothing else. The held-out test worlds and the dataset worlds were built "
+          "after those choices and run with "
           "the same code and presets, untouched. No method sees an evaluation prompt: a world's calibration subjects "
           "(20%) feed the corpus and the key statistics and are never edited or probed; a dataset run holds 10% of the "
           "records out for its corpus (`editbank.leaks`), and `editbank bench` refuses a run whose corpus holds a "
@@ -205,10 +225,11 @@ TUNING = ("**What was tuned where.** The default world is the dev world: every d
           "Differences between builds are as large as many differences between methods; compare figures only within "
           "one build (the environment lines name the weights' digest where the run recorded it). **The suite and dev "
           "sections** were rerun on 2026-12-05 with the code and defaults of that day, on the AVX512 builds every "
-          "other section of that week used (SoLA with its subject gate, WISE/REPAIR with `avoid_last_layer`). **The "
-          "ZsRE and CounterFact sections** are older: another build of each world, SoLA's defaults of 2026-12-03 and "
-          "WISE's preset before mask_ratio 0.5 (chosen on the dev world on 2026-12-05, docs/methods/wise_repair.md); "
-          "SoLA's current defaults on this machine's builds of them are in the SoLA routing section. The dev "
+          "other section of that week used (SoLA with its subject gate, WISE/REPAIR with `avoid_last_layer`; WISE's "
+          "cells once more after the dev world chose merge_fit for its preset). **The ZsRE and CounterFact main "
+          "sections** are older: another build of each world, SoLA's defaults of 2026-12-03 and WISE's preset "
+          "before mask_ratio 0.5; their WISE/REPAIR sections and every section after the dev world's are this "
+          "machine's builds (SoLA's current defaults on them: the SoLA routing section). The dev "
           "section's rollback column leaves REPAIR out: its undo replays every later call with retraining, hours at "
           "T = 350 on a CPU.")
 
@@ -294,11 +315,24 @@ def norm_section(out: Path) -> list[str]:
         summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
         lines += [f"#### {one[k][0].upper()}{one[k][1:]}", "", f"Run directory: `{run.relative_to(ROOT)}`.", ""]
         lines += mean_table(summary["table"], len(summary["parts"])) + [""]
+    return lines + dataset_sections(out, "norm1", {k: one[k] for k in ("off", "scaled")}, "one edit per call, ")
+
+
+def dataset_sections(out: Path, prefix: str, variants: dict[str, str], what: str = "") -> list[str]:
+    """The ZsRE and CounterFact runs `<prefix>-<variant>-{zsre,counterfact}` that exist, one section each."""
+    lines = []
+    for data, name in (("zsre", "ZsRE"), ("counterfact", "CounterFact")):
+        for k, label in variants.items():
+            run = out / f"{prefix}-{k}-{data}"
+            if (run / "summary.json").exists():
+                lines += section(f"{name} world, {what}{label}", run, "The largest T is 1000 or every record left "
+                                 "after the calibration hold-out.", level="###")
     return lines
 
 
 def norm_prob_section(out: Path) -> list[str]:
     """The norm-control runs again, scored by prob_preference (CounterFact's measure)."""
+    variants = {"off": "without norm control, prob_preference", "on": "with norm control, prob_preference"}
     return paired_section(
         out, "normp", {"off": "without norm control, prob_preference", "on": "with norm control, prob_preference"},
         "Norm control under prob_preference (issue 25)",
@@ -306,18 +340,19 @@ def norm_prob_section(out: Path) -> list[str]:
         "by `prob_preference` instead of greedy exact match: an edit counts when the new target's mean token "
         "log-probability beats the true object's on the prompt (reliability) and each rephrase (generalization); a "
         "probe keeps its own answer more likely than the edit's target (locality).",
-        "The dev world.")
+        "The dev world.") + dataset_sections(out, "normp", variants)
 
 
 def norm_memit_section(out: Path) -> list[str]:
     """MEMIT with and without norm control, ROME beside it, dev world and suite, on one build."""
+    variants = {"off": "without norm control (MEMIT and ROME)", "on": "MEMIT with norm control"}
     return paired_section(
-        out, "norm-memit", {"off": "without norm control (MEMIT and ROME)", "on": "MEMIT with norm control"},
+        out, "norm-memit", variants,
         "Norm control for MEMIT, and ROME (issue 25)",
         "MEMIT in sequential batches of 100 without norm control and with it (`norm_control` 0.03, chosen on the dev "
         "world: docs/methods/locate.md has the sweep), and ROME (calls of 100, each request written alone; no norm "
         "control: its rank-one closed form has none here), on this machine's builds of the worlds in one session.",
-        "The dev world (the value chosen here).")
+        "The dev world (the value chosen here).") + dataset_sections(out, "norm-memit", variants)
 
 
 def write_results(out: Path) -> None:
@@ -341,11 +376,14 @@ def write_results(out: Path) -> None:
                  "edited with the records' `alt`. 100 records are held out of the run as its calibration slice. Its "
                  "world (2,990 training pairs) trained all 6,000 steps to a train exact match of 100% in 75 min at "
                  "one thread. T = 898 is every record left after the slice; the table was run as two shards "
-                 "(`--shard 0/2`, `1/2`) and merged (`--report`). WISE and REPAIR on it (the next section) have not "
-                 "run yet.")
-    slow = ("WISE and REPAIR at T up to 100, in their own run directory. On the CounterFact world (256 wide) REPAIR "
-            "with merge_fit took 1,372 s for one call of 32 edits (43 s per edit) on a shared core, and the run was "
-            "stopped after T = 10 in the session that produced it; WISE took 3.5 s per edit.")
+                 "(`--shard 0/2`, `1/2`) and merged (`--report`). WISE and REPAIR: the next sections.")
+    slow = ("WISE and REPAIR at T up to 100, in their own run directory, on this machine's build of the world (the "
+            "section above is another build: compare WISE and REPAIR with each other here), 2026-12-05. **WISE without "
+            "merge_fit** here (`wise.merge_fit=false`: its preset before the dev world chose merge_fit for it the same "
+            "day; the next table is WISE with its preset); REPAIR with its preset (merge_fit on). T = 1000 was not run "
+            "(REPAIR's merges refit the memory: hours on a CPU).")
+    slow_preset = ("WISE with its world preset (merge_fit on, the dev world's choice), on the same build as the "
+                   "previous table.")
     lines = ["# Results", "",
              "Regenerate with `python scripts/results.py` (resumable; docs/bench.md explains the run directories; "
              "`--shard I/N` spreads the cells over machines). Every number comes from the run directories under "
@@ -355,15 +393,13 @@ def write_results(out: Path) -> None:
         lines += suite_section(out / "suite", suite_note)
     else:
         lines += not_run("Held-out test worlds (the suite)", "suite", suite_note)
-    zsre_slow = (slow + " The ZsRE world of this section was rebuilt on another machine (2026-12-04, AVX2; the "
-                 "weights' digest is not recorded by that run) than the previous section's, so compare WISE and "
-                 "REPAIR with each other here, not with the rows above (a world is a build: see the note at the top). "
-                 "REPAIR ran the code before its shard-room fix, which does not change a call of the presets "
-                 "(batches of 8 into shards of 8).")
     for name, title, note in (("zsre", "ZsRE world (held out)", zsre_note),
-                              ("zsre-wise", "ZsRE world: WISE and REPAIR (held out)", zsre_slow),
+                              ("zsre-wise", "ZsRE world: WISE and REPAIR (held out)", slow),
+                              ("zsre-wise-preset", "ZsRE world: WISE with its preset (held out)", slow_preset),
                               ("counterfact", "CounterFact world (held out)", cf_note),
                               ("counterfact-wise", "CounterFact world: WISE and REPAIR (held out)", slow),
+                              ("counterfact-wise-preset", "CounterFact world: WISE with its preset (held out)",
+                               slow_preset),
                               ("world", "Default world (dev: the presets were chosen here)", world_note)):
         if (out / name / "summary.json").exists():  # a run done earlier keeps its section
             lines += section(title, out / name, note)

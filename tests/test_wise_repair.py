@@ -334,9 +334,9 @@ def test_merge_fit_refits_a_merge_that_loses_its_edits(small_world, world_reques
 def test_wise_offers_merge_fit(small_world, world_requests, tmp_path):
     """merge_fit is a property of merging: WISE refits a merge that loses its own edits too (REPAIR inherits it)."""
     reqs = world_requests[:8]
-    hp = {**Wise.world_preset, "save_freq": 4, "merge_freq": 8}
+    hp = {**Wise.world_preset, "save_freq": 4, "merge_freq": 8, "merge_fit": False}  # the preset refits
     off = open_editor(small_world, tmp_path, method="wise", name="off.db", **hp)
-    on = open_editor(small_world, tmp_path, method="wise", name="on.db", **hp, merge_fit=True)
+    on = open_editor(small_world, tmp_path, method="wise", name="on.db", **{**hp, "merge_fit": True})
     off.edit(reqs, check=False)
     on.edit(reqs, check=False)
     ids = [e for s in on.method.shards if s.group == 0 for e in s.members]

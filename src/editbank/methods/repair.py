@@ -120,7 +120,7 @@ class Repair(Wise):
     # different shards and refits a merge that loses its own edits (docs/methods/wise_repair.md: why, measured)
     # (mask_ratio stays 0.2 for REPAIR: WISE's choice of 0.5 was made for WISE alone; REPAIR's sweep is in the doc)
     world_preset = {**Wise.world_preset, "batch_size": 8, "act_margin": [5.0, 20.0, 10.0], "batching": "spread",
-                    "kd_weight": 0.1, "merge_fit": True, "mask_ratio": 0.2}
+                    "kd_weight": 0.1, "mask_ratio": 0.2}
     bench_batch = 32  # REPAIR forms its batches from a call's edits
     easyedit_names = ("wise", "repair")  # REPAIR reads WISE's files (WISE's rules)
     # stores made before progressive intervention and monitoring existed trained without them (their feedback

@@ -160,10 +160,10 @@ class Wise(Routed):
     # the paper's settings do not write into a 128-wide FFN: Adam at lr 0.03, three corpus prefixes, key routing
     # with a cosine gate of 0.9 on layer 0's key, one joint batch of 8 per shard, two shards per merge (chosen on the
     # default world; docs/methods/wise_repair.md has the measurements)
-    # mask_ratio 0.5: the dev world's choice of 2026-12-05 (T = 100 / 350 OP 0.838 / 0.841 at 0.2, 0.877 / 0.869 at
-    # 0.35, 0.904 / 0.873 at 0.5; docs/methods/wise_repair.md)
+    # mask_ratio 0.5 and merge_fit: the dev world's choices of 2026-12-05 (docs/methods/wise_repair.md)
     world_preset = {"n_prefixes": 3, "n_iter": 70, "optimizer": "adam", "edit_lr": 0.03, "route_by": "key",
-                    "key_threshold": 0.9, "key_layer": 0, "save_freq": 8, "merge_freq": 16, "mask_ratio": 0.5}
+                    "key_threshold": 0.9, "key_layer": 0, "save_freq": 8, "merge_freq": 16, "mask_ratio": 0.5,
+                    "merge_fit": True}
     bench_batch = 32  # WISE fills its shards with a call's edits in order: the same as calls of 8
     easyedit_rules = {
         "inner_params": ee.inner_params,
