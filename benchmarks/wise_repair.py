@@ -40,7 +40,8 @@ from editbank.tokens import make_batch
 # per shard, two shards per merge, merge_fit; REPAIR with WISE's margins, distillation weight 0.1 and "spread"
 # batching of calls of 32.
 # "(paper routing)" rows keep the paper's top-1 by score; "(paper)" rows also the papers' optimiser (SGD at the
-# class's learning rate, and no merge_fit); "repair (similar batching)" is the paper's grouping; "repair (consensus merge)" its merge.
+# class's learning rate, and no merge_fit); "repair (similar batching)" is the paper's grouping; "repair (consensus
+# merge)" its merge.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
 WISE_HP, REPAIR_HP = get_method("wise").world_preset, get_method("repair").world_preset
 PAPER = {**PAPER_ROUTING, "optimizer": "sgd"}

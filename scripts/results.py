@@ -334,7 +334,7 @@ def norm_prob_section(out: Path) -> list[str]:
     """The norm-control runs again, scored by prob_preference (CounterFact's measure)."""
     variants = {"off": "without norm control, prob_preference", "on": "with norm control, prob_preference"}
     return paired_section(
-        out, "normp", {"off": "without norm control, prob_preference", "on": "with norm control, prob_preference"},
+        out, "normp", variants,
         "Norm control under prob_preference (issue 25)",
         "The runs of the norm-control section again (AlphaEdit and MetaKE, batches of 100, the same values), scored "
         "by `prob_preference` instead of greedy exact match: an edit counts when the new target's mean token "

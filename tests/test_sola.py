@@ -603,17 +603,19 @@ def test_a_sentence_before_the_subjects_does_not_move_a_gated_key(world_model, s
             whole.edit(r, check=False)
         moved = [float(whole.method.bank.distances(whole.method.key_of(p)[None])[0].min()) for p in prefixed]
         assert min(moved) > 1e-3, "the opening sentence moves a whole-prompt key"
-    others = [f"{o} {r.prompt}" for o, r in zip(opening, world_requests[6:10])
-              if not any(q.subject in r.prompt for q in reqs)]
+    pairs = [(f"{o} {r.prompt}", r) for o, r in zip(opening, world_requests[6:10])
+             if not any(q.subject in r.prompt for q in reqs)]
+    others = [p for p, _ in pairs]
+    asked = list(zip(prefixed, [r.target for r in reqs])) + [(p, r.target) for p, r in pairs]
     with Editor(model, tok, method="sola", key_span="sentence", **kw) as ed:
-        base = [logits_of(ed, (p, r.target)) for p, r in zip(prefixed + others, reqs + world_requests[6:10])]
+        base = [logits_of(ed, a) for a in asked]
         for r in reqs:
             assert "key_from" not in ed.edit(r, check=False).stats, "nothing before the subject's sentence"
         assert ed.method.routes(prefixed) == [1, 2, 3, 4]
         assert others and ed.method.routes(others) == [None] * len(others), "other subjects stay on the base model"
         together = ed.generate(prefixed + others, max_new_tokens=3)
         assert together == [ed.generate(p, max_new_tokens=3) for p in prefixed + others]
-        now = [logits_of(ed, (p, r.target)) for p, r in zip(prefixed + others, reqs + world_requests[6:10])]
+        now = [logits_of(ed, a) for a in asked]
         assert not any(torch.equal(a, b) for a, b in zip(now[:4], base[:4])), "each edit's LoRA acts there"
         assert all(torch.equal(a, b) for a, b in zip(now[4:], base[4:]))
         # an edit whose own prompt opens with a sentence is keyed on its subject's sentence
@@ -622,3 +624,30 @@ def test_a_sentence_before_the_subjects_does_not_move_a_gated_key(world_model, s
                     check=False)
         assert e.stats["key_from"] == third.prompt
         assert ed.method.routes([third.prompt, "Nobody came. " + third.prompt]) == [e.id, e.id]
+
+
+def test_sentence_keys_supersede_as_they_route_and_survive_reopen(world_model, small_world, world_requests, tmp_path):
+    """With key_span="sentence" a re-edit of one fact supersedes the older edit whether that one was gated (keyed on
+    its subject's sentence) or not (keyed on the whole prompt): the covers check asks each slot what routing asks
+    it. The cut keys and the option persist; the option needs the gate."""
+    model, tok = world_model
+    kw = dict(corpus=small_world.fact_prompts(), paraphrases=small_world.calibration_paraphrases())
+    with pytest.raises(ValueError, match="gate"):
+        SolaHparams(key_span="sentence", gate="none").validate()
+    req = world_requests[3]
+    prompt = "The market closed early that day. Fog lay on the hills for a week. " + req.prompt  # beyond alpha
+    path = tmp_path / "s.db"
+    ed = Editor(model, tok, method="sola", key_span="sentence", store=path, **kw)
+    bare = ed.edit(dataclasses.replace(req, prompt=prompt, subject=None), check=False)
+    assert "key_from" not in bare.stats and ed.method.routes([prompt]) == [bare.id]
+    m = ed.method
+    assert float(m.bank.distances(m.key_of(req.prompt)[None])[0].min()) > m.alpha, "the cut key is beyond alpha"
+    gated = ed.edit(dataclasses.replace(other_target(small_world, req), prompt=prompt), check=False)
+    assert gated.stats["key_from"] == req.prompt and gated.stats.get("supersedes") == [bare.id]
+    assert ed.method.routes([prompt, "Nobody came. " + req.prompt]) == [gated.id, gated.id]
+    want = logits_of(ed, ("Nobody came. " + req.prompt, req.target))
+    ed.close()
+    with Editor(model, tok, store=path) as again:
+        assert again.method.hparams.key_span == "sentence"
+        assert again.method.routes([prompt, "Nobody came. " + req.prompt]) == [gated.id, gated.id]
+        assert torch.equal(logits_of(again, ("Nobody came. " + req.prompt, req.target)), want)

@@ -191,6 +191,8 @@ class SolaHparams:
             raise ValueError("gate_quantile must be in (0, 1)")
         if self.key_span not in SPANS:
             raise ValueError(f"key_span must be one of {SPANS}, got {self.key_span!r}")
+        if self.key_span == "sentence" and self.gate != "subject":
+            raise ValueError("key_span='sentence' cuts gated keys: it needs gate='subject'")
 
 
 @register("sola")
@@ -336,7 +338,7 @@ class Sola(Routed):
         out = None
         for j, (r, s) in enumerate(pairs):
             if r not in texts:
-                texts[r] = self.tokenizer.decode(ids[r], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                texts[r] = self._text(ids[r])
             tail = subject_sentence(texts[r], gate.subjects[s])
             if tail is None:
                 continue
@@ -345,6 +347,10 @@ class Sola(Routed):
             out = qp.clone() if out is None else out
             out[j] = keys[tail]
         return qp if out is None else out
+
+    def _text(self, ids: list[int]) -> str:
+        """A prompt's text as the routing cut reads it (decoded from its ids, special tokens left out)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _span(self, text: str, subject: str | None) -> str:
         """The text a gated key is read from (`key_span`): the text from the sentence naming the subject on, or all."""
@@ -588,25 +594,37 @@ class Sola(Routed):
         req = item.request
         stats: dict[str, Any] = {"alpha": self.alpha}
         subject = self.spelled_subject(req, stats)
-        span = self._span(req.prompt, subject)
-        key = self.key_of(span)
-        if span != req.prompt:
-            stats["key_from"] = span
+        ids = prompt_ids(self.tokenizer, req.prompt)
+        span = None
+        if subject is not None and self.hparams.key_span == "sentence" and self.hparams.gate == "subject":
+            # cut the decoded prompt, as a row's query is cut (`_span_queries`)
+            span = subject_sentence(self._text(ids), subject)
+            if span is not None:
+                stats["key_from"] = span
+        whole = self.key_of(req.prompt)
+        key = whole if span is None else self.key_of(span)
         covered: list[int] = []
         if len(self.bank):
-            d = self.bank.distances(key[None])[0]
+            d = self.bank.distances(whole[None])[0]  # what a row of this prompt is queried with: ungated slots
+            queries = {}
             stats["nearest_distance"] = float(d.min())
             owners = self.bank.owners()
             within = d < self.alpha
             gate = self._gate()
             if gate is not None:  # a gated edit covers what names its subject within gate_alpha (as it routes)
                 named = torch.zeros_like(within)
-                found = gate.candidates([prompt_ids(self.tokenizer, req.prompt)])[0]
+                found = gate.candidates([ids])[0]
                 if found:
                     named[found] = True
+                    if self.hparams.key_span == "sentence":  # gated slots: the prompt cut at each one's subject
+                        pairs = [(0, s) for s in found]
+                        q = self._span_queries(whole[None].repeat(len(found), 1), pairs, [ids], gate)
+                        d[found] = self.bank.pair_distances(q, torch.tensor(found, device=self.bank.device))
+                        queries = dict(zip(found, q))
                 within = torch.where(gate.gated, named & (d < self.gate_alpha), within)
             hits = within.nonzero().squeeze(1)
-            same = torch.isclose(self.bank.keys[hits], key[None], rtol=1e-4, atol=1e-6).all(dim=1)
+            asked = torch.stack([queries.get(s, whole) for s in hits.tolist()]) if len(hits) else whole[None]
+            same = torch.isclose(self.bank.keys[hits], asked, rtol=1e-4, atol=1e-6).all(dim=1)
             for s, same_prompt in zip(hits.tolist(), same.tolist()):
                 eid = owners[s]
                 if same_prompt or (req.key is not None and req.key == self.facts[eid]):

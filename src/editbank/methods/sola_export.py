@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 ROUTER_FORMAT = "editbank-sola-router/2"  # /2: the subject gate (`gate`); /1 had none
+ROUTER_FORMAT_SPAN = "editbank-sola-router/3"  # /3: gated keys read from the subject's sentence (`key_span`)
 
 
 KEY_TEXT = {
@@ -92,7 +93,8 @@ def _write(method, out: Path, active: list[int], config: dict[str, Any], base_mo
         router["projection"] = bank.projection.float().cpu()
     save_file(router, str(out / "router.safetensors"))
     info: dict[str, Any] = {
-        "format": ROUTER_FORMAT, "key_module": method.paths[0], "key": KEY_TEXT[hp.key],
+        "format": ROUTER_FORMAT if hp.key_span == "prompt" else ROUTER_FORMAT_SPAN, "key_module": method.paths[0],
+        "key": KEY_TEXT[hp.key],
         "embedding_module": _name_of(method.model, method.embeddings),
         "transform": "(key - center) @ projection" if bank.projection is not None else "key - center",
         "distance": hp.distance,
