@@ -116,8 +116,8 @@ class RepairHparams(WiseHparams):
 class Repair(Wise):
     Hparams = RepairHparams
     snapshots = True  # undo replays from the last snapshot (see `remove`)
-    # WISE's world settings; REPAIR keeps WISE's margins, distils at 0.1, spreads each call's similar edits over
-    # different shards and refits a merge that loses its own edits (docs/methods/wise_repair.md: why, measured)
+    # WISE's world settings (with its refit of a merge that loses its own edits, merge_fit); REPAIR keeps WISE's
+    # margins, distils at 0.1 and spreads each call's similar edits over different shards (docs/methods/wise_repair.md)
     # (mask_ratio stays 0.2 for REPAIR: WISE's choice of 0.5 was made for WISE alone; REPAIR's sweep is in the doc)
     world_preset = {**Wise.world_preset, "batch_size": 8, "act_margin": [5.0, 20.0, 10.0], "batching": "spread",
                     "kd_weight": 0.1, "mask_ratio": 0.2}

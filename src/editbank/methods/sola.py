@@ -28,7 +28,8 @@ default `whitening="paraphrase"` compares keys relative to how one fact's paraph
 whitening learned from groups of paraphrases of calibration facts (the method's
 `paraphrases`; a World supplies its calibration part's, a dataset run its held-out records'), never an evaluated
 prompt. Both are computed with every LoRA off and before any LoRA acts, so routing still never depends on other
-edits.
+edits. `key_span="sentence"` (an option) reads a gated edit's key and a row's query against it from the text cut to
+the sentence that names the subject, in a forward of its own; measured, not the default (docs/methods/sola.md).
 
 Distance: cosine distance 1 - cos(q', e') between *whitened* keys x' = (x - mean) P. With whitening="pca" P
 standardizes each dimension and projects onto the top `key_dims` principal directions of a calibration corpus,
