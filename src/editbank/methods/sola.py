@@ -328,14 +328,14 @@ class Sola(Routed):
         return hit, torch.tensor(slot, dtype=torch.long, device=q.device)
 
     def _span_queries(self, qp: torch.Tensor, pairs: list[tuple[int, int]], ids: list[list[int]],
-                      gate: SubjectGate) -> torch.Tensor:
+                      gate: SubjectGate, known: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The queries of (row, gated slot) pairs: with key_span="sentence", a row whose text has a sentence before
         the one naming the slot's subject is queried by the key of the text from that sentence on (read alone, as
-        the edit's own key was), else by its whole-prompt query `qp[j]`."""
+        the edit's own key was; `known`: keys of cut texts already read), else by its whole-prompt query `qp[j]`."""
         if self.hparams.key_span != "sentence":
             return qp
         texts: dict[int, str] = {}
-        keys: dict[str, torch.Tensor] = {}
+        keys: dict[str, torch.Tensor] = dict(known or {})
         out = None
         for j, (r, s) in enumerate(pairs):
             if r not in texts:
@@ -619,7 +619,8 @@ class Sola(Routed):
                     named[found] = True
                     if self.hparams.key_span == "sentence":  # gated slots: the prompt cut at each one's subject
                         pairs = [(0, s) for s in found]
-                        q = self._span_queries(whole[None].repeat(len(found), 1), pairs, [ids], gate)
+                        q = self._span_queries(whole[None].repeat(len(found), 1), pairs, [ids], gate,
+                                               known={} if span is None else {span: key})
                         d[found] = self.bank.pair_distances(q, torch.tensor(found, device=self.bank.device))
                         queries = dict(zip(found, q))
                 within = torch.where(gate.gated, named & (d < self.gate_alpha), within)
