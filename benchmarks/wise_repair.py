@@ -40,8 +40,8 @@ from editbank.tokens import make_batch
 # per shard, two shards per merge, merge_fit; REPAIR with WISE's margins, distillation weight 0.1 and "spread"
 # batching of calls of 32.
 # "(paper routing)" rows keep the paper's top-1 by score; "(paper)" rows also the papers' optimiser (SGD at the
-# class's learning rate, and no merge_fit); "repair (similar batching)" is the paper's grouping; "repair (consensus
-# merge)" its merge.
+# class's learning rate, and no merge_fit; "+merge fit" with it); "repair (similar batching)" is the paper's
+# grouping; "repair (consensus merge)" its merge.
 PAPER_ROUTING = {"route_by": "score", "key_threshold": 0.0, "key_layer": None}
 WISE_HP, REPAIR_HP = get_method("wise").world_preset, get_method("repair").world_preset
 PAPER = {**PAPER_ROUTING, "optimizer": "sgd"}
@@ -55,6 +55,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                               "merge_fit": False}),
     "repair (paper)": ("repair", {**REPAIR_HP, **PAPER, "edit_lr": get_method("repair").Hparams.edit_lr,
                                   "merge_fit": False}),
+    "wise (paper) +merge fit": ("wise", {**WISE_HP, **PAPER, "edit_lr": get_method("wise").Hparams.edit_lr,
+                                         "merge_fit": True}),
+    "repair (paper) +merge fit": ("repair", {**REPAIR_HP, **PAPER, "edit_lr": get_method("repair").Hparams.edit_lr,
+                                             "merge_fit": True}),
     "repair -feedback": ("repair", {**REPAIR_HP, "error_feedback": False}),
     "repair (similar batching)": ("repair", {**REPAIR_HP, "batching": "similar"}),
     "repair -batching": ("repair", {**REPAIR_HP, "similarity_batching": False}),
