@@ -398,13 +398,17 @@ def test_snapshots_are_counted_since_the_last_one_under_batch_calls(world_model,
 
 
 def test_grace_undo_replays_from_the_last_snapshot(world_model, world_requests, tmp_path):
-    """Overlapping GRACE edits make an undo replay: only the edits after the last snapshot are re-applied, from
-    the snapshot's radii and the stored entries, and the result equals a fresh editor fed the kept edits."""
+    """Overlapping GRACE edits in a store whose undo logs predate the in-place undo's records make an undo replay:
+    only the edits after the last snapshot are re-applied, from the snapshot's radii and the stored entries, and the
+    result equals a fresh editor fed the kept edits."""
     model, tok = world_model
     reqs = world_requests[:9]
     ed = Editor(model, tok, method="grace", store=tmp_path / "g.db", eps_init=1e6, snapshot_every=3)
+    ed.method.snapshots = True  # as GRACE before its undo in place: it snapshotted ...
     edits = [ed.edit(r, check=False) for r in reqs]  # every key lands in an earlier entry: splits
     assert ed.store.snapshot_ids() == [3, 6, 9]
+    for log in ed.method.undo_log.values():  # ... and its logs had no nearest distance
+        del log["dist"]
     applied = []
     apply = ed.method.apply
     ed.method.apply = lambda items: applied.extend(it.id for it in items) or apply(items)

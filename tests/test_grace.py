@@ -133,3 +133,50 @@ def test_a_stored_expand_check_is_reused_only_for_the_same_entry_and_radius(smal
         assert got is (not ran) and bool(calls) is ran
         assert stats == {"spelled_by": first.id, "spelled_at": radius, "spelled": got}
     ed.close()
+
+
+def _conflicting_stream(world_requests):
+    """Requests whose keys overlap at eps_init 5 (splits, expands, a supersede): later edits read earlier entries."""
+    import dataclasses
+
+    reqs = list(world_requests[:14])
+    reqs.insert(5, dataclasses.replace(reqs[1], target=reqs[2].target))  # the same prompt again: a supersede
+    reqs.insert(9, dataclasses.replace(reqs[3], prompt=reqs[3].rephrases[0]))  # the same target nearby: an expand
+    reqs.insert(12, dataclasses.replace(reqs[0], prompt=reqs[0].rephrases[-1]))
+    return reqs
+
+
+def test_an_undo_that_later_edits_read_is_done_in_place_and_equals_a_fresh_stream(small_world, world_requests,
+                                                                                   monkeypatch, tmp_path):
+    """Undoing an edit whose entry later edits decided by recomputes only those edits (no replay), and the codebook
+    and every logit equal those of a fresh editor fed the kept requests, bitwise."""
+    reqs = _conflicting_stream(world_requests)
+    kw = dict(method="grace", eps_init=5.0)
+    probes = [(q, r.target) for r in reqs for q in (r.prompt, *r.rephrases)] + [p for r in reqs for p in r.locality]
+    with Editor.open(small_world.path, store=tmp_path / "g.db", **kw) as ed:
+        outcomes = []  # what each undo that GRACE's own rule could not do exactly returned (None: a replay)
+        walk = ed.method.undo_in_place
+        monkeypatch.setattr(ed.method, "undo_in_place", lambda *a: outcomes.append(walk(*a)) or outcomes[-1])
+        edits = [ed.edit(r, check=False) for r in reqs]
+        actions = {e.stats["action"] for e in edits}
+        assert {"new", "split", "supersede"} <= actions, actions
+        kept = list(range(len(reqs)))
+        for i in (0, 1, 4, 8, 2):
+            ed.undo(edits[i].id)
+            kept.remove(i)
+            with Editor.open(small_world.path, **kw) as fresh:
+                for k in kept:
+                    fresh.edit(reqs[k], check=False)
+                assert ed.method.labels == fresh.method.labels
+                assert ed.method.eps.tolist() == fresh.method.eps.tolist(), i
+                assert ed.method.owner.tolist() == [edits[k].id for k in kept if edits[k].id in
+                                                    ed.method.owner.tolist()]
+                assert len(ed.method.owner) == len(fresh.method.owner)
+                for p in probes:
+                    assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), (i, p)
+        assert len(outcomes) >= 3 and None not in outcomes, outcomes
+        # the stored state reopens to the same codebook
+        want = [_logits(ed, *p) for p in probes]
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as again:
+        assert all(torch.equal(_logits(again, *p), w) for p, w in zip(probes, want))
+

@@ -399,9 +399,13 @@ class Editor:
                 self._unlink_supersedes(edit)
                 self.store.drop_snapshots_from(edit.id)  # they hold the edit (the replay takes new ones)
                 if not self.method.remove(edit.id):
-                    carry = self.method.replay_carry()
-                    self._replay(exclude=edit.id)
-                    self.method.replay_restore(carry, edit.id, edit.request)
+                    rewritten = self.method.undo_in_place(edit.id, self.store.get_edit, self.store.artifacts)
+                    if rewritten is None:
+                        carry = self.method.replay_carry()
+                        self._replay(exclude=edit.id)
+                        self.method.replay_restore(carry, edit.id, edit.request)
+                    for e, tensors in (rewritten or {}).items():
+                        self.store.put_artifacts(e, tensors)
                 self.store.update_edit(edit.id, status="reverted")
                 self._save_state(snapshot=False)
         except BaseException:

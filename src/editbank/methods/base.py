@@ -248,6 +248,13 @@ class Method:
         """Undo one edit exactly if the method can; return False (changing nothing) if it cannot."""
         return False
 
+    def undo_in_place(self, edit_id: int, edit_of: Callable[[int], Any],
+                      artifacts: Callable[[int], dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]] | None:
+        """After `remove` returned False: an exact undo without a replay where the method can prove it, reading the
+        held edits (`edit_of(id)`, store rows) and their stored artifacts. Returns the artifacts of the later edits
+        it recomputed (the editor stores them), or None, changing nothing: replay."""
+        return None
+
     def replay_carry(self) -> Any:
         """Before an undo by replay (`remove` returned False): state that is not a function of the held edits
         (WISE's tombstones: a record of undos) and must survive the rebuild; handed to `replay_restore`."""

@@ -10,9 +10,9 @@ multi-token targets (reliability 0.45-0.8 vs 1.0 on the small world). New keys g
 falls inside an entry with the same target expands that entry's radius (if that entry's values spell the
 target after the new prompt too), otherwise the two radii split at half the distance. Undo deletes the
 entry (restoring any radius it changed) exactly; if a later edit has touched the same entries, or decided by
-one of them (it was that edit's nearest entry: without it the nearest, and the decision, may differ), the editor
-replays from its last snapshot instead, taking every key and value back from the store, and each expand check's
-answer where the entry and its radius are the same (`replay_work`): only the decisions are recomputed.
+one of them (it was that edit's nearest entry: without it the nearest, and the decision, may differ), the later
+edits whose decisions the undo can change are recomputed in place (grace_undo.py), taking every key and value back
+from the store, and each expand check's answer where the entry and its radius are the same (`replay_work`).
 
 `gate="subject"` (not GRACE's; SoLA's subject gate, docs/methods/sola.md): an entry whose edit names its subject is
 a candidate only for prompts that contain the subject's tokens, and starts with radius `gate_radius` x eps_init; the
@@ -33,6 +33,7 @@ from ..tokens import make_batch, prompt_ids
 from . import easyedit as ee
 from .base import EditItem, Route, pick_layer, register
 from .fit import fit
+from .grace_undo import undo_in_place
 from .routed import Routed
 from .subject_gate import SubjectGate
 
@@ -71,8 +72,10 @@ class GraceHparams:
 @register("grace")
 class Grace(Routed):
     Hparams = GraceHparams
-    # undo is exact unless later edits touched or read the same entries: then the editor replays from its last snapshot
-    # (the small mutable part: radii, owners; the entries themselves are each edit's artifacts, written once)
+    # undo is exact, in place (`remove`, or `undo_in_place` when later edits read the entries), so no snapshots: a
+    # store whose logs predate the in-place undo replays from its own snapshots, or from the base model
+    snapshots = False
+    # the state is the small mutable part (radii, owners); the entries themselves are each edit's artifacts
     state_in_artifacts = True
     trains_beside_readers = True  # a value trains alone under the training override (see `pretrain`)
     stored_defaults = {"gate_marks": False}  # stores made before the gate's forms after a mark
@@ -293,7 +296,7 @@ class Grace(Routed):
             work = _Work(key, None)
         else:  # the layer's outputs (and the batch) are made below if a value must train or a check run after all
             key, out, batch = work.key, None, None
-        log: dict[str, Any] = {"created": False, "modified": [], "near": None}
+        log: dict[str, Any] = {"created": False, "modified": [], "near": None, "dist": None}
         stats: dict[str, Any] = {}
         # the subject this edit's entry is gated by (None: not gated)
         subject = self.spelled_subject(req, stats) if self.hparams.gate == "subject" else None
@@ -304,7 +307,7 @@ class Grace(Routed):
             dist, j = float(dmin[0]), int(nearest[0])
             if dist < float("inf"):  # the entry this edit's decision read (exact undo checks it, see `remove`)
                 stats["nearest_distance"] = dist
-                log["near"] = int(self.owner[j])
+                log["near"], log["dist"] = int(self.owner[j]), dist
         else:
             dist, j = float("inf"), -1
         eps0 = self.hparams.eps_init * (self.hparams.gate_radius if subject is not None else 1.0)
@@ -420,6 +423,11 @@ class Grace(Routed):
             self.owner, self.last_touch = self.owner[keep], self.last_touch[keep]
         del self.undo_log[edit_id]
         return True
+
+    def undo_in_place(self, edit_id, edit_of, artifacts) -> dict[int, dict[str, torch.Tensor]] | None:
+        """Undo an edit that later edits read without a replay: only the later edits whose decision the undo can
+        change are recomputed (methods/grace_undo.py)."""
+        return undo_in_place(self, edit_id, edit_of, artifacts)
 
     # -- persistence ------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,0 +1,185 @@
+"""GRACE's exact undo without a replay, for an edit that later edits read.
+
+Undoing edit U is exact when the codebook ends as a stream that never received U would leave it. A later edit's
+decision (new entry, split, expand, supersede) reads only its nearest candidate entry (an entry whose radius is not
+negative) and that entry's radius, label and values, so it is the same in both streams unless (a) its nearest entry
+differs in state between them, or (b) an entry that is a candidate in the stream without U, and was not one in the
+original at that point, lies at least as near as its recorded nearest. `undo_in_place` walks the later edits in order
+with D, the entries whose state differs between the two streams (at first U's entry and the entries U changed),
+recomputes only the edits that (a) or (b) catches, each in a view of the codebook as the stream without U held it just
+before that edit, and adds to D what their new decisions changed. The others keep their effects as recorded.
+
+Cost: a dictionary lookup per later edit, a distance from the edit's stored key to D's new candidates only while
+there are some, and one decision per recomputed edit, which takes its key and values back from the store (a forward
+only for an expand check not stored, and a training only for an edit that widened U's entry and now adds its own, as
+the stream without U trains it: GRACE's training uses no randomness and never reads the codebook). Logs from before
+the walk's records (`dist`) make it give up (None: the editor replays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import EditItem
+
+if TYPE_CHECKING:
+    from .grace import Grace
+
+# an entry's state in one stream: None (absent) or (radius, last toucher)
+State = tuple[float, int] | None
+
+
+def undo_in_place(g: Grace, uid: int, edit_of: Callable[[int], Any], artifacts: Callable[[int], dict]
+                  ) -> dict[int, dict[str, torch.Tensor]] | None:
+    log_u = g.undo_log.get(uid)
+    later = sorted(e for e in g.undo_log if e > uid)
+    if log_u is None or any("dist" not in g.undo_log[e] for e in later):
+        return None
+    return _Walk(g, uid, log_u, later, edit_of, artifacts).run()
+
+
+class _Walk:
+    def __init__(self, g: Grace, uid: int, log_u: dict, later: list[int], edit_of, artifacts) -> None:
+        self.g, self.uid, self.later, self.edit_of, self.artifacts = g, uid, later, edit_of, artifacts
+        self.rows = {int(o): r for r, o in enumerate(g.owner.tolist())}  # the original stream's final codebook
+        self.mods: dict[int, list[tuple[int, float, int]]] = {}  # entry -> (edit, radius before, toucher before)
+        for e in later:
+            for owner, old_eps, old_touch in g.undo_log[e]["modified"]:
+                self.mods.setdefault(owner, []).append((e, old_eps, old_touch))
+        # the same as tensors sorted by (row, edit): `codebook` rolls every radius back at once
+        flat = sorted((self.rows[o], e, old_eps, old_touch) for o, mods in self.mods.items() if o in self.rows
+                      for e, old_eps, old_touch in mods)
+        self.mod_row = torch.tensor([x[0] for x in flat], dtype=torch.long)
+        self.mod_edit = torch.tensor([x[1] for x in flat], dtype=torch.long)
+        self.mod_eps = g.eps.new_tensor([x[2] for x in flat])
+        self.mod_touch = torch.tensor([x[3] for x in flat], dtype=torch.long)
+        self.diff: dict[int, State] = {uid: None}  # D: each entry's state in the stream without U
+        for owner, old_eps, old_touch in log_u["modified"]:
+            self.diff[owner] = (old_eps, old_touch)
+        self.made: dict[int, dict[str, Any]] = {}  # rows of entries the stream without U has and the original not
+
+    def original(self, owner: int, m: int) -> State:
+        """The entry's state in the original stream just before edit m."""
+        if owner not in self.rows or owner >= m:
+            return None
+        for e, old_eps, old_touch in self.mods.get(owner, ()):
+            if e >= m:
+                return old_eps, old_touch
+        r = self.rows[owner]
+        return float(self.g.eps[r]), int(self.g.last_touch[r])
+
+    def affected(self, m: int, log: dict) -> bool:
+        if log["near"] in self.diff:
+            return True
+        new = [o for o, st in self.diff.items() if o < m and st is not None and st[0] >= 0
+               and not ((orig := self.original(o, m)) is not None and orig[0] >= 0)]
+        if not new:
+            return False
+        key = self.artifacts(m)["key"].to(self.g.keys.device, torch.float32)
+        keys = torch.stack([self.key(o) for o in new])
+        d = torch.cdist(key[None], keys, compute_mode="donot_use_mm_for_euclid_dist")
+        return float(d.min()) <= (float("inf") if log["dist"] is None else log["dist"])
+
+    def key(self, owner: int) -> torch.Tensor:
+        return self.made[owner]["key"] if owner in self.made else self.g.keys[self.rows[owner]]
+
+    def codebook(self, m: int | None) -> tuple:
+        """The stream without U's codebook just before edit m (None: at the end), as GRACE's arrays."""
+        g = self.g
+        eps, touch = g.eps.clone(), g.last_touch.clone()
+        keep = torch.ones(len(g.owner), dtype=torch.bool) if m is None else g.owner < m
+        if m is not None and len(self.mod_row):  # the original's radii just before m: each entry's first change
+            # by an edit from m on holds them (D's entries are set below)
+            later = self.mod_edit >= m
+            prev_row = torch.cat([self.mod_row.new_tensor([-1]), self.mod_row[:-1]])
+            prev_later = torch.cat([later.new_tensor([False]), later[:-1]])
+            first = later & ((prev_row != self.mod_row) | ~prev_later)
+            rows = self.mod_row[first]
+            eps[rows.to(eps.device)] = self.mod_eps[first.to(eps.device)]
+            touch[rows] = self.mod_touch[first]
+        for o, st in self.diff.items():
+            if o in self.rows:
+                if st is None:
+                    keep[self.rows[o]] = False
+                else:
+                    eps[self.rows[o]], touch[self.rows[o]] = st
+        idx = keep.nonzero().squeeze(1)
+        on = idx.to(g.keys.device)
+        keys, values, span = g.keys[on], g.values[on], g.span[on]
+        eps, owner, touch = eps[on], g.owner[idx], touch[idx]
+        labels, subjects = [g.labels[i] for i in idx.tolist()], [g.subjects[i] for i in idx.tolist()]
+        made = sorted(o for o, st in self.diff.items() if o not in self.rows and st is not None
+                      and (m is None or o < m))
+        if made:  # entries the original stream does not have, in owner order (a stream appends them so)
+            from .grace import _pad_positions
+
+            rows = [self.made[o] for o in made]
+            width = max([values.shape[1]] + [int(r["value"].shape[0]) for r in rows])
+            values = torch.cat([_pad_positions(values, width)] + [_pad_positions(r["value"][None], width)
+                                                                   for r in rows])
+            keys = torch.cat([keys, torch.stack([r["key"] for r in rows])])
+            span = torch.cat([span, torch.stack([r["span"] for r in rows])])
+            eps = torch.cat([eps, eps.new_tensor([self.diff[o][0] for o in made])])
+            owner = torch.cat([owner, torch.tensor(made, dtype=torch.long)])
+            touch = torch.cat([touch, torch.tensor([self.diff[o][1] for o in made], dtype=torch.long)])
+            labels += [r["label"] for r in rows]
+            subjects += [r["subject"] for r in rows]
+            order = owner.argsort(stable=True)
+            on = order.to(keys.device)
+            keys, values, span, eps, owner, touch = keys[on], values[on], span[on], eps[on], owner[order], \
+                touch[order]
+            labels, subjects = [labels[i] for i in order.tolist()], [subjects[i] for i in order.tolist()]
+        return keys, values, eps, span, owner, touch, labels, subjects
+
+    def set_codebook(self, book: tuple, log: dict) -> None:
+        g = self.g
+        g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, labels, subjects = book
+        g.labels, g.subjects, g.undo_log, g._gate_cache, g._keys_seen = list(labels), list(subjects), log, None, {}
+
+    def recompute(self, m: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Edit m's decision in the stream without U: (its log, its artifacts); D takes what it changed."""
+        g, orig_log = self.g, self.g.undo_log[m]
+        saved = (g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects)
+        logs = g.undo_log
+        edit = self.edit_of(m)
+        self.set_codebook(self.codebook(m), {})
+        try:
+            work = g.replay_work([edit], self.artifacts) or {}
+            with g.pretrained(work), torch.enable_grad():
+                g._apply_one(EditItem(m, edit.request))
+            log = g.undo_log[m]
+            arts = g.artifacts(m)
+            touched = {m} | {o for o, _, _ in log["modified"]} | {o for o, _, _ in orig_log["modified"]}
+            after = {}  # their states just after m in the stream without U
+            for o in touched:
+                hit = (g.owner == o).nonzero()
+                if len(hit):
+                    after[o] = (float(g.eps[int(hit[0])]), int(g.last_touch[int(hit[0])]))
+            if log["created"] and m not in self.rows:  # an entry the original stream does not have
+                r = len(g.owner) - 1
+                self.made[m] = {"key": g.keys[r], "value": g.values[r], "span": g.span[r], "label": g.labels[r],
+                                "subject": g.subjects[r]}
+        finally:
+            g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects = saved
+            g.undo_log, g._gate_cache, g._keys_seen = logs, None, {}
+        # entry m, and the entries the two decisions changed: compared with the original just after m
+        for o in touched:
+            now = after.get(o)
+            if o in self.diff:
+                self.diff[o] = now
+            elif now != self.original(o, m + 1):
+                self.diff[o] = now
+        return log, arts
+
+    def run(self) -> dict[int, dict[str, torch.Tensor]]:
+        g = self.g
+        logs, rewritten = dict(g.undo_log), {}
+        for m in self.later:
+            if self.affected(m, g.undo_log[m]):
+                logs[m], rewritten[m] = self.recompute(m)
+        del logs[self.uid]
+        self.set_codebook(self.codebook(None), logs)
+        return rewritten
