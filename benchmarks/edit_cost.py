@@ -48,16 +48,18 @@ def requests_for(world: World, n: int) -> list[EditRequest]:
     return out
 
 
-def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float, int]:
+def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float, int, float]:
     """Mean seconds of k undos of random held edits (each re-edited after), how many the editor did by replay, the
-    mean number of edits those replays re-applied, and how many the method did in place (`undo_in_place`)."""
+    mean number of edits those replays re-applied, how many the method did in place (`undo_in_place`) and the mean
+    number of later edits those recomputed."""
     seconds, exact, applied, walked = [], [], [], []
     remove, apply, walk = ed.method.remove, ed.method.apply, ed.method.undo_in_place
     ed.method.remove = lambda eid: exact.append(remove(eid)) or exact[-1]  # False: in place, or a replay
 
     def walking(*a):
         out = walk(*a)
-        walked.append(out is not None)
+        if out is not None:
+            walked.append(len(out))
         return out
 
     ed.method.undo_in_place = walking
@@ -73,7 +75,8 @@ def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float
             ed.method.apply = lambda items: applied.append(len(items)) or apply(items)
     finally:
         ed.method.remove, ed.method.apply, ed.method.undo_in_place = remove, apply, walk
-    return statistics.mean(seconds), exact.count(False) - sum(walked), sum(applied) / k, sum(walked)
+    return (statistics.mean(seconds), exact.count(False) - len(walked), sum(applied) / k, len(walked),
+            statistics.mean(walked) if walked else 0.0)
 
 
 def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> dict:
@@ -86,7 +89,7 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
                          **{**preset, **hp})
         ed.method.prepare()  # calibration is one-time work, not an edit's cost
         times: list[float] = []
-        undo: dict[int, tuple[float, int, float, int]] = {}
+        undo: dict[int, tuple[float, int, float, int, float]] = {}
         marks = sorted({min(100, len(reqs)), len(reqs)})
         for i in range(0, len(reqs), args.batch):
             chunk = reqs[i : i + args.batch]
@@ -102,10 +105,10 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
         size = sum(f.stat().st_size for f in Path(tmp).glob("cost.db*"))
     w = args.window
     first, last = statistics.mean(times[:w]), statistics.mean(times[-w:])
-    (u1, r1, a1, w1), (u2, r2, a2, w2) = undo[min(undo)], undo[max(undo)]
+    (u1, r1, a1, w1, c1), (u2, r2, a2, w2, c2) = undo[min(undo)], undo[max(undo)]
     return {"method": method, "first": first, "last": last, "ratio": last / first, "undo": (u1, u2),
             "undo_ratio": u2 / u1, "replays": (r1, r2), "reapplied": (a1, a2), "in_place": (w1, w2),
-            "bytes_per_edit": size / len(reqs)}
+            "recomputed": (c1, c2), "bytes_per_edit": size / len(reqs)}
 
 
 def main() -> None:
@@ -131,12 +134,13 @@ def main() -> None:
     print(f"world {args.world}, {args.edits} edits in calls of {args.batch}, window {args.window}, "
           f"{args.undos} undos at each T, {args.threads} thread(s)")
     print("| method | s/edit 1..W | s/edit last W | ratio | s/undo T=100 | s/undo T=max | ratio | undos in place "
-          "| undos replayed | edits re-applied per undo | store bytes/edit |")
+          "(edits recomputed per undo) | undos replayed | edits re-applied per undo | store bytes/edit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.methods.split(","):
         r = run(m, world, reqs, args, hps.get(m, {}))
         print(f"| {m} | {r['first']:.4f} | {r['last']:.4f} | {r['ratio']:.2f} | {r['undo'][0]:.4f} | "
-              f"{r['undo'][1]:.4f} | {r['undo_ratio']:.2f} | {r['in_place'][0]}, {r['in_place'][1]} of {args.undos} | "
+              f"{r['undo'][1]:.4f} | {r['undo_ratio']:.2f} | {r['in_place'][0]}, {r['in_place'][1]} of {args.undos} "
+              f"({r['recomputed'][0]:.1f}, {r['recomputed'][1]:.1f}) | "
               f"{r['replays'][0]}, {r['replays'][1]} of "
               f"{args.undos} | {r['reapplied'][0]:.0f}, {r['reapplied'][1]:.0f} | {r['bytes_per_edit']:,.0f} |",
               flush=True)

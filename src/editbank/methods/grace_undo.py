@@ -42,6 +42,9 @@ def undo_in_place(g: Grace, uid: int, edit_of: Callable[[int], Any], artifacts: 
 
 
 class _Walk:
+    """One undo's walk over the later edits (the module's docstring): the original stream's final codebook stays on
+    GRACE while it walks; each recomputed edit runs on a view that is swapped in and out."""
+
     def __init__(self, g: Grace, uid: int, log_u: dict, later: list[int], edit_of, artifacts) -> None:
         self.g, self.uid, self.later, self.edit_of, self.artifacts = g, uid, later, edit_of, artifacts
         self.rows = {int(o): r for r, o in enumerate(g.owner.tolist())}  # the original stream's final codebook
@@ -167,11 +170,8 @@ class _Walk:
             g.undo_log, g._gate_cache, g._keys_seen = logs, None, {}
         # entry m, and the entries the two decisions changed: compared with the original just after m
         for o in touched:
-            now = after.get(o)
-            if o in self.diff:
-                self.diff[o] = now
-            elif now != self.original(o, m + 1):
-                self.diff[o] = now
+            if o in self.diff or after.get(o) != self.original(o, m + 1):
+                self.diff[o] = after.get(o)
         return log, arts
 
     def run(self) -> dict[int, dict[str, torch.Tensor]]:
