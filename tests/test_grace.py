@@ -180,3 +180,29 @@ def test_an_undo_that_later_edits_read_is_done_in_place_and_equals_a_fresh_strea
     with Editor.open(small_world.path, store=tmp_path / "g.db") as again:
         assert all(torch.equal(_logits(again, *p), w) for p, w in zip(probes, want))
 
+
+
+def test_undoing_a_supersede_gives_the_revived_entry_back_to_the_later_edits_it_would_have_decided(small_world,
+                                                                                                   world_requests,
+                                                                                                   tmp_path):
+    """Edit A (ungated), U supersedes it (gated by its subject), then n, whose prompt lacks U's subject and so saw no
+    candidate, adds an entry. Undoing U brings A back as a candidate: a stream of A and n has n split against A, so
+    the undo must recompute n, in a store reopened before the undo too."""
+    import dataclasses
+
+    r0 = world_requests[0]
+    r1 = next(r for r in world_requests[1:] if r0.subject not in r.prompt)
+    a = dataclasses.replace(r0, subject=None)
+    u = dataclasses.replace(r0, target=r1.target)
+    kw = dict(method="grace", gate="subject", eps_init=1e6)
+    with Editor.open(small_world.path, store=tmp_path / "g.db", **kw) as ed:
+        ea, eu, en = (ed.edit(x, check=False) for x in (a, u, r1))
+        assert (eu.stats["action"], en.stats["action"]) == ("supersede", "new")
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as ed, Editor.open(small_world.path, **kw) as fresh:
+        ed.undo(eu.id)
+        fa, fn = (fresh.edit(x, check=False) for x in (a, r1))
+        assert fn.stats["action"] == "split"
+        assert ed.method.eps.tolist() == fresh.method.eps.tolist()
+        probes = [(q, x.target) for x in (r0, r1) for q in (x.prompt, *x.rephrases)] + list(r1.locality)
+        for p in probes:
+            assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p

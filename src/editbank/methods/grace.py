@@ -402,10 +402,15 @@ class Grace(Routed):
         touched = [edit_id] if log["created"] else []
         touched += [owner for owner, _, _ in log["modified"]]
         if any(int(self.last_touch[self._row(o)]) != edit_id for o in touched):
-            return False  # a later edit changed the same entries: let the editor replay
+            return False  # a later edit changed the same entries: `undo_in_place`
         # a later edit whose nearest entry was one of them decided by it (without it, its nearest, and so whether it
-        # splits, expands or adds, may differ): replay too (a log from before "near" was recorded: assume so)
-        if any("near" not in later or later["near"] in touched for e, later in self.undo_log.items() if e > edit_id):
+        # splits, expands or adds, may differ), or one that an entry this edit superseded would have been a candidate
+        # for (its radius comes back): `undo_in_place` (a log from before "near" was recorded: assume so)
+        later = [log for e, log in self.undo_log.items() if e > edit_id]
+        if any("near" not in x or x["near"] in touched for x in later):
+            return False
+        revived = [o for o, old_eps, _ in log["modified"] if old_eps >= 0 and float(self.eps[self._row(o)]) < 0]
+        if later and revived:
             return False
         for owner, old_eps, old_touch in log["modified"]:
             r = self._row(owner)

@@ -11,8 +11,9 @@ before that edit, and adds to D what their new decisions changed. The others kee
 
 Cost: a dictionary lookup per later edit, a distance from the edit's stored key to D's new candidates only while
 there are some, and one decision per recomputed edit, which takes its key and values back from the store (a forward
-only for an expand check not stored, and a training only for an edit that widened U's entry and now adds its own, as
-the stream without U trains it: GRACE's training uses no randomness and never reads the codebook). Logs from before
+only for an expand check not stored, and a training only for an edit that only widened an entry and now adds its own,
+as the stream without U trains it: GRACE's training uses no randomness and never reads the codebook, so this is
+bitwise on the CPU, as a replay is). An entry whose state comes back to the original's leaves D. Logs from before
 the walk's records (`dist`) make it give up (None: the editor replays).
 """
 
@@ -81,7 +82,9 @@ class _Walk:
                and not ((orig := self.original(o, m)) is not None and orig[0] >= 0)]
         if not new:
             return False
-        key = self.artifacts(m)["key"].to(self.g.keys.device, torch.float32)
+        # m's key: its entry's in the original codebook, or (an edit that only widened or superseded nothing) stored
+        key = self.g.keys[self.rows[m]] if m in self.rows else \
+            self.artifacts(m)["key"].to(self.g.keys.device, torch.float32)
         keys = torch.stack([self.key(o) for o in new])
         d = torch.cdist(key[None], keys, compute_mode="donot_use_mm_for_euclid_dist")
         return float(d.min()) <= (float("inf") if log["dist"] is None else log["dist"])
@@ -154,7 +157,7 @@ class _Walk:
             with g.pretrained(work), torch.enable_grad():
                 g._apply_one(EditItem(m, edit.request))
             log = g.undo_log[m]
-            arts = g.artifacts(m)
+            arts = {k: t.clone() for k, t in g.artifacts(m).items()}  # not views of the view's tensors
             touched = {m} | {o for o, _, _ in log["modified"]} | {o for o, _, _ in orig_log["modified"]}
             after = {}  # their states just after m in the stream without U
             for o in touched:
@@ -163,23 +166,28 @@ class _Walk:
                     after[o] = (float(g.eps[int(hit[0])]), int(g.last_touch[int(hit[0])]))
             if log["created"] and m not in self.rows:  # an entry the original stream does not have
                 r = len(g.owner) - 1
-                self.made[m] = {"key": g.keys[r], "value": g.values[r], "span": g.span[r], "label": g.labels[r],
-                                "subject": g.subjects[r]}
+                self.made[m] = {"key": g.keys[r].clone(), "value": g.values[r].clone(), "span": g.span[r].clone(),
+                                "label": g.labels[r], "subject": g.subjects[r]}
         finally:
             g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects = saved
             g.undo_log, g._gate_cache, g._keys_seen = logs, None, {}
         # entry m, and the entries the two decisions changed: compared with the original just after m
+        # (an entry back in its original state leaves D: from here on both streams change it alike)
         for o in touched:
-            if o in self.diff or after.get(o) != self.original(o, m + 1):
+            if after.get(o) == self.original(o, m + 1):
+                self.diff.pop(o, None)
+            else:
                 self.diff[o] = after.get(o)
-        return log, arts
+        return log, arts if m in self.diff or log["created"] != orig_log["created"] else None
 
     def run(self) -> dict[int, dict[str, torch.Tensor]]:
         g = self.g
         logs, rewritten = dict(g.undo_log), {}
         for m in self.later:
             if self.affected(m, g.undo_log[m]):
-                logs[m], rewritten[m] = self.recompute(m)
+                logs[m], arts = self.recompute(m)
+                if arts is not None:  # its entry (or its having none) changed: the store's artifacts follow
+                    rewritten[m] = arts
         del logs[self.uid]
         self.set_codebook(self.codebook(None), logs)
         return rewritten
