@@ -56,10 +56,16 @@ def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float
     remove, apply, walk = ed.method.remove, ed.method.apply, ed.method.undo_in_place
     ed.method.remove = lambda eid: exact.append(remove(eid)) or exact[-1]  # False: in place, or a replay
 
+    decided = []  # GRACE's decisions an undo in place recomputed (`_apply_one` runs only for those during an undo)
+    one = getattr(ed.method, "_apply_one", None)
+    if one is not None:
+        ed.method._apply_one = lambda item: decided.append(item.id) or one(item)
+
     def walking(*a):
+        decided.clear()
         out = walk(*a)
         if out is not None:
-            walked.append(len(out))
+            walked.append(len(decided))
         return out
 
     ed.method.undo_in_place = walking
@@ -75,6 +81,8 @@ def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float
             ed.method.apply = lambda items: applied.append(len(items)) or apply(items)
     finally:
         ed.method.remove, ed.method.apply, ed.method.undo_in_place = remove, apply, walk
+        if one is not None:
+            ed.method._apply_one = one
     return (statistics.mean(seconds), exact.count(False) - len(walked), sum(applied) / k, len(walked),
             statistics.mean(walked) if walked else 0.0)
 
