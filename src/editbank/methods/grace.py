@@ -406,7 +406,7 @@ class Grace(Routed):
         # a later edit whose nearest entry was one of them decided by it (without it, its nearest, and so whether it
         # splits, expands or adds, may differ), or one that an entry this edit superseded would have been a candidate
         # for (its radius comes back): `undo_in_place` (a log from before "near" was recorded: assume so)
-        later = [log for e, log in self.undo_log.items() if e > edit_id]
+        later = [x for e, x in self.undo_log.items() if e > edit_id]
         if any("near" not in x or x["near"] in touched for x in later):
             return False
         revived = [o for o, old_eps, _ in log["modified"] if old_eps >= 0 and float(self.eps[self._row(o)]) < 0]
