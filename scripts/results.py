@@ -352,7 +352,8 @@ def repair_batch_section(out: Path) -> list[str]:
             "preset, chosen on the dev world) or grouped with their nearest (`similar`, the paper's distribution-aware "
             "batching). REPAIR's README reports locality 42.5% (homogeneous) against 29.4% (heterogeneous) at N = "
             "100 on its models. One stream per run, scored at each T on the final model of that prefix, this "
-            "machine's build of the ZsRE world.", ""] + body
+            "machine's build of the ZsRE world. A variant with no table here has not finished its run yet (resume: "
+            "`python scripts/results.py --runs repair-batch-similar-zsre`).", ""] + body
 
 
 def norm_prob_section(out: Path) -> list[str]:
