@@ -343,6 +343,8 @@ REPAIR_BATCHING = {"spread": "REPAIR, heterogeneous batches (\"spread\", its pre
 def repair_batch_section(out: Path) -> list[str]:
     """REPAIR's batch ablation on the ZsRE world (the README's homogeneous against heterogeneous batches)."""
     body = dataset_sections(out, "repair-batch", REPAIR_BATCHING)
+    missing = [f"repair-batch-{k}-zsre" for k in REPAIR_BATCHING
+               if not (out / f"repair-batch-{k}-zsre" / "summary.json").exists()]
     if not body:
         return not_run("REPAIR's batch ablation on ZsRE (issue 23)", "repair-batch-spread-zsre,...",
                        "Two runs (`repair-batch-{spread,similar}-zsre`).")
@@ -352,8 +354,8 @@ def repair_batch_section(out: Path) -> list[str]:
             "preset, chosen on the dev world) or grouped with their nearest (`similar`, the paper's distribution-aware "
             "batching). REPAIR's README reports locality 42.5% (homogeneous) against 29.4% (heterogeneous) at N = "
             "100 on its models. One stream per run, scored at each T on the final model of that prefix, this "
-            "machine's build of the ZsRE world. A variant with no table here has not finished its run yet (resume: "
-            "`python scripts/results.py --runs repair-batch-similar-zsre`).", ""] + body
+            "machine's build of the ZsRE world." + (f" Not finished yet: {', '.join(missing)} (resume with `python "
+            f"scripts/results.py --runs {','.join(missing)}`)." if missing else ""), ""] + body
 
 
 def norm_prob_section(out: Path) -> list[str]:
