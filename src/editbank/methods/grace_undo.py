@@ -82,7 +82,7 @@ class _Walk:
                and not ((orig := self.original(o, m)) is not None and orig[0] >= 0)]
         if not new:
             return False
-        # m's key: its entry's in the original codebook, or (an edit that only widened or superseded nothing) stored
+        # m's key: its entry's in the original codebook, or the stored one (an edit that created no entry)
         key = self.g.keys[self.rows[m]] if m in self.rows else \
             self.artifacts(m)["key"].to(self.g.keys.device, torch.float32)
         keys = torch.stack([self.key(o) for o in new])
