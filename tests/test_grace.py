@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from editbank import Editor
@@ -204,5 +205,45 @@ def test_undoing_a_supersede_gives_the_revived_entry_back_to_the_later_edits_it_
         assert fn.stats["action"] == "split"
         assert ed.method.eps.tolist() == fresh.method.eps.tolist()
         probes = [(q, x.target) for x in (r0, r1) for q in (x.prompt, *x.rephrases)] + list(r1.locality)
+        for p in probes:
+            assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(12))
+def test_random_streams_undone_in_place_equal_fresh_streams(small_world, case):
+    """Random streams with overlapping keys (eps_init 3 / 5 / 8, gate on or off, shared or per-token values, calls of
+    1 or 3, supersedes and same-target rephrases), four random undos each: the codebook and every logit equal a fresh
+    editor's fed the kept requests, bitwise."""
+    import dataclasses
+    import random
+
+    rng = random.Random(case)
+    pool = small_world.edit_requests(n=40, seed=0)
+    reqs = rng.sample(pool, 14)
+    for _ in range(3):
+        r = rng.choice(reqs)
+        other = dataclasses.replace(r, target=rng.choice(pool).target) if rng.random() < 0.5 else \
+            dataclasses.replace(r, prompt=rng.choice(r.rephrases))
+        reqs.insert(rng.randrange(len(reqs) + 1), other)
+    kw = dict(method="grace", eps_init=rng.choice([3.0, 5.0, 8.0]), gate=rng.choice(["none", "subject"]),
+              value_mode=rng.choice(["per_token", "shared"]))
+    size = rng.choice([1, 3])
+
+    def feed(ed, rs):
+        out = []
+        for i in range(0, len(rs), size):
+            out += ed.edit(rs[i : i + size], check=False) if size > 1 else [ed.edit(rs[i], check=False)]
+        return out
+
+    with Editor.open(small_world.path, **kw) as ed, Editor.open(small_world.path, **kw) as fresh:
+        edits = feed(ed, reqs)
+        kept = list(range(len(reqs)))
+        for i in rng.sample(range(len(reqs)), 4):
+            ed.undo(edits[i].id)
+            kept.remove(i)
+        feed(fresh, [reqs[k] for k in kept])
+        assert ed.method.eps.tolist() == fresh.method.eps.tolist() and ed.method.labels == fresh.method.labels
+        probes = [(q, r.target) for r in reqs for q in (r.prompt, *r.rephrases)] + [p for r in reqs for p in r.locality]
         for p in probes:
             assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p
