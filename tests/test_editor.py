@@ -282,7 +282,7 @@ def test_grace_overlapping_edits_fall_back_to_replay(world_model, world_requests
     assert ed.method.eps.tolist() == [pytest.approx(half), pytest.approx(half)]
     assert ed.evaluate([r0, r1], protocol="greedy_exact_match")["reliability"] == 1.0
     art = ed.store.artifacts(e1.id)
-    assert set(art) == {"key", "value", "eps", "span"} and float(art["eps"][0]) == pytest.approx(half)
+    assert set(art) == {"key", "value", "eps", "span", "log"} and float(art["eps"][0]) == pytest.approx(half)
     ed.undo(e0.id)  # e1 touched e0's entry later: not exactly removable, the editor replays
     assert ed.method.owner.tolist() == [e1.id]
     assert ed.method.eps.tolist() == [pytest.approx(1e6)]

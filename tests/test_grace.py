@@ -247,3 +247,38 @@ def test_random_streams_undone_in_place_equal_fresh_streams(small_world, case):
         probes = [(q, r.target) for r in reqs for q in (r.prompt, *r.rephrases)] + [p for r in reqs for p in r.locality]
         for p in probes:
             assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p
+
+
+def test_undo_logs_go_with_the_edits_and_a_store_with_logs_in_its_state_still_undoes(small_world, world_requests,
+                                                                                     tmp_path):
+    """The state written after each edit holds no undo log (it would grow with the store): each edit's log is one of
+    its artifacts, the in-place undo rewrites the logs it recomputes, and a reopened store has the same logs and
+    undoes as a fresh stream would. A store whose state held the logs (written before) reopens and undoes too."""
+    reqs = _conflicting_stream(world_requests)
+    kw = dict(method="grace", eps_init=5.0)
+    with Editor.open(small_world.path, store=tmp_path / "g.db", **kw) as ed:
+        edits = [ed.edit(r, check=False) for r in reqs]
+        ed.undo(edits[1].id)
+        ed.undo(edits[4].id)
+        logs = {e: dict(x) for e, x in ed.method.undo_log.items()}
+        assert "undo_log" not in ed.store.get_state()[1]
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as ed:
+        assert ed.method.undo_log == logs
+        # as a store written before the logs were artifacts: the logs in the state, none with the edits
+        tensors, meta = ed.store.get_state()
+        with ed.store.transaction():
+            ed.store.put_state(tensors, {**meta, "undo_log": {str(k): v for k, v in logs.items()}})
+            ed.store._db.execute("DELETE FROM artifacts WHERE name='log'")
+    kept = [k for k in range(len(reqs)) if k not in (1, 4, 8)]
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as ed, Editor.open(small_world.path, **kw) as fresh:
+        assert ed.method.undo_log == logs
+        ed.undo(edits[8].id)
+        assert "undo_log" in ed.store.get_state()[1]  # the logs not rewritten stay where they were
+        for k in kept:
+            fresh.edit(reqs[k], check=False)
+        assert ed.method.eps.tolist() == fresh.method.eps.tolist() and ed.method.labels == fresh.method.labels
+        probes = [(q, r.target) for r in reqs for q in (r.prompt, *r.rephrases)]
+        for p in probes:
+            assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as again:
+        assert again.method.undo_log == {e: x for e, x in ed.method.undo_log.items()}

@@ -121,7 +121,8 @@ class Grace(Routed):
         self.labels: list[str] = []
         self.subjects: list[str | None] = []  # the subject of each entry's edit (gate="subject"; None: ungated)
         self._gate_cache: SubjectGate | None = None  # for `subjects` as they are (rebuilt when they change)
-        self.undo_log: dict[int, dict[str, Any]] = {}
+        self.undo_log: dict[int, dict[str, Any]] = {}  # per held edit: what it created and changed (for undo)
+        self._logs_in_state: set[int] = set()  # edits whose logs a store from before the log artifacts holds
         self._keys_seen: dict[int, torch.Tensor] = {}
 
     def _row(self, owner: int) -> int:
@@ -389,11 +390,15 @@ class Grace(Routed):
     def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
         """The entry an edit created (fixed once written): key, values, span, and its radius then; an edit that
         created none (it widened an entry): its key (a replay reads it instead of recomputing it)."""
-        log = self.undo_log.get(edit_id, {})
-        if not log.get("created"):
-            return {"key": self._keys_seen[edit_id]} if edit_id in self._keys_seen else {}
+        log = self.undo_log.get(edit_id)
+        if log is None:
+            return {}
+        out = {"log": _log_to_tensor(log)}  # with the edit, not in the state: saving the state stays flat
+        if not log["created"]:
+            return {**out, "key": self._keys_seen[edit_id]} if edit_id in self._keys_seen else out
         r = self._row(edit_id)
-        return {"key": self.keys[r], "value": self.values[r], "eps": self.eps[r : r + 1], "span": self.span[r : r + 1]}
+        return {**out, "key": self.keys[r], "value": self.values[r], "eps": self.eps[r : r + 1],
+                "span": self.span[r : r + 1]}
 
     def remove(self, edit_id: int) -> bool:
         log = self.undo_log.get(edit_id)
@@ -427,6 +432,7 @@ class Grace(Routed):
             self.span = self.span[on_dev]
             self.owner, self.last_touch = self.owner[keep], self.last_touch[keep]
         del self.undo_log[edit_id]
+        self._logs_in_state.discard(edit_id)
         return True
 
     def undo_in_place(self, edit_id, edit_of, artifacts) -> dict[int, dict[str, torch.Tensor]] | None:
@@ -437,9 +443,12 @@ class Grace(Routed):
     # -- persistence ------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What later edits change: every entry's radius and last toucher, by owner, and its label (the entries'
-        keys and values are the edits' artifacts)."""
+        keys and values, and each edit's undo log, are the edits' artifacts; a store written before the logs were
+        kept there keeps its edits' logs here)."""
         tensors = {"eps": self.eps, "owner": self.owner, "last_touch": self.last_touch}
-        meta = {"labels": list(self.labels), "undo_log": {str(k): v for k, v in self.undo_log.items()}}
+        meta: dict[str, Any] = {"labels": list(self.labels)}
+        if self._logs_in_state:
+            meta["undo_log"] = {str(k): self.undo_log[k] for k in sorted(self._logs_in_state)}
         if any(s is not None for s in self.subjects):
             meta["subjects"] = list(self.subjects)
         return tensors, meta
@@ -448,7 +457,8 @@ class Grace(Routed):
         self.reset()
         if not tensors:
             return
-        self.undo_log = {int(k): v for k, v in meta["undo_log"].items()}
+        self.undo_log = {int(k): v for k, v in meta.get("undo_log", {}).items()}
+        self._logs_in_state = set(self.undo_log)
         self.labels = list(meta["labels"])
         self.subjects = list(meta.get("subjects", [None] * len(self.labels)))
         self._gate_cache = None
@@ -459,7 +469,12 @@ class Grace(Routed):
     def load_artifacts(self, held) -> None:
         """The entries, in the order of `owner` (an older store's state also held them whole: not read)."""
         order = self.owner.tolist()
-        arts = {eid: a for eid, a in held if eid in set(order)}
+        arts = {}
+        for eid, a in held:
+            if "log" in a:
+                self.undo_log[eid] = _log_from_tensor(a["log"])
+                self._logs_in_state.discard(eid)
+            arts[eid] = a
         missing = [e for e in order if not {"key", "value", "span"} <= set(arts.get(e, {}))]
         if missing:
             raise ValueError(f"stored GRACE edits {missing[:5]} lack their codebook entries")
@@ -474,14 +489,15 @@ class Grace(Routed):
     def checkpoint(self) -> Any:
         """Cheap: keys, values, span and owner are replaced, never written in place; radii and touches copied."""
         return self.keys, self.values, self.eps.clone(), self.span, self.owner, self.last_touch.clone(), \
-            list(self.labels), list(self.subjects), dict(self.undo_log)
+            list(self.labels), list(self.subjects), dict(self.undo_log), set(self._logs_in_state)
 
     def restore(self, checkpoint: Any) -> None:
-        keys, values, eps, span, owner, touch, labels, subjects, log = checkpoint
+        keys, values, eps, span, owner, touch, labels, subjects, log, in_state = checkpoint
         self.keys, self.values, self.span, self.owner, self.labels = keys, values, span, owner, list(labels)
         self.subjects = list(subjects)
         self._gate_cache = None
         self.eps, self.last_touch, self.undo_log = eps.clone(), touch.clone(), dict(log)
+        self._logs_in_state = set(in_state)
 
 
 @dataclass
@@ -492,6 +508,25 @@ class _Work:
     key: torch.Tensor
     trained: tuple | None
     spells: dict[tuple[int, float], bool] = field(default_factory=dict)
+
+
+def _log_to_tensor(log: dict[str, Any]) -> torch.Tensor:
+    """An edit's undo log as float64 (exact for ids and for float32 radii and distances): created, the nearest
+    entry's edit and its distance (NaN: none), whether the log has each of those two (a log from before they were
+    kept has not), then (entry, radius before, toucher before) per entry it changed."""
+    head = [float(log["created"])] + [float("nan") if log.get(k) is None else float(log[k]) for k in ("near", "dist")]
+    flags = [float("near" in log), float("dist" in log)]
+    return torch.tensor(head + flags + [float(x) for m in log["modified"] for x in m], dtype=torch.float64)
+
+
+def _log_from_tensor(t: torch.Tensor) -> dict[str, Any]:
+    v = t.tolist()
+    log: dict[str, Any] = {"created": bool(v[0]),
+                           "modified": [[int(v[i]), v[i + 1], int(v[i + 2])] for i in range(5, len(v), 3)]}
+    for name, x, present in (("near", v[1], v[3]), ("dist", v[2], v[4])):
+        if present:
+            log[name] = None if x != x else (int(x) if name == "near" else x)
+    return log
 
 
 _ALL_POSITIONS = 2**31 - 1  # GRACE's shared value replaces every position from the query on

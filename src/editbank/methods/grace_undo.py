@@ -146,7 +146,8 @@ class _Walk:
         g.labels, g.subjects, g.undo_log, g._gate_cache, g._keys_seen = list(labels), list(subjects), log, None, {}
 
     def recompute(self, m: int) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Edit m's decision in the stream without U: (its log, its artifacts); D takes what it changed."""
+        """Edit m's decision in the stream without U: (its log, its artifacts, the log among them); D takes what
+        it changed."""
         g, orig_log = self.g, self.g.undo_log[m]
         saved = (g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects)
         logs = g.undo_log
@@ -178,16 +179,15 @@ class _Walk:
                 self.diff.pop(o, None)
             else:
                 self.diff[o] = after.get(o)
-        return log, arts if m in self.diff or log["created"] != orig_log["created"] else None
+        return log, arts
 
     def run(self) -> dict[int, dict[str, torch.Tensor]]:
         g = self.g
         logs, rewritten = dict(g.undo_log), {}
         for m in self.later:
-            if self.affected(m, g.undo_log[m]):
-                logs[m], arts = self.recompute(m)
-                if arts is not None:  # its entry (or its having none) changed: the store's artifacts follow
-                    rewritten[m] = arts
+            if self.affected(m, g.undo_log[m]):  # its log (and maybe its entry) changes: the store's artifacts follow
+                logs[m], rewritten[m] = self.recompute(m)
         del logs[self.uid]
         self.set_codebook(self.codebook(None), logs)
+        g._logs_in_state -= {self.uid, *rewritten}  # their logs go with their artifacts now
         return rewritten
