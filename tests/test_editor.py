@@ -387,6 +387,28 @@ def test_grace_expand_widens_a_same_label_entry_and_undo_narrows_it(world_model,
     assert found, "no paraphrase in the first 10 requests was spelled by its entry's values"
 
 
+def test_a_replayed_edit_gets_the_stats_of_a_stream_without_the_undone_one(world_model, world_requests):
+    """FT-L replays the edits after an undone one: their stored stats become the replay's (a stream that never
+    received the undone edit), and the call's seconds stay."""
+    model, tok = world_model
+    a, b, c = world_requests[:3]
+    ed = Editor(model, tok, method="ft")
+    ed.edit(a, check=False)
+    undone = ed.edit(b, check=False)
+    before = ed.edit(c, check=False).stats
+    ed.undo(undone.id)
+    after = ed.store.get_edit(undone.id + 1).stats
+    ed.close()  # gives the model its base weights back
+    fresh = Editor(model, tok, method="ft")
+    fresh.edit(a, check=False)
+    want = fresh.edit(c, check=False).stats
+    assert after["loss"] == want["loss"] != before["loss"]
+    assert {k: v for k, v in after.items() if k not in ("seconds", "weight_drift")} == \
+        {k: v for k, v in want.items() if k not in ("seconds", "weight_drift")}
+    assert after["seconds"] == before["seconds"]
+    fresh.close()
+
+
 def test_snapshots_are_counted_since_the_last_one_under_batch_calls(world_model, world_requests):
     """Calls of 3 with snapshot_every=4 snapshot after 6 and 12 edits (a multiple-of-4 rule would wait for 12)."""
     model, tok = world_model

@@ -175,6 +175,11 @@ def test_an_undo_that_later_edits_read_is_done_in_place_and_equals_a_fresh_strea
                 assert len(ed.method.owner) == len(fresh.method.owner)
                 for p in probes:
                     assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), (i, p)
+                # every kept edit's stored stats are those of the stream without the undone ones (the recomputed
+                # edits' too), written verdict included
+                decision = ("action", "nearest_distance", "loss", "steps", "spelled", "spelled_at", "written")
+                got = [{k: v for k, v in ed.store.get_edit(edits[k].id).stats.items() if k in decision} for k in kept]
+                assert got == [{k: v for k, v in e.stats.items() if k in decision} for e in fresh.edits()], i
         assert len(outcomes) >= 3 and None not in outcomes, outcomes
         # the stored state reopens to the same codebook
         want = [_logits(ed, *p) for p in probes]

@@ -388,7 +388,8 @@ class Editor:
             failures)
 
     def undo(self, edit_id: int) -> Edit:
-        """Revert one edit: the model behaves as if it had never received it."""
+        """Revert one edit: the model behaves as if it had never received it, and the later edits the undo had to
+        recompute carry the stats, `written` verdict included, of a stream without it."""
         self._writable()
         edit = self.store.get_edit(edit_id)
         if edit.status not in ("active", "superseded"):
@@ -402,10 +403,13 @@ class Editor:
                     rewritten = self.method.undo_in_place(edit.id, self.store.get_edit, self.store.artifacts)
                     if rewritten is None:
                         carry = self.method.replay_carry()
-                        self._replay(exclude=edit.id)
+                        redone = self._replay(exclude=edit.id)
                         self.method.replay_restore(carry, edit.id, edit.request)
-                    for e, tensors in (rewritten or {}).items():
-                        self.store.put_artifacts(e, tensors)
+                    else:
+                        for e, (tensors, _) in rewritten.items():
+                            self.store.put_artifacts(e, tensors)
+                        redone = {e: stats for e, (_, stats) in rewritten.items()}
+                    self._restat(redone)
                 self.store.update_edit(edit.id, status="reverted")
                 self._save_state(snapshot=False)
         except BaseException:
@@ -413,6 +417,18 @@ class Editor:
             self._saved = {}
             raise
         return self.store.get_edit(edit.id)
+
+    def _restat(self, redone: dict[int, dict[str, Any]]) -> None:
+        """The later edits an undo recomputed (in place or by a replay) get the stats of their recomputation and a
+        new `written` verdict, checked on the model after the undo (an edit superseded keeps its own); their call's
+        `seconds` and `weight_drift`, and the supersede chain the editor keeps, stay as they were."""
+        edits = [self.store.get_edit(e) for e in redone]
+        live = [e for e in edits if e.status == "active"]
+        verdict = dict(zip((e.id for e in live), self._written(live)))
+        for e in edits:
+            kept = {k: e.stats[k] for k in ("seconds", "weight_drift", "supersedes") if k in e.stats}
+            new = {k: v for k, v in redone[e.id].items() if k != "supersedes"}
+            self.store.update_edit(e.id, stats={**new, **kept, "written": verdict.get(e.id, e.stats.get("written"))})
 
     def _unlink_supersedes(self, edit: Edit) -> None:
         """Take `edit` out of its supersede chain before it is undone.
@@ -434,8 +450,9 @@ class Editor:
     def edits(self, status: str | None = None) -> list[Edit]:
         return self.store.edits(status)
 
-    def _replay(self, exclude: int) -> None:
-        """Rebuild from the nearest snapshot before `exclude` and re-apply later active edits."""
+    def _replay(self, exclude: int) -> dict[int, dict[str, Any]]:
+        """Rebuild from the nearest snapshot before `exclude` and re-apply later active edits; returns the stats
+        each re-applied edit's call gave it."""
         snap = self.store.latest_snapshot_before(exclude)
         start = 0
         if snap is None:
@@ -450,6 +467,7 @@ class Editor:
         groups: dict[int, list[Edit]] = {}
         for e in todo:
             groups.setdefault(e.batch, []).append(e)
+        redone: dict[int, dict[str, Any]] = {}
         since = 0  # edits replayed since the last snapshot: the replay snapshots as the edits did, so the next
         # undo of a later edit replays from near it again
         for group in track(
@@ -461,13 +479,15 @@ class Editor:
                     self.method.pretrained(work):
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
             self._check_finite(stats, group, tensors={})  # the state's tensors once, after the loop
-            for e in group:  # keep the stored artifacts true to the rebuilt state
+            for e, st in zip(group, stats):  # keep the stored artifacts true to the rebuilt state
                 self.store.put_artifacts(e.id, self.method.artifacts(e.id))
+                redone[e.id] = st
             since += len(group)
             if self.method.snapshots and since >= self.snapshot_every and group[-1].id != todo[-1].id:
                 self.store.put_snapshot(group[-1].id, *self._state_tensors())
                 since = 0
         self._check_finite([], [])
+        return redone
 
     # -- state handling -----------------------------------------------------------------------
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -249,10 +249,12 @@ class Method:
         return False
 
     def undo_in_place(self, edit_id: int, edit_of: Callable[[int], Any],
-                      artifacts: Callable[[int], dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]] | None:
+                      artifacts: Callable[[int], dict[str, torch.Tensor]]
+                      ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None:
         """After `remove` returned False: an exact undo without a replay where the method can prove it, reading the
-        held edits (`edit_of(id)`, store rows) and their stored artifacts. Returns the artifacts of the later edits
-        it recomputed (the editor stores them), or None, changing nothing: replay."""
+        held edits (`edit_of(id)`, store rows) and their stored artifacts. Returns, for each later edit it
+        recomputed, its artifacts and the stats its recomputation gave (the editor stores both), or None, changing
+        nothing: replay."""
         return None
 
     def replay_carry(self) -> Any:

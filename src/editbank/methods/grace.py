@@ -435,7 +435,7 @@ class Grace(Routed):
         self._logs_in_state.discard(edit_id)
         return True
 
-    def undo_in_place(self, edit_id, edit_of, artifacts) -> dict[int, dict[str, torch.Tensor]] | None:
+    def undo_in_place(self, edit_id, edit_of, artifacts):
         """Undo an edit that later edits read without a replay: only the later edits whose decision the undo can
         change are recomputed (methods/grace_undo.py)."""
         return undo_in_place(self, edit_id, edit_of, artifacts)

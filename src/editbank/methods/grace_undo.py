@@ -34,7 +34,7 @@ State = tuple[float, int] | None
 
 
 def undo_in_place(g: Grace, uid: int, edit_of: Callable[[int], Any], artifacts: Callable[[int], dict]
-                  ) -> dict[int, dict[str, torch.Tensor]] | None:
+                  ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None:
     log_u = g.undo_log.get(uid)
     later = sorted(e for e in g.undo_log if e > uid)
     if log_u is None or any("dist" not in g.undo_log[e] for e in later):
@@ -146,8 +146,8 @@ class _Walk:
         g.labels, g.subjects, g.undo_log, g._gate_cache, g._keys_seen = list(labels), list(subjects), log, None, {}
 
     def recompute(self, m: int) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Edit m's decision in the stream without U: (its log, its artifacts, the log among them); D takes what
-        it changed."""
+        """Edit m's decision in the stream without U: (its log, (its artifacts, the log among them, and its
+        stats)); D takes what it changed."""
         g, orig_log = self.g, self.g.undo_log[m]
         saved = (g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects)
         logs = g.undo_log
@@ -156,7 +156,7 @@ class _Walk:
         try:
             work = g.replay_work([edit], self.artifacts) or {}
             with g.pretrained(work), torch.enable_grad():
-                g._apply_one(EditItem(m, edit.request))
+                stats = g._apply_one(EditItem(m, edit.request))
             log = g.undo_log[m]
             arts = {k: t.clone() for k, t in g.artifacts(m).items()}  # not views of the view's tensors
             touched = {m} | {o for o, _, _ in log["modified"]} | {o for o, _, _ in orig_log["modified"]}
@@ -179,9 +179,9 @@ class _Walk:
                 self.diff.pop(o, None)
             else:
                 self.diff[o] = after.get(o)
-        return log, arts
+        return log, (arts, stats)
 
-    def run(self) -> dict[int, dict[str, torch.Tensor]]:
+    def run(self) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         g = self.g
         logs, rewritten = dict(g.undo_log), {}
         for m in self.later:
