@@ -389,15 +389,21 @@ def test_grace_expand_widens_a_same_label_entry_and_undo_narrows_it(world_model,
 
 def test_a_replayed_edit_gets_the_stats_of_a_stream_without_the_undone_one(world_model, world_requests):
     """FT-L replays the edits after an undone one: their stored stats become the replay's (a stream that never
-    received the undone edit), and the call's seconds stay."""
+    received the undone edit), written verdict included, and the call's seconds stay; an edit before the undone one
+    keeps its verdict (here a later edit of the same prompt overwrote its answer, as in the fresh stream)."""
+    import dataclasses
+
     model, tok = world_model
-    a, b, c = world_requests[:3]
+    a, b = world_requests[:2]
+    c = dataclasses.replace(a, target=world_requests[2].target)
     ed = Editor(model, tok, method="ft")
-    ed.edit(a, check=False)
+    first = ed.edit(a, check=False)
     undone = ed.edit(b, check=False)
-    before = ed.edit(c, check=False).stats
+    last = ed.edit(c, check=False)
+    before = last.stats
     ed.undo(undone.id)
-    after = ed.store.get_edit(undone.id + 1).stats
+    after = ed.store.get_edit(last.id).stats
+    assert ed.store.get_edit(first.id).stats["written"] is True
     ed.close()  # gives the model its base weights back
     fresh = Editor(model, tok, method="ft")
     fresh.edit(a, check=False)
@@ -406,6 +412,7 @@ def test_a_replayed_edit_gets_the_stats_of_a_stream_without_the_undone_one(world
     assert {k: v for k, v in after.items() if k not in ("seconds", "weight_drift")} == \
         {k: v for k, v in want.items() if k not in ("seconds", "weight_drift")}
     assert after["seconds"] == before["seconds"]
+    assert [e.stats["written"] for e in fresh.edits()] == [True, True]
     fresh.close()
 
 

@@ -287,3 +287,59 @@ def test_undo_logs_go_with_the_edits_and_a_store_with_logs_in_its_state_still_un
             assert torch.equal(_logits(ed, *p), _logits(fresh, *p)), p
     with Editor.open(small_world.path, store=tmp_path / "g.db") as again:
         assert again.method.undo_log == {e: x for e, x in ed.method.undo_log.items()}
+
+
+@pytest.mark.parametrize("same_target", [False, True])
+def test_an_undo_that_changes_what_a_later_edit_supersedes_leaves_the_statuses_of_a_fresh_stream(
+        small_world, world_requests, same_target):
+    """A, then U (A's prompt, another target: it supersedes A), then C (A's prompt, with A's target or U's). Undoing U
+    recomputes C: with A's target it widens A's entry (A answers again), with U's it supersedes A. Statuses, actions
+    and what each edit supersedes equal a fresh stream of A and C."""
+    import dataclasses
+
+    a = world_requests[0]
+    u = dataclasses.replace(a, target=world_requests[2].target)
+    c = dataclasses.replace(a, target=u.target if same_target else a.target)
+    kw = dict(method="grace", eps_init=5.0)
+
+    def seen(ed):  # supersedes as positions among the kept edits (the two streams number them differently)
+        ids = [e.id for e in ed.edits() if e.status != "reverted"]
+        return [(e.status, e.stats["action"], [ids.index(o) for o in e.stats.get("supersedes", [])],
+                 e.stats["written"]) for e in ed.edits() if e.status != "reverted"]
+
+    with Editor.open(small_world.path, **kw) as ed, Editor.open(small_world.path, **kw) as fresh:
+        eu = [ed.edit(r, check=False) for r in (a, u, c)][1]
+        ed.undo(eu.id)
+        for r in (a, c):
+            fresh.edit(r, check=False)
+        assert seen(ed) == seen(fresh)
+        assert ed.method.eps.tolist() == fresh.method.eps.tolist()
+
+
+def test_an_edit_recomputed_twice_keeps_the_stats_and_artifacts_of_its_latest_decision(small_world):
+    """A, U (A's prompt, another target), M (a rephrase of A with A's target: a new entry or a split). Undoing U makes
+    M widen A's entry instead (its stored entry goes); undoing A then makes M add its own entry again: its stats and
+    values are a fresh stream's of M alone."""
+    import dataclasses
+
+    reqs = small_world.edit_requests(n=20, seed=0)
+    kw = dict(method="grace", eps_init=5.0)
+    for a, phrase in ((r, p) for r in reqs[:6] for p in r.rephrases[:3]):
+        u, m = dataclasses.replace(a, target=reqs[10].target), dataclasses.replace(a, prompt=phrase)
+        with Editor.open(small_world.path, **kw) as ed:
+            ea, eu, em = (ed.edit(r, check=False) for r in (a, u, m))
+            if em.stats["action"] not in ("new", "split"):
+                continue
+            ed.undo(eu.id)
+            if ed.store.get_edit(em.id).stats["action"] != "expand":
+                continue
+            assert sorted(ed.store.artifacts(em.id)) == ["key", "log"]  # its entry's values are gone from the store
+            ed.undo(ea.id)
+            got = ed.store.get_edit(em.id).stats
+            with Editor.open(small_world.path, **kw) as fresh:
+                want = fresh.edit(m, check=False).stats
+                assert torch.equal(ed.method.values, fresh.method.values)
+            keys = ("action", "loss", "steps", "written")
+            assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+            return
+    pytest.fail("no rephrase split from its edit's entry and then widened it")

@@ -315,11 +315,7 @@ class Editor:
                 elapsed = time.perf_counter() - t0
                 state = self._state_tensors()  # once per call: checked here, saved below
                 self._check_finite(stats, edits, state[0])
-                # an edit a later request of the same call superseded cannot answer; it is not checked (None)
-                gone = {o for s in stats for o in s.get("supersedes", [])} & {e.id for e in edits}
-                live = [e for e in edits if e.id not in gone]
-                verdict = dict(zip((e.id for e in live), self._written(live)))
-                written = [verdict.get(e.id) for e in edits]
+                written = self._verdicts(edits, stats)
                 if check and not all(w is not False for w in written):
                     raise self._not_written(edits, stats, written)
                 drift = self._weight_drift()
@@ -364,6 +360,14 @@ class Editor:
         if self.read_only:
             raise ValueError("this editor was opened read-only (read_only=True): it cannot edit or undo")
 
+    def _verdicts(self, edits: list[Edit], stats: list[dict[str, Any]]) -> list[bool | None]:
+        """Each edit of a call just applied: does it take (`_written`)? An edit a later request of the same call
+        superseded cannot answer; it is not checked (None)."""
+        gone = {o for s in stats for o in s.get("supersedes", [])} & {e.id for e in edits}
+        live = [e for e in edits if e.id not in gone]
+        verdict = dict(zip((e.id for e in live), self._written(live)))
+        return [verdict.get(e.id) for e in edits]
+
     def _written(self, edits: list[Edit]) -> list[bool]:
         """Does the model now answer each edit's target after its prompt (greedy exact match)?"""
         from .evaluate.metrics import score_pairs
@@ -407,7 +411,7 @@ class Editor:
                         self.method.replay_restore(carry, edit.id, edit.request)
                     else:
                         for e, (tensors, _) in rewritten.items():
-                            self.store.put_artifacts(e, tensors)
+                            self.store.put_artifacts(e, tensors, replace=True)
                         redone = {e: stats for e, (_, stats) in rewritten.items()}
                     self._restat(redone)
                 self.store.update_edit(edit.id, status="reverted")
@@ -419,16 +423,26 @@ class Editor:
         return self.store.get_edit(edit.id)
 
     def _restat(self, redone: dict[int, dict[str, Any]]) -> None:
-        """The later edits an undo recomputed (in place or by a replay) get the stats of their recomputation and a
-        new `written` verdict, checked on the model after the undo (an edit superseded keeps its own); their call's
-        `seconds` and `weight_drift`, and the supersede chain the editor keeps, stay as they were."""
+        """The later edits an undo recomputed (in place or by a replay) get the stats of their recomputation: what
+        they supersede (the statuses follow: an edit its recomputation no longer supersedes is active again) and
+        their `written` verdict. A replay checks that verdict after each call, as the edits' own calls did; an undo in
+        place has none, so it is checked on the model after the undo (an edit superseded keeps its own). Their
+        call's `seconds` and `weight_drift` stay."""
         edits = [self.store.get_edit(e) for e in redone]
-        live = [e for e in edits if e.status == "active"]
+        for e in edits:
+            old, chain = e.stats.get("supersedes", []), redone[e.id].get("supersedes", [])
+            for o in old:
+                if o not in chain and self.store.get_edit(o).status == "superseded":
+                    self.store.update_edit(o, status="active")
+            for o in chain:
+                if o not in old:
+                    self.store.update_edit(o, status="superseded")
+        live = [e for e in map(self.store.get_edit, redone) if e.status == "active" and "written" not in redone[e.id]]
         verdict = dict(zip((e.id for e in live), self._written(live)))
         for e in edits:
-            kept = {k: e.stats[k] for k in ("seconds", "weight_drift", "supersedes") if k in e.stats}
-            new = {k: v for k, v in redone[e.id].items() if k != "supersedes"}
-            self.store.update_edit(e.id, stats={**new, **kept, "written": verdict.get(e.id, e.stats.get("written"))})
+            stats = {**redone[e.id], **{k: e.stats[k] for k in ("seconds", "weight_drift") if k in e.stats}}
+            stats.setdefault("written", verdict.get(e.id, e.stats.get("written")))
+            self.store.update_edit(e.id, stats=stats)
 
     def _unlink_supersedes(self, edit: Edit) -> None:
         """Take `edit` out of its supersede chain before it is undone.
@@ -452,7 +466,7 @@ class Editor:
 
     def _replay(self, exclude: int) -> dict[int, dict[str, Any]]:
         """Rebuild from the nearest snapshot before `exclude` and re-apply later active edits; returns the stats
-        each re-applied edit's call gave it."""
+        each re-applied edit after `exclude` got from its call, with the call's `written` verdict."""
         snap = self.store.latest_snapshot_before(exclude)
         start = 0
         if snap is None:
@@ -479,9 +493,12 @@ class Editor:
                     self.method.pretrained(work):
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
             self._check_finite(stats, group, tensors={})  # the state's tensors once, after the loop
-            for e, st in zip(group, stats):  # keep the stored artifacts true to the rebuilt state
-                self.store.put_artifacts(e.id, self.method.artifacts(e.id))
-                redone[e.id] = st
+            if group[-1].id > exclude:  # (the edits before `exclude` come back as they were, bitwise)
+                for e, st, ok in zip(group, stats, self._verdicts(group, stats)):
+                    if e.id > exclude:
+                        redone[e.id] = {**st, "written": ok}
+            for e in group:  # keep the stored artifacts true to the rebuilt state
+                self.store.put_artifacts(e.id, self.method.artifacts(e.id), replace=True)
             since += len(group)
             if self.method.snapshots and since >= self.snapshot_every and group[-1].id != todo[-1].id:
                 self.store.put_snapshot(group[-1].id, *self._state_tensors())

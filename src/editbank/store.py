@@ -360,7 +360,10 @@ class EditStore:
         return row[0]
 
     # -- artifacts ----------------------------------------------------------------------------
-    def put_artifacts(self, edit_id: int, tensors: dict[str, torch.Tensor]) -> None:
+    def put_artifacts(self, edit_id: int, tensors: dict[str, torch.Tensor], replace: bool = False) -> None:
+        """Store an edit's artifacts by name (`replace`: they are all it has; any other name it had goes)."""
+        if replace:
+            self._db.execute("DELETE FROM artifacts WHERE edit_id=?", (edit_id,))
         for name, t in tensors.items():
             self._db.execute(
                 "INSERT OR REPLACE INTO artifacts(edit_id, name, data) VALUES (?, ?, ?)",
