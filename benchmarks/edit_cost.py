@@ -10,13 +10,15 @@ Printed per method:
   most 1.3 for the routed methods);
 - seconds per undo at T = 100 and at T = `--edits` (the mean of `--undos` undos of random held edits, each
   followed by the same edit again so the stream goes on unchanged), their ratio, how many of those undos the
-  method did in place (`undo_in_place`: GRACE recomputes only the later edits the undo can change), how many the
+  method did in place (`undo_in_place`: GRACE recomputes only the later edits the undo can change) and their own
+  mean seconds (the share of undos done in place grows with T, and they cost more than a removal), how many the
   editor did by replay and how many edits each re-applied on average (a replay re-applies every held edit after
   the last snapshot before the undone one: an undo of an early edit replays the stream after it);
 - the store's size per edit.
 
     python benchmarks/edit_cost.py                            # grace, sola, wise, repair, ft; 1000 edits
     python benchmarks/edit_cost.py --methods grace --edits 200 --window 20
+    python benchmarks/edit_cost.py --methods wise --edits 300 --cpu-time   # beside other jobs: CPU seconds
 """
 
 from __future__ import annotations
@@ -48,11 +50,14 @@ def requests_for(world: World, n: int) -> list[EditRequest]:
     return out
 
 
-def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float, int, float]:
+CLOCK = time.perf_counter  # `--cpu-time`: time.process_time (this process's CPU seconds: steady beside other jobs)
+
+
+def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float, int, float, float]:
     """Mean seconds of k undos of random held edits (each re-edited after), how many the editor did by replay, the
-    mean number of edits those replays re-applied, how many the method did in place (`undo_in_place`) and the mean
-    number of later edits those recomputed."""
-    seconds, exact, applied, walked = [], [], [], []
+    mean number of edits those replays re-applied, how many the method did in place (`undo_in_place`), the mean
+    number of later edits those recomputed and their mean seconds (NaN: none)."""
+    seconds, exact, applied, walked, in_place = [], [], [], [], []
     remove, apply, walk = ed.method.remove, ed.method.apply, ed.method.undo_in_place
     ed.method.remove = lambda eid: exact.append(remove(eid)) or exact[-1]  # False: in place, or a replay
 
@@ -73,9 +78,12 @@ def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float
     try:
         for _ in range(k):
             e = rng.choice(ed.edits("active"))
-            t0 = time.perf_counter()
+            t0 = CLOCK()
+            before = len(walked)
             ed.undo(e.id)
-            seconds.append(time.perf_counter() - t0)
+            seconds.append(CLOCK() - t0)
+            if len(walked) > before:
+                in_place.append(seconds[-1])
             ed.method.apply = apply
             ed.edit(e.request, check=False)
             ed.method.apply = lambda items: applied.append(len(items)) or apply(items)
@@ -84,7 +92,7 @@ def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float
         if one is not None:
             ed.method._apply_one = one
     return (statistics.mean(seconds), exact.count(False) - len(walked), sum(applied) / k, len(walked),
-            statistics.mean(walked) if walked else 0.0)
+            statistics.mean(walked) if walked else 0.0, statistics.mean(in_place) if in_place else float("nan"))
 
 
 def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> dict:
@@ -97,13 +105,13 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
                          **{**preset, **hp})
         ed.method.prepare()  # calibration is one-time work, not an edit's cost
         times: list[float] = []
-        undo: dict[int, tuple[float, int, float, int, float]] = {}
+        undo: dict[int, tuple[float, int, float, int, float, float]] = {}
         marks = sorted({min(100, len(reqs)), len(reqs)})
         for i in range(0, len(reqs), args.batch):
             chunk = reqs[i : i + args.batch]
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             ed.edit(chunk, check=False)
-            times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
+            times += [(CLOCK() - t0) / len(chunk)] * len(chunk)
             done = i + len(chunk)
             if done in marks:
                 undo[done] = undo_cost(ed, rng, args.undos)
@@ -113,10 +121,10 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
         size = sum(f.stat().st_size for f in Path(tmp).glob("cost.db*"))
     w = args.window
     first, last = statistics.mean(times[:w]), statistics.mean(times[-w:])
-    (u1, r1, a1, w1, c1), (u2, r2, a2, w2, c2) = undo[min(undo)], undo[max(undo)]
+    (u1, r1, a1, w1, c1, s1), (u2, r2, a2, w2, c2, s2) = undo[min(undo)], undo[max(undo)]
     return {"method": method, "first": first, "last": last, "ratio": last / first, "undo": (u1, u2),
             "undo_ratio": u2 / u1, "replays": (r1, r2), "reapplied": (a1, a2), "in_place": (w1, w2),
-            "recomputed": (c1, c2), "bytes_per_edit": size / len(reqs)}
+            "recomputed": (c1, c2), "in_place_seconds": (s1, s2), "bytes_per_edit": size / len(reqs)}
 
 
 def main() -> None:
@@ -131,7 +139,11 @@ def main() -> None:
     p.add_argument("--no-presets", action="store_true", help="the methods' defaults, not their world presets")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--cpu-time", action="store_true", help="CPU seconds of this process instead of wall seconds "
+                   "(one thread: the same work, steady when other jobs share the cores)")
     args = p.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     world = World.build(args.world, progress=False)
     reqs = requests_for(world, args.edits)
@@ -140,15 +152,17 @@ def main() -> None:
         m, _, kv = item.partition(":")
         hps.setdefault(m, {}).update(parse_hp([kv]))
     print(f"world {args.world}, {args.edits} edits in calls of {args.batch}, window {args.window}, "
-          f"{args.undos} undos at each T, {args.threads} thread(s)")
+          f"{args.undos} undos at each T, {args.threads} thread(s), {'CPU' if args.cpu_time else 'wall'} seconds")
     print("| method | s/edit 1..W | s/edit last W | ratio | s/undo T=100 | s/undo T=max | ratio | undos in place "
-          "(edits recomputed per undo) | undos replayed | edits re-applied per undo | store bytes/edit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "(edits recomputed per undo) | s/undo in place T=100, T=max | undos replayed | edits re-applied per undo | "
+          "store bytes/edit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.methods.split(","):
         r = run(m, world, reqs, args, hps.get(m, {}))
         print(f"| {m} | {r['first']:.4f} | {r['last']:.4f} | {r['ratio']:.2f} | {r['undo'][0]:.4f} | "
               f"{r['undo'][1]:.4f} | {r['undo_ratio']:.2f} | {r['in_place'][0]}, {r['in_place'][1]} of {args.undos} "
               f"({r['recomputed'][0]:.1f}, {r['recomputed'][1]:.1f}) | "
+              f"{r['in_place_seconds'][0]:.4f}, {r['in_place_seconds'][1]:.4f} | "
               f"{r['replays'][0]}, {r['replays'][1]} of "
               f"{args.undos} | {r['reapplied'][0]:.0f}, {r['reapplied'][1]:.0f} | {r['bytes_per_edit']:,.0f} |",
               flush=True)
