@@ -289,17 +289,18 @@ def test_undo_logs_go_with_the_edits_and_a_store_with_logs_in_its_state_still_un
         assert again.method.undo_log == {e: x for e, x in ed.method.undo_log.items()}
 
 
-@pytest.mark.parametrize("same_target", [False, True])
-def test_an_undo_that_changes_what_a_later_edit_supersedes_leaves_the_statuses_of_a_fresh_stream(
-        small_world, world_requests, same_target):
-    """A, then U (A's prompt, another target: it supersedes A), then C (A's prompt, with A's target or U's). Undoing U
-    recomputes C: with A's target it widens A's entry (A answers again), with U's it supersedes A. Statuses, actions
-    and what each edit supersedes equal a fresh stream of A and C."""
+@pytest.mark.parametrize("targets, undo", [("AUA", 1), ("AUU", 1), ("AUUA", 1)])
+def test_an_undo_that_changes_what_later_edits_supersede_leaves_the_statuses_of_a_fresh_stream(
+        small_world, world_requests, targets, undo):
+    """Edits of one prompt with targets A or U in the order given; undoing one of them recomputes the later ones
+    (with "AUA" the last widens A's entry instead of superseding U's, with "AUU" the last supersedes A, with "AUUA" the
+    last supersedes A again). Statuses, actions, what each edit supersedes and the verdicts equal a fresh stream of
+    the kept edits, and so does the codebook."""
     import dataclasses
 
     a = world_requests[0]
-    u = dataclasses.replace(a, target=world_requests[2].target)
-    c = dataclasses.replace(a, target=u.target if same_target else a.target)
+    pick = {"A": a, "U": dataclasses.replace(a, target=world_requests[2].target)}
+    reqs = [pick[t] for t in targets]
     kw = dict(method="grace", eps_init=5.0)
 
     def seen(ed):  # supersedes as positions among the kept edits (the two streams number them differently)
@@ -308,9 +309,9 @@ def test_an_undo_that_changes_what_a_later_edit_supersedes_leaves_the_statuses_o
                  e.stats["written"]) for e in ed.edits() if e.status != "reverted"]
 
     with Editor.open(small_world.path, **kw) as ed, Editor.open(small_world.path, **kw) as fresh:
-        eu = [ed.edit(r, check=False) for r in (a, u, c)][1]
-        ed.undo(eu.id)
-        for r in (a, c):
+        edits = [ed.edit(r, check=False) for r in reqs]
+        ed.undo(edits[undo].id)
+        for r in reqs[:undo] + reqs[undo + 1 :]:
             fresh.edit(r, check=False)
         assert seen(ed) == seen(fresh)
         assert ed.method.eps.tolist() == fresh.method.eps.tolist()

@@ -423,25 +423,23 @@ class Editor:
         return self.store.get_edit(edit.id)
 
     def _restat(self, redone: dict[int, dict[str, Any]]) -> None:
-        """The later edits an undo recomputed (in place or by a replay) get the stats of their recomputation: what
-        they supersede (the statuses follow: an edit its recomputation no longer supersedes is active again) and
-        their `written` verdict. A replay checks that verdict after each call, as the edits' own calls did; an undo in
-        place has none, so it is checked on the model after the undo (an edit superseded keeps its own). Their
+        """The edits an undo recomputed (in place, or by a replay: the edits after the undone one and those of its
+        call) get the stats of their recomputation, with what they supersede (the statuses follow: an edit that no
+        recomputed edit supersedes any more answers again and is active). `written` is a call's verdict: a replay
+        checks it after each call, as the edits' own calls did; an undo in place keeps the verdict of the edit's own
+        call (a check after the undo would also judge later edits, which a fresh stream's check does not). The
         call's `seconds` and `weight_drift` stay."""
         edits = [self.store.get_edit(e) for e in redone]
+        now = {o for e in edits for o in redone[e.id].get("supersedes", [])}
         for e in edits:
-            old, chain = e.stats.get("supersedes", []), redone[e.id].get("supersedes", [])
-            for o in old:
-                if o not in chain and self.store.get_edit(o).status == "superseded":
+            for o in e.stats.get("supersedes", []):
+                if o not in now and self.store.get_edit(o).status == "superseded":
                     self.store.update_edit(o, status="active")
-            for o in chain:
-                if o not in old:
-                    self.store.update_edit(o, status="superseded")
-        live = [e for e in map(self.store.get_edit, redone) if e.status == "active" and "written" not in redone[e.id]]
-        verdict = dict(zip((e.id for e in live), self._written(live)))
+        for o in now:
+            self.store.update_edit(o, status="superseded")
         for e in edits:
             stats = {**redone[e.id], **{k: e.stats[k] for k in ("seconds", "weight_drift") if k in e.stats}}
-            stats.setdefault("written", verdict.get(e.id, e.stats.get("written")))
+            stats.setdefault("written", e.stats.get("written"))
             self.store.update_edit(e.id, stats=stats)
 
     def _unlink_supersedes(self, edit: Edit) -> None:
@@ -466,7 +464,8 @@ class Editor:
 
     def _replay(self, exclude: int) -> dict[int, dict[str, Any]]:
         """Rebuild from the nearest snapshot before `exclude` and re-apply later active edits; returns the stats
-        each re-applied edit after `exclude` got from its call, with the call's `written` verdict."""
+        each re-applied edit of `exclude`'s call or a later one got from its call, with the call's `written`
+        verdict."""
         snap = self.store.latest_snapshot_before(exclude)
         start = 0
         if snap is None:
@@ -478,6 +477,7 @@ class Editor:
         # superseded edits are replayed too (their successors supersede them again), so that undoing a
         # successor later finds them in the method's state
         todo = [e for e in self.store.edits() if e.status in HELD and e.id > start and e.id != exclude]
+        call = self.store.get_edit(exclude).batch  # the undone edit's call: replayed without it
         groups: dict[int, list[Edit]] = {}
         for e in todo:
             groups.setdefault(e.batch, []).append(e)
@@ -493,10 +493,9 @@ class Editor:
                     self.method.pretrained(work):
                 stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in group])
             self._check_finite(stats, group, tensors={})  # the state's tensors once, after the loop
-            if group[-1].id > exclude:  # (the edits before `exclude` come back as they were, bitwise)
+            if group[-1].id > exclude or group[0].batch == call:  # (earlier calls come back as they were, bitwise)
                 for e, st, ok in zip(group, stats, self._verdicts(group, stats)):
-                    if e.id > exclude:
-                        redone[e.id] = {**st, "written": ok}
+                    redone[e.id] = {**st, "written": ok}
             for e in group:  # keep the stored artifacts true to the rebuilt state
                 self.store.put_artifacts(e.id, self.method.artifacts(e.id), replace=True)
             since += len(group)
