@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from rich.console import Console
@@ -358,6 +359,71 @@ def repair_batch_section(out: Path) -> list[str]:
             f"scripts/results.py --runs {','.join(missing)}`)." if missing else ""), ""] + body
 
 
+# REPAIR's mechanisms ablated with benchmarks/wise_repair.py (its --json lines, one file per schedule, committed under
+# results/repair-ablation/): what each file is, and the command that wrote it
+REPAIR_ABLATIONS = {
+    "every-fact-mask05": (
+        "T = every editable fact, REPAIR with WISE's mask (0.5) and without merge_fit, so that the "
+        "paper's mechanisms act (at REPAIR's preset, mask 0.2 with merge_fit, feedback has nothing to recover: "
+        "docs/methods/wise_repair.md); each row turns one mechanism off. One stream per world, calls of 32, final "
+        "model, seed 0",
+        'python benchmarks/wise_repair.py --worlds W --T 1000 --configs "repair -merge fit,repair -feedback,repair '
+        '-batching,repair -distillation,repair -loss-aware merge,repair -progressive" --hp mask_ratio=0.5 --hp '
+        "merge_fit=false --ablation-T 0 --undo-fraction 0 --json"),
+}
+REPAIR_ROW_NAMES = {"repair -merge fit": "REPAIR, all mechanisms (the base of this table)"}
+FIRED = (("triggers", "feedback triggers"), ("recovered", "edits recovered"), ("given_up", "given up"),
+         ("reclustered", "re-clustered"), ("merges_weighted", "weighted merges"), ("decays", "strength decays"))
+
+
+def repair_ablation_section(out: Path) -> list[str]:
+    """REPAIR's paper mechanisms, each off in turn, on the held-out suite (issue 23)."""
+    lines = ["## REPAIR's mechanisms, each off in turn (issue 23)", ""]
+    for name, (what, command) in REPAIR_ABLATIONS.items():
+        path = out / "repair-ablation" / f"{name}.jsonl"
+        if not path.exists():
+            continue
+        figs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        worlds = list(dict.fromkeys(f["world"] for f in figs))
+        configs = list(dict.fromkeys(f["config"] for f in figs))
+        cell = {(f["world"], f["config"]): f for f in figs}
+        lines += [f"{what}. Protocol `greedy_exact_match`; rel / gen / loc (OP) per world, OP mean ± sample standard "
+                  "deviation over the worlds measured; the configuration of each row is the base's with the mechanism "
+                  f"named off. `{command}` (W per world), this machine's builds of the worlds; "
+                  f"`{path.relative_to(ROOT)}` holds the figures, firing counts included.", "",
+                  "| configuration | " + " | ".join(f"{w}, T = {next(f['T'] for f in figs if f['world'] == w)}"
+                                                   for w in worlds) + " | OP mean ± sd | OP vs the base |",
+                  "|---|" + "---|" * (len(worlds) + 2)]
+        base = configs[0]
+        for c in configs:
+            ops = [cell[(w, c)]["OP"] for w in worlds if (w, c) in cell]
+            row = [REPAIR_ROW_NAMES.get(c, c)]
+            for w in worlds:
+                f = cell.get((w, c))
+                row.append("" if f is None else f"{f['reliability']:.3f} / {f['generalization']:.3f} / "
+                           f"{f['locality']:.3f} ({f['OP']:.3f})")
+            done = len(ops) == len(worlds)
+            sd = f" ± {statistics.stdev(ops):.3f}" if done and len(ops) > 1 else ""
+            row.append(f"{statistics.mean(ops):.3f}{sd}" if done else "(not every world)")
+            deltas = [cell[(w, c)]["OP"] - cell[(w, base)]["OP"] for w in worlds
+                      if (w, c) in cell and (w, base) in cell]
+            row.append("" if c == base or not done else f"{statistics.mean(deltas):+.3f} (" +
+                       ", ".join(f"{d:+.3f}" for d in deltas) + ")")
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "How often each mechanism fired over the stream (per world, in the order of the columns above):",
+                  "", "| configuration | " + " | ".join(label for _, label in FIRED) + " |",
+                  "|---|" + "---|" * len(FIRED)]
+        for c in configs:
+            got = [cell[(w, c)]["fired"] for w in worlds if (w, c) in cell]
+            lines.append(f"| {REPAIR_ROW_NAMES.get(c, c)} | " + " | ".join(
+                " / ".join(str(round(g.get(k, 0))) for g in got) for k, _ in FIRED) + " |")
+        lines.append("")
+    if len(lines) == 2:
+        return []
+    return lines + ["The ablation at T = 100 with REPAIR's preset (merge_fit on) is in docs/methods/wise_repair.md.",
+                    ""]
+
+
 def norm_prob_section(out: Path) -> list[str]:
     """The norm-control runs again, scored by prob_preference (CounterFact's measure)."""
     variants = {"off": "without norm control, prob_preference", "on": "with norm control, prob_preference"}
@@ -446,6 +512,7 @@ def write_results(out: Path) -> None:
     lines += norm_memit_section(out)
     lines += norm_prob_section(out)
     lines += repair_batch_section(out)
+    lines += repair_ablation_section(out)
     lines += PUBLISHED.read_text(encoding="utf-8").splitlines()
     (ROOT / "RESULTS.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
