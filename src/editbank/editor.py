@@ -392,8 +392,8 @@ class Editor:
             failures)
 
     def undo(self, edit_id: int) -> Edit:
-        """Revert one edit: the model behaves as if it had never received it, and the later edits the undo had to
-        recompute carry the stats, `written` verdict included, of a stream without it."""
+        """Revert one edit: the model behaves as if it had never received it, and the edits the undo had to
+        recompute carry the stats of a stream without it (`_restat`)."""
         self._writable()
         edit = self.store.get_edit(edit_id)
         if edit.status not in ("active", "superseded"):

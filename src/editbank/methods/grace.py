@@ -388,8 +388,9 @@ class Grace(Routed):
         return {**stats, "loss": loss, "steps": steps}
 
     def artifacts(self, edit_id: int) -> dict[str, torch.Tensor]:
-        """The entry an edit created (fixed once written): key, values, span, and its radius then; an edit that
-        created none (it widened an entry): its key (a replay reads it instead of recomputing it)."""
+        """The edit's undo log ("log") and the entry it created: key, values, span, and its radius then; an edit
+        that created none (it widened an entry): its key (a replay reads it instead of recomputing it). An undo in
+        place rewrites them for the edits it recomputes."""
         log = self.undo_log.get(edit_id)
         if log is None:
             return {}

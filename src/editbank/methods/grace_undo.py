@@ -145,7 +145,7 @@ class _Walk:
         g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, labels, subjects = book
         g.labels, g.subjects, g.undo_log, g._gate_cache, g._keys_seen = list(labels), list(subjects), log, None, {}
 
-    def recompute(self, m: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    def recompute(self, m: int) -> tuple[dict, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         """Edit m's decision in the stream without U: (its log, (its artifacts, the log among them, and its
         stats)); D takes what it changed."""
         g, orig_log = self.g, self.g.undo_log[m]
