@@ -371,7 +371,13 @@ REPAIR_ABLATIONS = {
         '-batching,repair -distillation,repair -loss-aware merge,repair -progressive" --hp mask_ratio=0.5 --hp '
         "merge_fit=false --ablation-T 0 --undo-fraction 0 --json"),
 }
-REPAIR_ROW_NAMES = {"repair -merge fit": "REPAIR, all mechanisms (the base of this table)"}
+REPAIR_ROW_NAMES = {"repair -merge fit": "REPAIR, all mechanisms (the base of this table)",
+                    "repair -feedback": "- closed-loop feedback",
+                    "repair -batching": "- distribution-aware batching (batches in call order; the base deals them "
+                                        "\"spread\")",
+                    "repair -distillation": "- in-batch distillation",
+                    "repair -loss-aware merge": "- loss-aware merge weights (equal weights)",
+                    "repair -progressive": "- progressive intervention"}
 FIRED = (("triggers", "feedback triggers"), ("recovered", "edits recovered"), ("given_up", "given up"),
          ("reclustered", "re-clustered"), ("merges_weighted", "weighted merges"), ("decays", "strength decays"))
 
@@ -384,7 +390,8 @@ def repair_ablation_section(out: Path) -> list[str]:
         if not path.exists():
             continue
         figs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        worlds = list(dict.fromkeys(f["world"] for f in figs))
+        order = list(WORLD_NOTES)  # the suite's order
+        worlds = sorted(dict.fromkeys(f["world"] for f in figs), key=lambda w: order.index(w) if w in order else 99)
         configs = list(dict.fromkeys(f["config"] for f in figs))
         cell = {(f["world"], f["config"]): f for f in figs}
         lines += [f"{what}. Protocol `greedy_exact_match`; rel / gen / loc (OP) per world, OP mean ± sample standard "
