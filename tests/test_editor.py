@@ -416,6 +416,23 @@ def test_a_replayed_edit_gets_the_stats_of_a_stream_without_the_undone_one(world
     fresh.close()
 
 
+def test_undoing_one_edit_of_a_call_gives_its_call_mates_the_stats_of_the_call_without_it(world_model,
+                                                                                            world_requests):
+    """FT-L, one call of two edits; undoing the second replays the call without it: the first edit's stats (its loss,
+    steps and verdict) become those of a fresh call of it alone."""
+    model, tok = world_model
+    ed = Editor(model, tok, method="ft")
+    kept, undone = ed.edit(world_requests[:2], check=False)
+    ed.undo(undone.id)
+    got = ed.store.get_edit(kept.id).stats
+    ed.close()
+    fresh = Editor(model, tok, method="ft")
+    want = fresh.edit(world_requests[0], check=False).stats
+    fresh.close()
+    keys = ("loss", "steps", "written")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+
 def test_snapshots_are_counted_since_the_last_one_under_batch_calls(world_model, world_requests):
     """Calls of 3 with snapshot_every=4 snapshot after 6 and 12 edits (a multiple-of-4 rule would wait for 12)."""
     model, tok = world_model
