@@ -50,10 +50,7 @@ def requests_for(world: World, n: int) -> list[EditRequest]:
     return out
 
 
-CLOCK = time.perf_counter  # `--cpu-time`: time.process_time (this process's CPU seconds: steady beside other jobs)
-
-
-def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float, int, float, float]:
+def undo_cost(ed: Editor, rng: random.Random, k: int, clock) -> tuple[float, int, float, int, float, float]:
     """Mean seconds of k undos of random held edits (each re-edited after), how many the editor did by replay, the
     mean number of edits those replays re-applied, how many the method did in place (`undo_in_place`), the mean
     number of later edits those recomputed and their mean seconds (NaN: none)."""
@@ -78,10 +75,10 @@ def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float
     try:
         for _ in range(k):
             e = rng.choice(ed.edits("active"))
-            t0 = CLOCK()
+            t0 = clock()
             before = len(walked)
             ed.undo(e.id)
-            seconds.append(CLOCK() - t0)
+            seconds.append(clock() - t0)
             if len(walked) > before:
                 in_place.append(seconds[-1])
             ed.method.apply = apply
@@ -96,6 +93,8 @@ def undo_cost(ed: Editor, rng: random.Random, k: int) -> tuple[float, int, float
 
 
 def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> dict:
+    # `--cpu-time`: this process's CPU seconds (steadier beside other jobs) instead of wall seconds
+    clock = time.process_time if args.cpu_time else time.perf_counter
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "cost.db"
@@ -109,12 +108,12 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
         marks = sorted({min(100, len(reqs)), len(reqs)})
         for i in range(0, len(reqs), args.batch):
             chunk = reqs[i : i + args.batch]
-            t0 = CLOCK()
+            t0 = clock()
             ed.edit(chunk, check=False)
-            times += [(CLOCK() - t0) / len(chunk)] * len(chunk)
+            times += [(clock() - t0) / len(chunk)] * len(chunk)
             done = i + len(chunk)
             if done in marks:
-                undo[done] = undo_cost(ed, rng, args.undos)
+                undo[done] = undo_cost(ed, rng, args.undos, clock)
             if args.progress and done % 100 == 0:
                 print(f"  {method}: {done} edits, last {statistics.mean(times[-args.window:]):.3f} s/edit", flush=True)
         ed.close()
@@ -142,8 +141,6 @@ def main() -> None:
     p.add_argument("--cpu-time", action="store_true", help="CPU seconds of this process instead of wall seconds "
                    "(one thread: the same work, steady when other jobs share the cores)")
     args = p.parse_args()
-    global CLOCK
-    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     world = World.build(args.world, progress=False)
     reqs = requests_for(world, args.edits)

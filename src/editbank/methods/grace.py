@@ -468,7 +468,8 @@ class Grace(Routed):
         self.last_touch = tensors["last_touch"].long().cpu()
 
     def load_artifacts(self, held) -> None:
-        """The entries, in the order of `owner` (an older store's state also held them whole: not read)."""
+        """The entries, in the order of `owner` (an older store's state also held them whole: not read), and the
+        edits' undo logs (a store from before the log artifacts keeps its older logs in the state)."""
         order = self.owner.tolist()
         arts = {}
         for eid, a in held:
