@@ -302,6 +302,33 @@ def test_undo_logs_go_with_the_edits_and_a_store_with_logs_in_its_state_still_un
         assert again.method.undo_log == {e: x for e, x in ed.method.undo_log.items()}
 
 
+def test_the_keys_of_edits_that_created_no_entry_stay_in_memory_through_undos_and_a_reopen(small_world,
+                                                                                          world_requests, tmp_path):
+    """An undo in place reads the keys of the later edits that only widened an entry from memory (not from the
+    store, per edit): after in-place undos they are a fresh stream's of the kept edits, and a reopened store has
+    them."""
+    reqs = _conflicting_stream(world_requests)
+    kw = dict(method="grace", eps_init=5.0)
+    with Editor.open(small_world.path, store=tmp_path / "g.db", **kw) as ed, \
+            Editor.open(small_world.path, **kw) as fresh:
+        edits = [ed.edit(r, check=False) for r in reqs]
+        ed.undo(edits[1].id)
+        ed.undo(edits[4].id)
+        by_id = {}
+        for k in [k for k in range(len(reqs)) if k not in (1, 4)]:
+            by_id[edits[k].id] = fresh.edit(reqs[k], check=False).id
+        keys = ed.method.expand_keys
+        assert keys, "the stream has no edit that only widened an entry"
+        assert {e for e, x in ed.method.undo_log.items() if not x["created"]} == set(keys)
+        assert {by_id[e] for e in keys} == set(fresh.method.expand_keys)
+        for e, key in keys.items():
+            assert torch.equal(key, fresh.method.expand_keys[by_id[e]])
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as again:
+        assert set(again.method.expand_keys) == set(keys)
+        for e, key in keys.items():
+            assert torch.equal(again.method.expand_keys[e], key)
+
+
 @pytest.mark.parametrize("targets, undo", [("AUA", 1), ("AUU", 1), ("AUUA", 1)])
 def test_an_undo_that_changes_what_later_edits_supersede_leaves_the_statuses_of_a_fresh_stream(
         small_world, world_requests, targets, undo):

@@ -123,7 +123,7 @@ class Grace(Routed):
         self._gate_cache: SubjectGate | None = None  # for `subjects` as they are (rebuilt when they change)
         self.undo_log: dict[int, dict[str, Any]] = {}  # per held edit: what it created and changed (for undo)
         self._logs_in_state: set[int] = set()  # edits whose logs a store from before the log artifacts holds
-        self._keys_seen: dict[int, torch.Tensor] = {}
+        self.expand_keys: dict[int, torch.Tensor] = {}  # the keys of held edits that created no entry
 
     def _row(self, owner: int) -> int:
         hits = (self.owner == owner).nonzero()
@@ -253,7 +253,6 @@ class Grace(Routed):
         return v.detach().to(self.values.dtype), done.loss, done.steps
 
     def apply(self, items: list[EditItem]) -> list[dict[str, Any]]:
-        self._keys_seen = {}  # the keys of this call's edits that created no entry, for `artifacts`
         return [self._apply_one(it) for it in items]
 
     def pretrain(self, requests) -> dict[tuple[str, str], tuple]:
@@ -327,7 +326,7 @@ class Grace(Routed):
         if near and self.labels[j] == req.target and self._spells(j, dist, req, batch, work, stats):
             set_radius(max(float(self.eps[j]), dist))
             stats.update(action="expand", loss=0.0, steps=0)
-            self._keys_seen[eid] = key
+            self.expand_keys[eid] = key
         else:
             if near:  # a conflicting label, or the same label that the entry's values cannot spell here
                 set_radius(min(float(self.eps[j]), dist / 2))
@@ -396,7 +395,7 @@ class Grace(Routed):
             return {}
         out = {"log": _log_to_tensor(log)}  # with the edit, not in the state: saving the state stays flat
         if not log["created"]:
-            return {**out, "key": self._keys_seen[edit_id]} if edit_id in self._keys_seen else out
+            return {**out, "key": self.expand_keys[edit_id]} if edit_id in self.expand_keys else out
         r = self._row(edit_id)
         return {**out, "key": self.keys[r], "value": self.values[r], "eps": self.eps[r : r + 1],
                 "span": self.span[r : r + 1]}
@@ -433,6 +432,7 @@ class Grace(Routed):
             self.span = self.span[on_dev]
             self.owner, self.last_touch = self.owner[keep], self.last_touch[keep]
         del self.undo_log[edit_id]
+        self.expand_keys.pop(edit_id, None)
         self._logs_in_state.discard(edit_id)
         return True
 
@@ -468,8 +468,9 @@ class Grace(Routed):
         self.last_touch = tensors["last_touch"].long().cpu()
 
     def load_artifacts(self, held) -> None:
-        """The entries, in the order of `owner` (an older store's state also held them whole: not read), and the
-        edits' undo logs (a store from before the log artifacts keeps its older logs in the state)."""
+        """The entries, in the order of `owner` (an older store's state also held them whole: not read), the edits'
+        undo logs (a store from before the log artifacts keeps its older logs in the state) and the keys of the edits
+        that created no entry."""
         order = self.owner.tolist()
         arts = {}
         for eid, a in held:
@@ -480,9 +481,11 @@ class Grace(Routed):
         missing = [e for e in order if not {"key", "value", "span"} <= set(arts.get(e, {}))]
         if missing:
             raise ValueError(f"stored GRACE edits {missing[:5]} lack their codebook entries")
+        dev = self.keys.device
+        self.expand_keys = {e: a["key"].to(dev, torch.float32) for e, a in arts.items()
+                            if "key" in a and e in self.undo_log and not self.undo_log[e]["created"]}
         if order:
             width = max(int(arts[e]["value"].shape[0]) for e in order)
-            dev = self.keys.device
             self.keys = torch.stack([arts[e]["key"] for e in order]).to(dev, torch.float32)
             values = [_pad_positions(arts[e]["value"][None], width)[0] for e in order]
             self.values = torch.stack(values).to(dev, self.values.dtype)
@@ -491,15 +494,16 @@ class Grace(Routed):
     def checkpoint(self) -> Any:
         """Cheap: keys, values, span and owner are replaced, never written in place; radii and touches copied."""
         return self.keys, self.values, self.eps.clone(), self.span, self.owner, self.last_touch.clone(), \
-            list(self.labels), list(self.subjects), dict(self.undo_log), set(self._logs_in_state)
+            list(self.labels), list(self.subjects), dict(self.undo_log), set(self._logs_in_state), \
+            dict(self.expand_keys)
 
     def restore(self, checkpoint: Any) -> None:
-        keys, values, eps, span, owner, touch, labels, subjects, log, in_state = checkpoint
+        keys, values, eps, span, owner, touch, labels, subjects, log, in_state, expand_keys = checkpoint
         self.keys, self.values, self.span, self.owner, self.labels = keys, values, span, owner, list(labels)
         self.subjects = list(subjects)
         self._gate_cache = None
         self.eps, self.last_touch, self.undo_log = eps.clone(), touch.clone(), dict(log)
-        self._logs_in_state = set(in_state)
+        self._logs_in_state, self.expand_keys = set(in_state), dict(expand_keys)
 
 
 @dataclass

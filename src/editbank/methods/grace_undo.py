@@ -9,10 +9,11 @@ with D, the entries whose state differs between the two streams (at first U's en
 recomputes only the edits that (a) or (b) catches, each in a view of the codebook as the stream without U held it just
 before that edit, and adds to D what their new decisions changed. The others keep their effects as recorded.
 
-Cost: a dictionary lookup per later edit, a distance from the edit's stored key to D's new candidates only while
-there are some, and one decision per recomputed edit, which takes its key and values back from the store (a forward
-only for an expand check not stored, and a training only for an edit that only widened an entry and now adds its own,
-as the stream without U trains it: GRACE's training uses no randomness and never reads the codebook, so this is
+Cost: one vectorised pass over the remaining later edits per recomputed edit, and one more (their recorded nearest
+entries, and the distances from their keys, held in memory, to D's new candidates while there are some), and one
+decision per recomputed edit, which takes its key and values back from the store (a forward only for an expand check
+not stored, and a training only for an edit that only widened an entry and now adds its own, as the stream without U
+trains it: GRACE's training uses no randomness and never reads the codebook, so this is
 bitwise on the CPU, as a replay is). An entry whose state comes back to the original's leaves D. Logs from before
 the walk's records (`dist`) make it give up (None: the editor replays).
 """
@@ -64,6 +65,12 @@ class _Walk:
         for owner, old_eps, old_touch in log_u["modified"]:
             self.diff[owner] = (old_eps, old_touch)
         self.made: dict[int, dict[str, Any]] = {}  # rows of entries the stream without U has and the original not
+        # per later edit, in order: its id, its recorded nearest entry (-1: none) and distance (inf: none), its key
+        self.ms = torch.tensor(later, dtype=torch.long)
+        logs = [g.undo_log[m] for m in later]
+        self.near = torch.tensor([-1 if x["near"] is None else x["near"] for x in logs], dtype=torch.long)
+        self.dist = torch.tensor([float("inf") if x["dist"] is None else x["dist"] for x in logs], dtype=torch.float64)
+        self._later_keys: torch.Tensor | None = None
 
     def original(self, owner: int, m: int) -> State:
         """The entry's state in the original stream just before edit m."""
@@ -75,19 +82,45 @@ class _Walk:
         r = self.rows[owner]
         return float(self.g.eps[r]), int(self.g.last_touch[r])
 
-    def affected(self, m: int, log: dict) -> bool:
-        if log["near"] in self.diff:
-            return True
-        new = [o for o, st in self.diff.items() if o < m and st is not None and st[0] >= 0
-               and not ((orig := self.original(o, m)) is not None and orig[0] >= 0)]
-        if not new:
-            return False
-        # m's key: its entry's in the original codebook, or the stored one (an edit that created no entry)
-        key = self.g.keys[self.rows[m]] if m in self.rows else \
-            self.artifacts(m)["key"].to(self.g.keys.device, torch.float32)
-        keys = torch.stack([self.key(o) for o in new])
-        d = torch.cdist(key[None], keys, compute_mode="donot_use_mm_for_euclid_dist")
-        return float(d.min()) <= (float("inf") if log["dist"] is None else log["dist"])
+    def first_affected(self, start: int) -> int | None:
+        """The index in `later` of the first edit from `start` on that D catches, (a) or (b), or None. D does not
+        change between recomputed edits (an edit that changes an entry has it as its nearest), so one pass answers for
+        all of them."""
+        ms = self.ms[start:]
+        hit = (self.near[start:, None] == torch.tensor(list(self.diff), dtype=torch.long)[None]).any(1)
+        new = [o for o, st in self.diff.items() if st is not None and st[0] >= 0]
+        # (b): entry o is a candidate for m without U and was none in the original just before m
+        masks = torch.stack([(o < ms) & ~self.candidate_in_original(o, ms) for o in new]) if new else None
+        if masks is not None and bool(masks.any()):
+            pos = masks.any(0).nonzero().squeeze(1)
+            d = torch.cdist(self.later_keys()[start + pos], torch.stack([self.key(o) for o in new]),
+                            compute_mode="donot_use_mm_for_euclid_dist").T.to(torch.float64).cpu()
+            # at least as near as its recorded nearest (a margin for float rounding: a needless recompute is exact)
+            hit[pos] |= (masks[:, pos] & (d <= self.dist[start + pos] * (1 + 1e-6) + 1e-9)).any(0)
+        first = hit.nonzero()
+        return start + int(first[0]) if len(first) else None
+
+    def candidate_in_original(self, owner: int, ms: torch.Tensor) -> torch.Tensor:
+        """Per edit m of `ms`: whether the entry routed (radius >= 0) in the original stream just before m."""
+        if owner not in self.rows:
+            return torch.zeros(len(ms), dtype=torch.bool)
+        mods = self.mods.get(owner, [])
+        r = self.rows[owner]
+        # the radius just before m: that of the first change by an edit from m on, else the final one
+        radii = torch.tensor([x[1] for x in mods] + [float(self.g.eps[r])])
+        at = torch.searchsorted(torch.tensor([x[0] for x in mods], dtype=torch.long), ms)
+        return (owner < ms) & (radii[at] >= 0)
+
+    def later_keys(self) -> torch.Tensor:
+        """The later edits' keys [len(later), in]: each one's entry's in the original codebook, or its expand key."""
+        if self._later_keys is None:
+            g, dev = self.g, self.g.keys.device
+            for m in self.later:
+                if m not in self.rows and m not in g.expand_keys:  # a store from before the keys were kept
+                    g.expand_keys[m] = self.artifacts(m)["key"].to(dev, torch.float32)
+            self._later_keys = torch.stack([g.keys[self.rows[m]] if m in self.rows else g.expand_keys[m]
+                                            for m in self.later])
+        return self._later_keys
 
     def key(self, owner: int) -> torch.Tensor:
         return self.made[owner]["key"] if owner in self.made else self.g.keys[self.rows[owner]]
@@ -116,7 +149,8 @@ class _Walk:
         on = idx.to(g.keys.device)
         keys, values, span = g.keys[on], g.values[on], g.span[on]
         eps, owner, touch = eps[on], g.owner[idx], touch[idx]
-        labels, subjects = [g.labels[i] for i in idx.tolist()], [g.subjects[i] for i in idx.tolist()]
+        at = idx.tolist()
+        labels, subjects = [g.labels[i] for i in at], [g.subjects[i] for i in at]
         made = sorted(o for o, st in self.diff.items() if o not in self.rows and st is not None
                       and (m is None or o < m))
         if made:  # entries the original stream does not have, in owner order (a stream appends them so)
@@ -143,14 +177,15 @@ class _Walk:
     def set_codebook(self, book: tuple, log: dict) -> None:
         g = self.g
         g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, labels, subjects = book
-        g.labels, g.subjects, g.undo_log, g._gate_cache, g._keys_seen = list(labels), list(subjects), log, None, {}
+        g.labels, g.subjects, g.undo_log, g._gate_cache = list(labels), list(subjects), log, None
 
     def recompute(self, m: int) -> tuple[dict, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         """Edit m's decision in the stream without U: (its log, (its artifacts, the log among them, and its
         stats)); D takes what it changed."""
         g, orig_log = self.g, self.g.undo_log[m]
         saved = (g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects)
-        logs = g.undo_log
+        logs, expand_keys = g.undo_log, g.expand_keys
+        g.expand_keys = {}
         edit = self.edit_of(m)
         self.set_codebook(self.codebook(m), {})
         try:
@@ -171,7 +206,7 @@ class _Walk:
                                 "label": g.labels[r], "subject": g.subjects[r]}
         finally:
             g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects = saved
-            g.undo_log, g._gate_cache, g._keys_seen = logs, None, {}
+            g.undo_log, g._gate_cache, g.expand_keys = logs, None, expand_keys
         # entry m, and the entries the two decisions changed: compared with the original just after m
         # (an entry back in its original state leaves D: from here on both streams change it alike)
         for o in touched:
@@ -184,10 +219,17 @@ class _Walk:
     def run(self) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         g = self.g
         logs, rewritten = dict(g.undo_log), {}
-        for m in self.later:
-            if self.affected(m, g.undo_log[m]):  # its log (and maybe its entry) changes: the store's artifacts follow
-                logs[m], rewritten[m] = self.recompute(m)
+        k = -1
+        while (k := self.first_affected(k + 1)) is not None:
+            m = self.later[k]  # its log (and maybe its entry) changes: the store's artifacts follow
+            logs[m], rewritten[m] = self.recompute(m)
         del logs[self.uid]
         self.set_codebook(self.codebook(None), logs)
+        g.expand_keys.pop(self.uid, None)
+        for m, (arts, _) in rewritten.items():
+            if logs[m]["created"]:
+                g.expand_keys.pop(m, None)
+            else:
+                g.expand_keys[m] = arts["key"]
         g._logs_in_state -= {self.uid, *rewritten}  # their logs go with their artifacts now
         return rewritten
