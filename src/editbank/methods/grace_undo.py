@@ -126,7 +126,9 @@ class _Walk:
         return self.made[owner]["key"] if owner in self.made else self.g.keys[self.rows[owner]]
 
     def codebook(self, m: int | None) -> tuple:
-        """The stream without U's codebook just before edit m (None: at the end), as GRACE's arrays."""
+        """The stream without U's codebook just before edit m (None: at the end), as GRACE's arrays. Before m, an
+        entry the stream without U lacks stays with radius -1 (`phantoms`): it never routes, so decisions are the
+        same, and the entries stay views of GRACE's own."""
         g = self.g
         eps, touch = g.eps.clone(), g.last_touch.clone()
         keep = torch.ones(len(g.owner), dtype=torch.bool) if m is None else g.owner < m
@@ -139,18 +141,28 @@ class _Walk:
             rows = self.mod_row[first]
             eps[rows.to(eps.device)] = self.mod_eps[first.to(eps.device)]
             touch[rows] = self.mod_touch[first]
+        self.phantoms = set()
         for o, st in self.diff.items():
             if o in self.rows:
-                if st is None:
+                if st is None and m is None:
                     keep[self.rows[o]] = False
+                elif st is None:  # absent without U: in a view before m it stays, as an entry that never routes
+                    eps[self.rows[o]] = -1.0
+                    self.phantoms.add(o)
                 else:
                     eps[self.rows[o]], touch[self.rows[o]] = st
-        idx = keep.nonzero().squeeze(1)
-        on = idx.to(g.keys.device)
-        keys, values, span = g.keys[on], g.values[on], g.span[on]
-        eps, owner, touch = eps[on], g.owner[idx], touch[idx]
-        at = idx.tolist()
-        labels, subjects = [g.labels[i] for i in at], [g.subjects[i] for i in at]
+        if m is not None:  # the entries before m are a prefix (owner order): views, not copies
+            k = int(keep.sum())
+            keys, values, span, eps, owner, touch = g.keys[:k], g.values[:k], g.span[:k], eps[:k], g.owner[:k], \
+                touch[:k]
+            labels, subjects = g.labels[:k], g.subjects[:k]
+        else:
+            idx = keep.nonzero().squeeze(1)
+            on = idx.to(g.keys.device)
+            keys, values, span = g.keys[on], g.values[on], g.span[on]
+            eps, owner, touch = eps[on], g.owner[idx], touch[idx]
+            at = idx.tolist()
+            labels, subjects = [g.labels[i] for i in at], [g.subjects[i] for i in at]
         made = sorted(o for o, st in self.diff.items() if o not in self.rows and st is not None
                       and (m is None or o < m))
         if made:  # entries the original stream does not have, in owner order (a stream appends them so)
@@ -198,7 +210,7 @@ class _Walk:
             after = {}  # their states just after m in the stream without U
             for o in touched:
                 hit = (g.owner == o).nonzero()
-                if len(hit):
+                if len(hit) and o not in self.phantoms:
                     after[o] = (float(g.eps[int(hit[0])]), int(g.last_touch[int(hit[0])]))
             if log["created"] and m not in self.rows:  # an entry the original stream does not have
                 r = len(g.owner) - 1
