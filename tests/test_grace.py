@@ -323,6 +323,8 @@ def test_the_keys_of_edits_that_created_no_entry_stay_in_memory_through_undos_an
         assert {by_id[e] for e in keys} == set(fresh.method.expand_keys)
         for e, key in keys.items():
             assert torch.equal(key, fresh.method.expand_keys[by_id[e]])
+        for key in fresh.method.expand_keys.values():  # a key alone, not a view that keeps a layer's input alive
+            assert key.untyped_storage().nbytes() == key.numel() * key.element_size()
     with Editor.open(small_world.path, store=tmp_path / "g.db") as again:
         assert set(again.method.expand_keys) == set(keys)
         for e, key in keys.items():

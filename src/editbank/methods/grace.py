@@ -326,7 +326,7 @@ class Grace(Routed):
         if near and self.labels[j] == req.target and self._spells(j, dist, req, batch, work, stats):
             set_radius(max(float(self.eps[j]), dist))
             stats.update(action="expand", loss=0.0, steps=0)
-            self.expand_keys[eid] = key
+            self.expand_keys[eid] = key.clone()  # held with the edit: not a view of the layer's whole input
         else:
             if near:  # a conflicting label, or the same label that the entry's values cannot spell here
                 set_radius(min(float(self.eps[j]), dist / 2))

@@ -197,10 +197,10 @@ class _Walk:
         g, orig_log = self.g, self.g.undo_log[m]
         saved = (g.keys, g.values, g.eps, g.span, g.owner, g.last_touch, g.labels, g.subjects)
         logs, expand_keys = g.undo_log, g.expand_keys
-        g.expand_keys = {}
-        edit = self.edit_of(m)
-        self.set_codebook(self.codebook(m), {})
         try:
+            g.expand_keys = {}
+            edit = self.edit_of(m)
+            self.set_codebook(self.codebook(m), {})
             work = g.replay_work([edit], self.artifacts) or {}
             with g.pretrained(work), torch.enable_grad():
                 stats = g._apply_one(EditItem(m, edit.request))
