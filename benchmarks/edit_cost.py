@@ -11,7 +11,8 @@ Printed per method:
 - seconds per undo at T = 100 and at T = `--edits` (the mean of `--undos` undos of random held edits, each
   followed by the same edit again so the stream goes on unchanged), their ratio, how many of those undos the
   method did in place (`undo_in_place`: GRACE recomputes only the later edits the undo can change) and their own
-  mean seconds (the share of undos done in place grows with T, and they cost more than a removal), how many the
+  mean seconds, with the part of them the recomputed decisions took (the rest is the undo's bookkeeping; the share
+  of undos done in place grows with T, and they cost more than a removal), how many the
   editor did by replay and how many edits each re-applied on average (a replay re-applies every held edit after
   the last snapshot before the undone one: an undo of an early edit replays the stream after it);
 - the store's size per edit.
@@ -50,24 +51,34 @@ def requests_for(world: World, n: int) -> list[EditRequest]:
     return out
 
 
-def undo_cost(ed: Editor, rng: random.Random, k: int, clock) -> tuple[float, int, float, int, float, float]:
+def undo_cost(ed: Editor, rng: random.Random, k: int, clock) -> tuple[float, int, float, int, float, float, float]:
     """Mean seconds of k undos of random held edits (each re-edited after), how many the editor did by replay, the
     mean number of edits those replays re-applied, how many the method did in place (`undo_in_place`), the mean
-    number of later edits those recomputed and their mean seconds (NaN: none)."""
-    seconds, exact, applied, walked, in_place = [], [], [], [], []
+    number of later edits those recomputed, their mean seconds and the mean seconds of the recomputed decisions in
+    them (NaN: none)."""
+    seconds, exact, applied, walked, in_place, deciding = [], [], [], [], [], []
     remove, apply, walk = ed.method.remove, ed.method.apply, ed.method.undo_in_place
     ed.method.remove = lambda eid: exact.append(remove(eid)) or exact[-1]  # False: in place, or a replay
 
-    decided = []  # GRACE's decisions an undo in place recomputed (`_apply_one` runs only for those during an undo)
+    decided = []  # the seconds of each GRACE decision an undo in place recomputed (`_apply_one` runs only for those
+    # during an undo): the rest of the undo is its bookkeeping
     one = getattr(ed.method, "_apply_one", None)
+
+    def deciding_one(item):
+        t0 = clock()
+        out = one(item)
+        decided.append(clock() - t0)
+        return out
+
     if one is not None:
-        ed.method._apply_one = lambda item: decided.append(item.id) or one(item)
+        ed.method._apply_one = deciding_one
 
     def walking(*a):
         decided.clear()
         out = walk(*a)
         if out is not None:
             walked.append(len(decided))
+            deciding.append(sum(decided))
         return out
 
     ed.method.undo_in_place = walking
@@ -88,8 +99,10 @@ def undo_cost(ed: Editor, rng: random.Random, k: int, clock) -> tuple[float, int
         ed.method.remove, ed.method.apply, ed.method.undo_in_place = remove, apply, walk
         if one is not None:
             ed.method._apply_one = one
+    nan = float("nan")
     return (statistics.mean(seconds), exact.count(False) - len(walked), sum(applied) / k, len(walked),
-            statistics.mean(walked) if walked else 0.0, statistics.mean(in_place) if in_place else float("nan"))
+            statistics.mean(walked) if walked else 0.0, statistics.mean(in_place) if in_place else nan,
+            statistics.mean(deciding) if deciding else nan)
 
 
 def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> dict:
@@ -120,10 +133,11 @@ def run(method: str, world: World, reqs: list[EditRequest], args, hp: dict) -> d
         size = sum(f.stat().st_size for f in Path(tmp).glob("cost.db*"))
     w = args.window
     first, last = statistics.mean(times[:w]), statistics.mean(times[-w:])
-    (u1, r1, a1, w1, c1, s1), (u2, r2, a2, w2, c2, s2) = undo[min(undo)], undo[max(undo)]
+    (u1, r1, a1, w1, c1, s1, d1), (u2, r2, a2, w2, c2, s2, d2) = undo[min(undo)], undo[max(undo)]
     return {"method": method, "first": first, "last": last, "ratio": last / first, "undo": (u1, u2),
             "undo_ratio": u2 / u1, "replays": (r1, r2), "reapplied": (a1, a2), "in_place": (w1, w2),
-            "recomputed": (c1, c2), "in_place_seconds": (s1, s2), "bytes_per_edit": size / len(reqs)}
+            "recomputed": (c1, c2), "in_place_seconds": (s1, s2), "deciding": (d1, d2),
+            "bytes_per_edit": size / len(reqs)}
 
 
 def main() -> None:
@@ -151,15 +165,16 @@ def main() -> None:
     print(f"world {args.world}, {args.edits} edits in calls of {args.batch}, window {args.window}, "
           f"{args.undos} undos at each T, {args.threads} thread(s), {'CPU' if args.cpu_time else 'wall'} seconds")
     print("| method | s/edit 1..W | s/edit last W | ratio | s/undo T=100 | s/undo T=max | ratio | undos in place "
-          "(edits recomputed per undo) | s/undo in place T=100, T=max | undos replayed | edits re-applied per undo | "
-          "store bytes/edit |")
+          "(edits recomputed per undo) | s/undo in place T=100, T=max (of which recomputed decisions) | "
+          "undos replayed | edits re-applied per undo | store bytes/edit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.methods.split(","):
         r = run(m, world, reqs, args, hps.get(m, {}))
         print(f"| {m} | {r['first']:.4f} | {r['last']:.4f} | {r['ratio']:.2f} | {r['undo'][0]:.4f} | "
               f"{r['undo'][1]:.4f} | {r['undo_ratio']:.2f} | {r['in_place'][0]}, {r['in_place'][1]} of {args.undos} "
               f"({r['recomputed'][0]:.1f}, {r['recomputed'][1]:.1f}) | "
-              f"{r['in_place_seconds'][0]:.4f}, {r['in_place_seconds'][1]:.4f} | "
+              f"{r['in_place_seconds'][0]:.4f} ({r['deciding'][0]:.4f}), "
+              f"{r['in_place_seconds'][1]:.4f} ({r['deciding'][1]:.4f}) | "
               f"{r['replays'][0]}, {r['replays'][1]} of "
               f"{args.undos} | {r['reapplied'][0]:.0f}, {r['reapplied'][1]:.0f} | {r['bytes_per_edit']:,.0f} |",
               flush=True)
