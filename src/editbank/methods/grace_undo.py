@@ -114,10 +114,7 @@ class _Walk:
     def later_keys(self) -> torch.Tensor:
         """The later edits' keys [len(later), in]: each one's entry's in the original codebook, or its expand key."""
         if self._later_keys is None:
-            g, dev = self.g, self.g.keys.device
-            for m in self.later:
-                if m not in self.rows and m not in g.expand_keys:  # a store from before the keys were kept
-                    g.expand_keys[m] = self.artifacts(m)["key"].to(dev, torch.float32)
+            g = self.g
             self._later_keys = torch.stack([g.keys[self.rows[m]] if m in self.rows else g.expand_keys[m]
                                             for m in self.later])
         return self._later_keys
