@@ -95,6 +95,11 @@ def main() -> None:
            "not_routed": sum(routed[e] == -1 for e in failed),
            "other_memory": sum(routed[e] not in (-1, holder.get(e)) for e in failed),
            "own_memory_wrong": sum(routed[e] == holder.get(e) for e in failed),
+           # the held edit whose key is nearest each failed edit's own (its rival for the key router)
+           "failed_rivals": [{"prompt": reqs[ids.index(e)].prompt, "rival": reqs[k].prompt,
+                              "cos": round(float(c), 6), "same_memory": holder.get(ids[k]) == holder.get(e)}
+                             for e in failed for c, k in [(held @ held[ids.index(e)]).index_fill_(
+                                 0, torch.tensor([ids.index(e)]), -2).max(0)]],
            "memory_alone_writes": f"{alone}/{len(holder)}", "memories": len(memories),
            "median_loss": round(sorted(e.stats["loss"] for e in edits)[len(edits) // 2], 3),
            "eval": {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}}
