@@ -13,9 +13,9 @@ Cost: one vectorised pass over the remaining later edits per recomputed edit, an
 entries, and the distances from their keys, held in memory, to D's new candidates while there are some), and one
 decision per recomputed edit, which takes its key and values back from the store (a forward only for an expand check
 not stored, and a training only for an edit that only widened an entry and now adds its own, as the stream without U
-trains it: GRACE's training uses no randomness and never reads the codebook, so this is
-bitwise on the CPU, as a replay is). An entry whose state comes back to the original's leaves D. Logs from before
-the walk's records (`dist`) make it give up (None: the editor replays).
+trains it: GRACE's training uses no randomness and never reads the codebook, so this is bitwise on the CPU, as a
+replay is). An entry whose state comes back to the original's leaves D. Logs from before the walk's records (`dist`)
+make it give up (None: the editor replays).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class _Walk:
         self.near = torch.tensor([-1 if x["near"] is None else x["near"] for x in logs], dtype=torch.long)
         self.dist = torch.tensor([float("inf") if x["dist"] is None else x["dist"] for x in logs], dtype=torch.float64)
         self._later_keys: torch.Tensor | None = None
+        self.phantoms: set[int] = set()  # entries of the current view that the stream without U lacks (`codebook`)
 
     def original(self, owner: int, m: int) -> State:
         """The entry's state in the original stream just before edit m."""
@@ -138,7 +139,7 @@ class _Walk:
             rows = self.mod_row[first]
             eps[rows.to(eps.device)] = self.mod_eps[first.to(eps.device)]
             touch[rows] = self.mod_touch[first]
-        self.phantoms = set()
+        self.phantoms.clear()
         for o, st in self.diff.items():
             if o in self.rows:
                 if st is None and m is None:
