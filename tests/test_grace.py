@@ -331,6 +331,27 @@ def test_the_keys_of_edits_that_created_no_entry_stay_in_memory_through_undos_an
             assert torch.equal(again.method.expand_keys[e], key)
 
 
+def test_the_state_holds_no_labels_and_a_store_whose_state_holds_them_still_opens(small_world, world_requests,
+                                                                                   tmp_path):
+    """An entry's label is its edit's target, which the store holds: the state written after each edit does not
+    repeat every label (it would grow with the store); a reopened store has the same labels, and one written
+    before (labels in the state) opens to them too."""
+    reqs = _conflicting_stream(world_requests)
+    with Editor.open(small_world.path, store=tmp_path / "g.db", method="grace", eps_init=5.0) as ed:
+        edits = [ed.edit(r, check=False) for r in reqs]
+        ed.undo(edits[2].id)
+        labels = list(ed.method.labels)
+        assert "labels" not in ed.store.get_state()[1]
+        assert labels == [ed.store.get_edit(int(o)).request.target for o in ed.method.owner.tolist()]
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as ed:
+        assert ed.method.labels == labels
+        tensors, meta = ed.store.get_state()
+        with ed.store.transaction():  # as an older store: the labels in the state (here, ones no edit has)
+            ed.store.put_state(tensors, {**meta, "labels": [f"old {x}" for x in labels]})
+    with Editor.open(small_world.path, store=tmp_path / "g.db") as ed:
+        assert ed.method.labels == [f"old {x}" for x in labels]
+
+
 @pytest.mark.parametrize("targets, undo", [("AUA", 1), ("AUU", 1), ("AUUA", 1)])
 def test_an_undo_that_changes_what_later_edits_supersede_leaves_the_statuses_of_a_fresh_stream(
         small_world, world_requests, targets, undo):

@@ -443,11 +443,11 @@ class Grace(Routed):
 
     # -- persistence ------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """What later edits change: every entry's radius and last toucher, by owner, and its label (the entries'
-        keys and values, and each edit's undo log, are the edits' artifacts; a store written before the logs were
-        kept there keeps its edits' logs here)."""
+        """What later edits change: every entry's radius and last toucher, by owner (the entries' keys and values,
+        and each edit's undo log, are the edits' artifacts, and an entry's label is its edit's target; a store
+        written before the logs were kept there keeps its edits' logs here)."""
         tensors = {"eps": self.eps, "owner": self.owner, "last_touch": self.last_touch}
-        meta: dict[str, Any] = {"labels": list(self.labels)}
+        meta: dict[str, Any] = {}
         if self._logs_in_state:
             meta["undo_log"] = {str(k): self.undo_log[k] for k in sorted(self._logs_in_state)}
         if any(s is not None for s in self.subjects):
@@ -460,7 +460,12 @@ class Grace(Routed):
             return
         self.undo_log = {int(k): v for k, v in meta.get("undo_log", {}).items()}
         self._logs_in_state = set(self.undo_log)
-        self.labels = list(meta["labels"])
+        if "labels" in meta:  # a store from before the labels were read from the edits
+            self.labels = list(meta["labels"])
+        else:
+            if self.request_of is None:
+                raise ValueError("GRACE's state names its entries by edit id: it loads through an Editor (its store)")
+            self.labels = [self.request_of(int(o)).target for o in tensors["owner"].tolist()]
         self.subjects = list(meta.get("subjects", [None] * len(self.labels)))
         self._gate_cache = None
         self.eps = tensors["eps"].to(self.eps.device, torch.float32)
