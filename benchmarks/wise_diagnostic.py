@@ -89,17 +89,19 @@ def main() -> None:
                          "sola_keys_routed_own_and_forced_right": round(
                              sum(a and b for a, b in zip(own, forced)) / len(own), 3)}
         ed.close()
+    rivals = []  # the held edit whose key is nearest each failed edit's own (its rival for the key router)
+    for e in failed:
+        i = ids.index(e)
+        c, k = (held @ held[i]).index_fill_(0, torch.tensor([i]), -2).max(0)
+        rivals.append({"prompt": reqs[i].prompt, "rival": reqs[int(k)].prompt, "cos": round(float(c), 6),
+                       "same_memory": holder.get(ids[int(k)]) == holder.get(e)})
     out = {"world": args.world, "method": args.method, "T": len(reqs), "overrides": extra,
            "reliability": round(sum(ok) / len(ok), 3),
            "failed": len(failed),
            "not_routed": sum(routed[e] == -1 for e in failed),
            "other_memory": sum(routed[e] not in (-1, holder.get(e)) for e in failed),
            "own_memory_wrong": sum(routed[e] == holder.get(e) for e in failed),
-           # the held edit whose key is nearest each failed edit's own (its rival for the key router)
-           "failed_rivals": [{"prompt": reqs[ids.index(e)].prompt, "rival": reqs[k].prompt,
-                              "cos": round(float(c), 6), "same_memory": holder.get(ids[k]) == holder.get(e)}
-                             for e in failed for c, k in [(held @ held[ids.index(e)]).index_fill_(
-                                 0, torch.tensor([ids.index(e)]), -2).max(0)]],
+           "failed_rivals": rivals,
            "memory_alone_writes": f"{alone}/{len(holder)}", "memories": len(memories),
            "median_loss": round(sorted(e.stats["loss"] for e in edits)[len(edits) // 2], 3),
            "eval": {k: round(v, 3) for k, v in scores.items() if isinstance(v, float)}}
