@@ -67,8 +67,8 @@ def main() -> None:
         acts, keys = m.activations([p for _, p in reph], with_keys=True)
         reph_routed = m.route_rows(acts, keys).tolist()
         unit = torch.nn.functional.normalize
-        held = unit(torch.stack([m.keys[e] for e in ids]), dim=1)
-        cos = unit(keys, dim=1) @ held.T
+        held = unit(m.key_parts(torch.stack([m.keys[e] for e in ids]))[0], dim=1)  # last-token keys
+        cos = unit(m.key_parts(keys)[0], dim=1) @ held.T
         own_cos = [float(cos[k, ids.index(e)]) for k, (e, _) in enumerate(reph)]
         other_cos = [float(cos[k].clone().index_fill_(0, torch.tensor([ids.index(e)]), -2).max())
                      for k, (e, _) in enumerate(reph)]

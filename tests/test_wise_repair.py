@@ -622,3 +622,37 @@ def test_the_default_layer_is_never_the_last_and_old_stores_keep_theirs(small_wo
         assert ed.method.layer == old_layer
         for r, w in zip(world_requests[:3], want):
             assert torch.equal(logits_of(ed, r), w)
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_prompts_whose_last_token_keys_tie_are_told_apart_by_their_pooled_keys(small_world, tmp_path, ties):
+    """With layer 0's attention output zeroed, its MLP input at the last token sees only that token: "A's founder
+    was" and "B's founder was" get the same key there. The tie goes to the edit whose pooled key (the key layer's
+    input averaged over the prompt) is nearest; without that the first held edit takes both prompts."""
+    from editbank import load_model
+
+    reqs = [r for r in small_world.edit_requests(n=100, seed=0) if r.prompt == f"{r.subject}'s founder was"][:2]
+    assert len(reqs) == 2 and reqs[0].target != reqs[1].target
+    hp = {**FAST, "save_freq": 1, "merge_freq": 1000, "route_by": "key", "key_layer": 0, "layer": 1,
+          "key_threshold": 0.9, "pooled_ties": ties}
+
+    def editor() -> Editor:
+        model, tok = load_model(small_world.path)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.o_proj.weight.zero_()
+        return Editor(model, tok, method="wise", store=tmp_path / "e.db", corpus=small_world.fact_prompts(), **hp)
+
+    ed = editor()
+    ids = [ed.edit(r, check=False).id for r in reqs]
+    keys = torch.stack([ed.method.keys[e][:96] for e in ids])
+    assert torch.nn.functional.cosine_similarity(keys[0], keys[1], dim=0) > 1 - 1e-6  # the same last-token key
+    routes = ed.method.route_prompts([r.prompt for r in reqs]).tolist()
+    rel = ed.evaluate(reqs, protocol="greedy_exact_match")["reliability"]
+    if ties:
+        assert routes == [0, 1] and rel == 1.0
+        ed.close()
+        ed = editor()  # the pooled keys persist
+        assert ed.method.route_prompts([r.prompt for r in reqs]).tolist() == [0, 1]
+    else:
+        assert routes == [0, 0] and rel == 0.5
+    ed.close()

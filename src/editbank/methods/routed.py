@@ -98,3 +98,12 @@ class Routed(Method):
             return torch.full((batch,), length - 1, device=device)
         return route.query_index.to(device)
 
+
+def prompt_mean(x: torch.Tensor, qidx: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    """[B, D] each row's x [B, T, D] averaged over its prompt's positions start..qidx (start None: 0), summed in
+    float64 so that a row's mean does not depend on its padding; float64 (the caller casts)."""
+    pos = torch.arange(x.shape[1], device=x.device)[None, :]
+    first = torch.zeros_like(qidx) if start is None else start
+    keep = (pos >= first[:, None].to(pos.device)) & (pos <= qidx[:, None].to(pos.device))
+    total = (x.double() * keep[..., None]).sum(1)
+    return total / keep.sum(1, keepdim=True)

@@ -77,7 +77,7 @@ from .fit import cosine_lr, fit, make_optimizer
 from .key_index import require_faiss
 from .locate.keys import context_prefixes
 from .lora_bank import DISTANCES, LoraBank
-from .routed import Routed
+from .routed import Routed, prompt_mean
 from .subject_gate import SubjectGate, subject_sentence
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -399,11 +399,8 @@ class Sola(Routed):
         rows = torch.arange(x.shape[0], device=x.device)
         parts = [] if self.hparams.key == "pooled" else [x[rows, qidx]]
         if embeds is not None:
-            pos = torch.arange(embeds.shape[1], device=embeds.device)[None, :]
-            first = torch.zeros_like(qidx) if start is None else start.to(qidx.device)
-            keep = (pos >= first[:, None].to(pos.device)) & (pos <= qidx[:, None].to(pos.device))
-            total = (embeds.double() * keep[..., None]).sum(1)
-            parts.append((total / keep.sum(1, keepdim=True)).to(x.dtype).to(x.device))
+            first = None if start is None else start.to(qidx.device)
+            parts.append(prompt_mean(embeds, qidx, first).to(x.dtype).to(x.device))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     # -- calibration ------------------------------------------------------------------------------

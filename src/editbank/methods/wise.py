@@ -8,7 +8,9 @@ x D_j^T to the projection's output at every position (and, in generation, for ev
 Options of ours: `route_by="key"` picks the memory holding the edit whose activation is nearest to a (cosine), still
 gated by that memory's eps; `key_threshold` also requires that cosine to reach a value (0: off); `key_layer`
 takes the routing key (the nearest-edit cosine) at an earlier layer's MLP projection input instead of the memory's
-own, where prompts about different subjects are further apart (the score gate stays at the memory's layer).
+own, where prompts about different subjects are further apart (the score gate stays at the memory's layer);
+`pooled_ties` breaks a tie between equally near held keys (two prompts that differ only in their subject can have
+the same last-token key on an early layer) by the key layer's input averaged over the prompt's tokens.
 
 Writing a batch of edits into the open shard: SGD (`edit_lr`; `optimizer="adam"` for Adam) on D for up to
 `n_iter` steps of
@@ -58,7 +60,7 @@ from . import easyedit as ee
 from .base import EditItem, Route, pick_layer, register, stable_seed
 from .fit import fit, make_optimizer
 from .merging import MERGE_METHODS, merge_deltas
-from .routed import Routed
+from .routed import Routed, prompt_mean
 
 
 @dataclass
@@ -86,6 +88,10 @@ class WiseHparams:
     route_by: str = "score"  # top-1 memory by raw score (paper), by score / threshold ("ratio") or nearest edit ("key")
     key_threshold: float = 0.0  # also require a cosine >= this between the row and its nearest held edit (0: off)
     key_layer: int | None = None  # route_by="key": the layer whose MLP projection input is the key (None: `layer`)
+    # route_by="key": held edits whose keys are equally near the row's (cosine within TIE: the same key to float
+    # precision, as prompts that differ only in the subject can be on a layer whose last token does not see it) are
+    # told apart by their pooled keys (the key layer's input averaged over the prompt); off: the first held one wins
+    pooled_ties: bool = True
     undo: str = "retrain"  # "retrain" (exact), "retrain+tombstone" or "tombstone" (instant; see the module doc)
     seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
 
@@ -117,6 +123,7 @@ class WiseHparams:
 
 
 UNDO_MODES = ("retrain", "retrain+tombstone", "tombstone")
+TIE = 1e-5  # cosines within this of the nearest key's are a tie (`pooled_ties`)
 
 @dataclass
 class Shard:
@@ -176,7 +183,8 @@ class Wise(Routed):
     }
     easyedit_names = ("wise",)
     reopen_hparams = frozenset({"undo"})  # the undo mode may be chosen anew whenever a store is opened
-    stored_defaults = {"avoid_last_layer": False}  # stores made before it took the upper-middle layer as it was
+    # stores made before these options took the upper-middle layer as it was, and the first of tied keys
+    stored_defaults = {"avoid_last_layer": False, "pooled_ties": False}
     retired_hparams = {"replay": False}  # EasyEdit's replay, never implemented
 
     def __init__(self, model, tokenizer, arch, hparams: WiseHparams) -> None:
@@ -204,7 +212,9 @@ class Wise(Routed):
     def reset(self) -> None:
         self.requests: dict[int, EditRequest] = {}
         self.acts: dict[int, torch.Tensor] = {}  # edit id -> a_e, its activation at the last prompt token
-        self.keys: dict[int, torch.Tensor] = {}  # edit id -> its routing key (key_layer's input; a_e without one)
+        # edit id -> its routing key: key_layer's input at the last prompt token (a_e without one), with `pooled_ties`
+        # followed by that input averaged over the prompt (`key_parts` splits them)
+        self.keys: dict[int, torch.Tensor] = {}
         self.tombs: dict[int, torch.Tensor] = {}  # undone edit id -> its routing key (undo modes with a tombstone)
         self.ghosts: list[int] = []  # edits undone by tombstone alone: still in their shards, never a routing key
         self.shards: list[Shard] = []
@@ -244,14 +254,15 @@ class Wise(Routed):
         """All routing memories as one tensor [M, out, in] and their thresholds eps [M]."""
         return self._routing_table()[:2]
 
-    def _routing_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(deltas [M, out, in], eps [M], unit activations of the held edits [N, in], their memory [N])."""
+    def _routing_table(self) -> tuple[torch.Tensor, ...]:
+        """(deltas [M, out, in], eps [M], unit last-token keys of the held edits and tombstones [N, in], their memory
+        [N] (-1: a tombstone), their unit pooled keys [N, in] or None without `pooled_ties`)."""
         if self._stack is None:
             mems = self._memories()
             z = torch.zeros(0, device=self.device)
             if not mems:
                 self._stack = (torch.zeros((0, *self.shape), device=self.device), z, z.view(0, self.shape[1]),
-                               z.long())
+                               z.long(), None)
             else:
                 deltas = torch.stack([d for d, _ in mems])
                 acts = [torch.stack([self.acts[e] for e in m]) for _, m in mems]
@@ -259,26 +270,44 @@ class Wise(Routed):
                 ghosts = set(self.ghosts)
                 acts = [torch.stack([self.keys[e] for e in m])[[e not in ghosts for e in m]] for _, m in mems]
                 acts.append(torch.stack(list(self.tombs.values())) if self.tombs else z.view(0, self.key_dim))
-                keys = F.normalize(torch.cat(acts), dim=1)  # held edits first: they win a tie with a tombstone
+                last, pooled = self.key_parts(torch.cat(acts))  # held edits first: without `pooled_ties` they
                 owner = torch.cat([torch.full((len(a),), j, device=self.device) for j, a in enumerate(acts)])
-                owner[len(owner) - len(self.tombs):] = -1
-                self._stack = (deltas, eps * self.hparams.act_ratio, keys, owner)
+                owner[len(owner) - len(self.tombs):] = -1  # win a tie with a tombstone
+                pooled = None if pooled is None else F.normalize(pooled, dim=1)
+                self._stack = (deltas, eps * self.hparams.act_ratio, F.normalize(last, dim=1), owner, pooled)
         return self._stack
 
     @property
     def key_dim(self) -> int:
-        return self.arch.weight_out_in(self.arch.module(self.key_path)).shape[1]
+        """The width of a stored key (the last-token part, and with `pooled_ties` the pooled part)."""
+        width = self.arch.weight_out_in(self.arch.module(self.key_path)).shape[1]
+        return width * (2 if self.hparams.pooled_ties else 1)
+
+    def key_parts(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys [B, key_dim] -> (their last-token part, their pooled part or None); a key without its pooled part
+        (an activation standing in for it) gives None."""
+        if not self.hparams.pooled_ties or k.shape[1] != self.key_dim:
+            return k, None
+        half = self.key_dim // 2
+        return k[:, :half], k[:, half:]
 
     def route_rows(self, a: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
-        """The memory each row of activations a [B, in] (routing keys k, default a) uses (-1: none, the base model
-        answers)."""
-        deltas, eps, keys, owner = self._routing_table()
+        """The memory each row of activations a [B, in] (routing keys k [B, key_dim], default a) uses (-1: none, the
+        base model answers)."""
+        deltas, eps, keys, owner, pooled_keys = self._routing_table()
         if len(eps) == 0:
             return torch.full((len(a),), -1, dtype=torch.long, device=a.device)
         a = a.to(deltas.device).float()
-        k = a if k is None else k.to(deltas.device).float()
+        last, pooled = self.key_parts(a if k is None else k.to(deltas.device).float())
         scores = self._scores(a, deltas)
-        cos, nearest = (F.normalize(k, dim=1) @ keys.T).max(dim=1)
+        sims = F.normalize(last, dim=1) @ keys.T
+        cos, nearest = sims.max(dim=1)
+        if pooled is not None and pooled_keys is not None:  # a tie: the nearest pooled key of the tied ones
+            tied = sims >= (cos - TIE)[:, None]
+            several = tied.sum(dim=1) > 1
+            if bool(several.any()):
+                near = (F.normalize(pooled, dim=1) @ pooled_keys.T).masked_fill(~tied, -2.0).argmax(dim=1)
+                nearest = torch.where(several, near, nearest)
         if self.hparams.route_by == "ratio":  # the memory whose threshold the row clears by the largest factor
             j = (scores / eps).argmax(dim=1)
         elif self.hparams.route_by == "key":  # the memory holding the edit whose activation is nearest (cosine)
@@ -330,9 +359,11 @@ class Wise(Routed):
         b, s = x.shape[:2]
 
         def choose() -> torch.Tensor:
-            rows = torch.arange(b, device=x.device), self.query_index(b, s, x.device)
-            kx = self._key_x if self.key_layer != self.layer else None
-            return self.route_rows(x[rows], None if kx is None else kx[rows])
+            qidx = self.query_index(b, s, x.device)
+            kx = self._key_x if self.key_layer != self.layer else x
+            route = self.route
+            start = None if route is None or route.query_start is None else route.query_start.to(x.device)
+            return self.route_rows(x[torch.arange(b, device=x.device), qidx], self._keys(kx, qidx, start))
 
         choice = self.decide(self.name, s, choose)
         if not bool((choice >= 0).any()):
@@ -359,17 +390,25 @@ class Wise(Routed):
         g = torch.Generator().manual_seed(stable_seed(shard.seed, "mask"))
         return (torch.rand(self.shape, generator=g) < self.hparams.mask_ratio).to(self.device)
 
+    def _keys(self, kx: torch.Tensor, qidx: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+        """Routing keys [B, key_dim] from the key layer's input kx [B, T, in]: at each row's last prompt token
+        `qidx`, and with `pooled_ties` also averaged over its prompt (positions start..qidx)."""
+        last = kx[torch.arange(len(kx), device=kx.device), qidx].float()
+        if not self.hparams.pooled_ties:
+            return last
+        return torch.cat([last, prompt_mean(kx, qidx, start).float()], dim=1)
+
     @torch.no_grad()
     def activations(self, prompts: list[str], with_keys: bool = False):
         """a(x): the projection's input at each prompt's last token, with no side memory (and, with_keys, the
-        routing keys: the key layer's input there)."""
+        routing keys: `_keys` of the key layer's input)."""
         batch = make_batch(self.tokenizer, [(p, " x") for p in prompts], device=self.device)
         paths = list(dict.fromkeys([self.path, self.key_path]))
         with self.disabled(), trace(self.model, *paths, outputs=False) as tr:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        rows = torch.arange(len(prompts), device=self.device), batch.query_index
-        a = tr[self.path].input[rows].float()
-        return (a, tr[self.key_path].input[rows].float()) if with_keys else a
+        qidx = batch.query_index.to(self.device)
+        a = tr[self.path].input[torch.arange(len(prompts), device=self.device), qidx].float()
+        return (a, self._keys(tr[self.key_path].input, qidx, None)) if with_keys else a
 
     def _edit_data(self, edit_id: int, avoid: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
         """The prompts an edit is trained on (its own, then behind prefixes) and its irrelevant prompts: corpus
@@ -594,7 +633,7 @@ class Wise(Routed):
         tensors.update({f"merged.{i}": m for i, m in enumerate(self.merged)})
         for e, a in self.acts.items():
             tensors[f"act.{e}"] = a
-            if self.key_layer != self.layer:
+            if self.key_layer != self.layer or self.hparams.pooled_ties:
                 tensors[f"key.{e}"] = self.keys[e]
         for e, a in self.tombs.items():
             tensors[f"tomb.{e}"] = a
