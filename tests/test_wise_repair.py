@@ -636,11 +636,12 @@ def test_prompts_whose_last_token_keys_tie_are_told_apart_by_their_pooled_keys(s
     hp = {**FAST, "save_freq": 1, "merge_freq": 1000, "route_by": "key", "key_layer": 0, "layer": 1,
           "key_threshold": 0.9, "pooled_ties": ties}
 
-    def editor() -> Editor:
+    def editor(**extra) -> Editor:
         model, tok = load_model(small_world.path)
         with torch.no_grad():
             model.model.layers[0].self_attn.o_proj.weight.zero_()
-        return Editor(model, tok, method="wise", store=tmp_path / "e.db", corpus=small_world.fact_prompts(), **hp)
+        return Editor(model, tok, method="wise", store=tmp_path / "e.db", corpus=small_world.fact_prompts(),
+                      **{**hp, **extra})
 
     ed = editor()
     ids = [ed.edit(r, check=False).id for r in reqs]
@@ -651,8 +652,22 @@ def test_prompts_whose_last_token_keys_tie_are_told_apart_by_their_pooled_keys(s
     if ties:
         assert routes == [0, 1] and rel == 1.0
         ed.close()
-        ed = editor()  # the pooled keys persist
+        ed = editor(undo="tombstone")  # the pooled keys persist
         assert ed.method.route_prompts([r.prompt for r in reqs]).tolist() == [0, 1]
+        ed.undo(ids[0])  # the tombstone wins the tie with the held edit that shares its last-token key
+        assert ed.method.route_prompts([r.prompt for r in reqs]).tolist() == [-1, 1]
     else:
         assert routes == [0, 0] and rel == 0.5
+        ed.close()
+        store = EditStore(tmp_path / "e.db")  # a store from before the field existed keeps the first-wins rule
+        stored = store.get_meta("hparams")
+        del stored["pooled_ties"]
+        store.set_meta("hparams", stored)
+        store.close()
+        model, tok = load_model(small_world.path)
+        with torch.no_grad():
+            model.model.layers[0].self_attn.o_proj.weight.zero_()
+        ed = Editor(model, tok, store=tmp_path / "e.db", corpus=small_world.fact_prompts())
+        assert ed.method.hparams.pooled_ties is False
+        assert ed.method.route_prompts([r.prompt for r in reqs]).tolist() == [0, 0]
     ed.close()
