@@ -94,7 +94,9 @@ WORLD_NOTES = {
     "test-dense": "Plain statements; every subject has all 6 relations (most interference); objects that share "
                   "their first tokens; 2 layers x 192. With 2 layers SoLA's master layer and the WISE/REPAIR presets' "
                   "key layer are layer 0, whose last-token input does not see the subject: SoLA cannot calibrate "
-                  "(identical keys for two subjects) and the key router cannot tell edits apart.",
+                  "(identical keys for two subjects); WISE's and REPAIR's key router breaks those ties by the prompt's "
+                  "pooled key-layer input (`pooled_ties`, since 2026-12-06: before it they lost a quarter of the "
+                  "edits at 336).",
 }
 
 
@@ -223,7 +225,9 @@ TUNING = ("**What was tuned where.** The default world is the dev world: every d
           "(20%) feed the corpus and the key statistics and are never edited or probed; a dataset run holds 10% of the "
           "records out for its corpus (`editbank.leaks`), and `editbank bench` refuses a run whose corpus holds a "
           "rephrase or probe. **WISE and REPAIR route by key** in every row here (`route_by: key` on layer 0's input "
-          "with a cosine gate of 0.9): that router is ours, not the papers' (they route by the activation score). "
+          "with a cosine gate of 0.9, and a tie between keys equal to float precision decided by the prompt's pooled "
+          "key-layer input, `pooled_ties`; the dev world has no such tie): that router is ours, not the papers' "
+          "(they route by the activation score). "
           "**A world is a build, not only a spec.** The same spec, seed, torch version and one build thread train "
           "other weights on another CPU instruction set: SoLA with its defaults of 2026-12-03 (`key=\"last\"`, "
           "`whitening=\"pca\"`, no subject gate) scored rel/gen/loc 1.000/0.720/0.977 at T = 100 on the first build of "
