@@ -270,9 +270,10 @@ class Wise(Routed):
                 ghosts = set(self.ghosts)
                 acts = [torch.stack([self.keys[e] for e in m])[[e not in ghosts for e in m]] for _, m in mems]
                 acts.append(torch.stack(list(self.tombs.values())) if self.tombs else z.view(0, self.key_dim))
-                last, pooled = self.key_parts(torch.cat(acts))  # held edits first: without `pooled_ties` they
+                # held edits first: without `pooled_ties` they win a tie with a tombstone
+                last, pooled = self.key_parts(torch.cat(acts))
                 owner = torch.cat([torch.full((len(a),), j, device=self.device) for j, a in enumerate(acts)])
-                owner[len(owner) - len(self.tombs):] = -1  # win a tie with a tombstone
+                owner[len(owner) - len(self.tombs):] = -1
                 pooled = None if pooled is None else F.normalize(pooled, dim=1)
                 self._stack = (deltas, eps * self.hparams.act_ratio, F.normalize(last, dim=1), owner, pooled)
         return self._stack
