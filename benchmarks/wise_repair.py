@@ -6,9 +6,13 @@ evaluates all edits on the final model with greedy exact match. OP is the geomet
 generalization and locality. The largest T of each method is then timed (inference latency against the base
 model, interleaved) and 10% of its edits are undone, once per undo mode, each on its own copy of the final store.
 With several worlds (`--worlds suite`: the held-out test worlds) each config's mean and spread over them follow.
+A `--worlds` item "FORMAT:PATH" (zsre:..., counterfact:...) is a dataset's own world, used as `editbank bench` uses
+it: the streams come from its records, the methods' calibration texts from the slice held out of them (checked
+disjoint from the streams before anything runs).
 
     python benchmarks/wise_repair.py --worlds default --T 1,10,100,1000 --ablation-T 1000 [--undo-modes tombstone]
     python benchmarks/wise_repair.py --worlds suite --T 100 --ablation-T 100 --undo-fraction 0
+    python benchmarks/wise_repair.py --worlds zsre:../shared/data/zsre_mend_train-1k.json --T 10,100 --configs repair
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,9 @@ from common import parse_hp
 from rich.console import Console
 from rich.table import Table
 
-from editbank import Editor, World
+from editbank import Editor, EditRequest, World
+from editbank.bench.config import BenchConfig
+from editbank.bench.run import check_leaks, load_data
 from editbank.evaluate import evaluate, rollback_eval, run_stream
 from editbank.methods.base import get_method
 from editbank.tokens import make_batch
@@ -92,12 +100,37 @@ def latency_ratio(ed: Editor, prompts: list[str], rounds: int = 5) -> float:
     return statistics.median(edited) / statistics.median(base)
 
 
-def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: bool) -> dict[str, Any]:
+@dataclass
+class Source:
+    """Where the streams come from: a built world (the editor takes its calibration part) or a dataset's world
+    (`calibration`: the texts of the records held out of the streams, as `editbank bench` passes them)."""
+
+    name: str
+    path: Path
+    available: int  # editable facts or requests
+    draw: Callable[[int, int], list[EditRequest]]  # (n, seed) -> the stream
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def source(item: str, seed: int, ts: list[int], quiet: bool) -> Source:
+    if ":" not in item:
+        world = World.build(item, progress=not quiet)
+        return Source(world.name, world.path, len(world.editable_facts),
+                      lambda n, s: world.edit_requests(n=n, seed=s))
+    cfg = BenchConfig(methods=["repair"], data=item, seeds=[seed])
+    data = load_data(cfg, progress=not quiet)
+    check_leaks(cfg, data, [min(max(ts), data.available)])
+    return Source(item.partition(":")[0], Path(data.model), data.available, data.draw,
+                  {"corpus": data.corpus, "stats_corpus": data.stats_corpus, "paraphrases": data.paraphrases,
+                   "paraphrase_subjects": data.paraphrase_subjects})
+
+
+def run(world: Source, name: str, t: int, args, extra: dict[str, Any], final: bool) -> dict[str, Any]:
     method, hp = CONFIGS[name]
-    reqs = world.edit_requests(n=t, seed=args.seed)
+    reqs = world.draw(t, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         ed = Editor.open(world.path, method=method, store=Path(tmp) / "s.db", seed=args.seed,
-                         device=args.device, **{**hp, **extra})
+                         device=args.device, **world.calibration, **{**hp, **extra})
         stream = run_stream(ed, reqs, protocol="greedy_exact_match", batch_size=args.batch)
         scores = {k: stream["final"][k] for k in METRICS}
         fig = {"world": world.name, "config": name, "T": t, **scores, "OP": op(scores),
@@ -112,7 +145,8 @@ def run(world: World, name: str, t: int, args, extra: dict[str, Any], final: boo
             for mode in args.undo_modes.split(","):  # each mode undoes the same edits on its own copy of the store
                 copy = Path(tmp) / f"{mode}.db"
                 shutil.copyfile(Path(tmp) / "s.db", copy)
-                ed = Editor.open(world.path, method=method, store=copy, device=args.device, undo=mode)
+                ed = Editor.open(world.path, method=method, store=copy, device=args.device, undo=mode,
+                                 **world.calibration)
                 fig["undo"][mode] = undo_figures(ed, args)
                 ed.close()
     return fig
@@ -136,7 +170,8 @@ def undo_figures(ed: Editor, args) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", "--size", default="default",
-                    help="comma-separated worlds: sizes (small/default/large), test worlds, 'suite' or spec files")
+                    help="comma-separated worlds: sizes (small/default/large), test worlds, 'suite', spec files or "
+                         "FORMAT:PATH (a dataset's own world)")
     ap.add_argument("--T", default="1,10,100", help="comma-separated stream lengths")
     ap.add_argument("--ablation-T", type=int, default=100, help="T of REPAIR's ablation (0: none)")
     ap.add_argument("--ablation", default=",".join(ABLATION), help="configs of the ablation")
@@ -156,11 +191,12 @@ def main() -> None:
 
     names = [w for item in args.worlds.split(",") for w in (SUITE if item == "suite" else [item])]
     figs = []
-    for world in [World.build(n, progress=not args.json) for n in names]:
-        ts = sorted({min(int(x), len(world.editable_facts)) for x in args.T.split(",")})
+    asked = [int(x) for x in args.T.split(",")] + [args.ablation_T]
+    for world in [source(n, args.seed, asked, args.json) for n in names]:
+        ts = sorted({min(int(x), world.available) for x in args.T.split(",")})
         jobs = [(c, t, t == ts[-1]) for c in args.configs.split(",") for t in ts]
         if args.ablation_T:
-            jobs += [(c, min(args.ablation_T, len(world.editable_facts)), False) for c in args.ablation.split(",")
+            jobs += [(c, min(args.ablation_T, world.available), False) for c in args.ablation.split(",")
                      if c not in args.configs.split(",")]
         for name, t, final in jobs:
             t0 = time.perf_counter()
