@@ -535,14 +535,16 @@ class Editor:
 
     def _save_state(self, snapshot: bool, state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
         tensors, meta = state or self._state_tensors()
-        # a tensor is unchanged since the last save if it is the same object at the same version counter
-        # (references are kept, so a new tensor can never reuse a saved one's identity)
-        unchanged = {k for k, t in tensors.items()
-                     if k in self._saved and self._saved[k][0] is t and self._saved[k][1] == t._version}
-        self.store.put_state(tensors, meta, unchanged)
+        self.store.put_state(tensors, meta, self._unchanged(tensors))
         self._saved = {k: (t, t._version) for k, t in tensors.items()}
         if snapshot:
             self.store.put_snapshot(self.store.last_id("active"), tensors, meta)
+
+    def _unchanged(self, tensors: dict[str, torch.Tensor]) -> set[str]:
+        """The names whose tensor is the one last saved: the same object at the same version counter (references
+        are kept, so a new tensor can never reuse a saved one's identity)."""
+        return {k for k, t in tensors.items()
+                if k in self._saved and self._saved[k][0] is t and self._saved[k][1] == t._version}
 
     def _checkpoint(self) -> tuple[Any, dict[str, torch.Tensor]]:
         weights = {k: p.detach().clone() for k, p in self.method.touched_parameters().items()}
@@ -563,8 +565,9 @@ class Editor:
                     raise mbase.EditFailed(f"edit of {e.request.prompt!r} failed: {k} is {v}")
         if tensors is None:
             tensors = self._state_tensors()[0]
+        unchanged = self._unchanged(tensors)  # checked when they were saved: the check stays flat as state grows
         for name, t in tensors.items():  # the written weights and the method's state
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if name not in unchanged and t.is_floating_point() and not torch.isfinite(t).all():
                 what = name.replace("weights.", "", 1) if name.startswith("weights.") else \
                     f"method state {name.removeprefix('method.')}"
                 raise mbase.EditFailed(f"edit produced non-finite values in {what}")
