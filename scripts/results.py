@@ -376,7 +376,7 @@ REPAIR_ABLATIONS = {
         "merge_fit=false --ablation-T 0 --undo-fraction 0 --json"),
     **{f"zsre-T{t}-mask05": (
         "The ZsRE world (REPAIR's own benchmark; its calibration texts from the records `editbank bench` holds out), "
-        f"T = {t}, the same base and switches as the table above, WISE with the same mask and without merge_fit in the "
+        f"T = {t}, the base and switches of the held-out table above (mask 0.5, no merge_fit), WISE likewise in the "
         "last row. One stream, calls of 32, final model, seed 0",
         f'python benchmarks/wise_repair.py --worlds zsre:../shared/data/zsre_mend_train-1k.json --T {t} --configs '
         '"repair -merge fit,repair -feedback,repair -batching,repair -distillation,repair -loss-aware merge,repair '
