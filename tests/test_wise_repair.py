@@ -530,6 +530,30 @@ def test_repair_undo_is_a_stream_that_never_received_the_edit(small_world, world
     fresh.close()
 
 
+def test_repair_with_tombstone_undo_keeps_no_snapshots_and_a_later_retrain_undo_replays_exactly(
+        small_world, world_requests, tmp_path):
+    # a tombstone undo never replays, so snapshots would only be dropped by each undo and taken again by the next edit
+    hp = dict(n_iter=4, edit_lr=0.5, batch_size=2, save_freq=2, merge_freq=4, error_feedback=False, snapshot_every=2)
+    reqs = world_requests[:6]
+    eds = {u: open_editor(small_world, tmp_path, method="repair", name=f"{u}.db", undo=u, **hp)
+           for u in ("retrain", "tombstone")}
+    for ed in eds.values():
+        edits = [ed.edit(r, check=False) for r in reqs]
+    assert eds["retrain"].store.snapshot_ids() and eds["tombstone"].store.snapshot_ids() == []
+    for ed in eds.values():
+        ed.close()
+    ed = open_editor(small_world, tmp_path, method="repair", name="tombstone.db", **{**hp, "undo": "retrain"})
+    ed.undo(edits[1].id)  # replayed from the base model: no snapshot to start from
+    fresh = open_editor(small_world, tmp_path, method="repair", name="fresh.db", **hp)
+    for r in reqs[:1] + reqs[2:]:
+        fresh.edit(r, check=False)
+    for r in reqs:
+        for pair in [(r.prompt, r.target), *r.locality[:1]]:
+            assert torch.equal(logits_of(ed, pair), logits_of(fresh, pair)), pair
+    ed.close()
+    fresh.close()
+
+
 def test_feedback_blames_the_memory_that_routed_each_failure(small_world, world_requests, tmp_path, monkeypatch):
     ed = open_editor(small_world, tmp_path, method="repair", n_iter=2, save_freq=2, merge_freq=100, batch_size=2,
                      error_feedback=True, pool_threshold=100, prune_threshold=1.0, distillation=False)

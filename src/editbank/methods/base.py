@@ -173,7 +173,7 @@ class Method:
     Hparams: ClassVar[type]
     needs_subject: ClassVar[bool] = False
     # store periodic snapshots for snapshot-and-replay undo; methods whose undo is (almost) always exact
-    # turn this off and fall back to replaying from the base model
+    # turn this off and fall back to replaying from the base model (REPAIR: a property of its undo mode)
     snapshots: ClassVar[bool] = True
     # True: the state is the held edits' artifacts (written once, with each edit) plus the small index that
     # `state_dict` returns, rather than the whole state rewritten after every edit; the editor then hands the

@@ -115,7 +115,6 @@ class RepairHparams(WiseHparams):
 @register("repair")
 class Repair(Wise):
     Hparams = RepairHparams
-    snapshots = True  # undo replays from the last snapshot (see `remove`)
     # WISE's world settings (with its refit of a merge that loses its own edits, merge_fit); REPAIR keeps WISE's
     # margins, distils at 0.1 and spreads each call's similar edits over different shards (docs/methods/wise_repair.md)
     # (mask_ratio stays 0.2 for REPAIR: WISE's choice of 0.5 was made for WISE alone; REPAIR's sweep is in the doc)
@@ -126,6 +125,13 @@ class Repair(Wise):
     # stores made before progressive intervention and monitoring existed trained without them (their feedback
     # and distillation filter follow the current rules when a replay recomputes them)
     stored_defaults = {**Wise.stored_defaults, "progressive": False, "monitor": False}
+
+    @property
+    def snapshots(self) -> bool:
+        """Undo replays from the last snapshot (see `remove`), except with `undo="tombstone"`, which never replays:
+        there every undo would drop the snapshots after its edit and the next edit take one again, a cost that grows
+        with the store. A store switched to a replaying mode later replays from the base model."""
+        return self.hparams.undo != "tombstone"
 
     def _mechanisms(self) -> Mechanisms:
         hp = self.hparams
