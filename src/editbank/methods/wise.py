@@ -227,7 +227,6 @@ class Wise(Routed):
         self._stack: tuple[torch.Tensor, ...] | None = None
         # id(memory delta) -> (the delta, its version, its edits, its threshold): `_threshold`'s cache
         self._thresholds: dict[int, tuple[torch.Tensor, int, list[int], torch.Tensor]] = {}
-        self._fresh: dict[int, tuple[torch.Tensor, int, list[int], torch.Tensor]] = {}
 
     def _mechanisms(self) -> Mechanisms:
         """WISE's bank as its paper has it; REPAIR plugs its mechanisms in here."""
@@ -264,14 +263,14 @@ class Wise(Routed):
         """(deltas [M, out, in], eps [M], unit last-token keys of the held edits and tombstones [N, in], their memory
         [N] (-1: a tombstone), their unit pooled keys [N, in] or None without `pooled_ties`)."""
         if self._stack is None:
-            mems, self._fresh = self._memories(), {}
+            mems, kept = self._memories(), {}
             z = torch.zeros(0, device=self.device)
             if not mems:
                 self._stack = (torch.zeros((0, *self.shape), device=self.device), z, z.view(0, self.shape[1]),
                                z.long(), None)
             else:
                 deltas = torch.stack([d for d, _ in mems])
-                eps = torch.stack([self._threshold(d, m) for d, m in mems])
+                eps = torch.stack([self._threshold(d, m, kept) for d, m in mems])
                 ghosts = set(self.ghosts)
                 acts = [torch.stack([self.keys[e] for e in m])[[e not in ghosts for e in m]] for _, m in mems]
                 acts.append(torch.stack(list(self.tombs.values())) if self.tombs else z.view(0, self.key_dim))
@@ -281,18 +280,19 @@ class Wise(Routed):
                 owner[len(owner) - len(self.tombs):] = -1
                 pooled = None if pooled is None else F.normalize(pooled, dim=1)
                 self._stack = (deltas, eps * self.hparams.act_ratio, F.normalize(last, dim=1), owner, pooled)
-            self._thresholds = self._fresh  # the memories of this table only (no old delta is kept alive)
+            self._thresholds = kept  # the memories of this table only (no old delta is kept alive)
         return self._stack
 
-    def _threshold(self, delta: torch.Tensor, members: list[int]) -> torch.Tensor:
+    def _threshold(self, delta: torch.Tensor, members: list[int], kept: dict[int, tuple]) -> torch.Tensor:
         """min over the memory's edits e of ||a_e D^T|| (its eps before act_ratio). Kept while the memory is the same
         tensor, unwritten, holding the same edits, so that the table rebuilt after a write scores the written
-        memory's edits, not every held edit (tensors are replaced, never written in place; `_version` guards it)."""
+        memory's edits, not every held edit (tensors are replaced, never written in place; `_version` guards it). `kept`
+        collects the entries of the table being built."""
         hit = self._thresholds.get(id(delta))
         if hit is None or hit[0] is not delta or hit[1] != delta._version or hit[2] != members:
             eps = self._scores(torch.stack([self.acts[e] for e in members]), delta[None])[:, 0].min()
             hit = (delta, delta._version, list(members), eps)
-        self._fresh[id(delta)] = hit
+        kept[id(delta)] = hit
         return hit[3]
 
     @property
