@@ -314,7 +314,7 @@ class Editor:
                     stats = self.method.apply([mbase.EditItem(e.id, e.request) for e in edits])
                 elapsed = time.perf_counter() - t0
                 state = self._state_tensors()  # once per call: checked here, saved below
-                self._check_finite(stats, edits, state[0])
+                unchanged = self._check_finite(stats, edits, state[0])
                 written = self._verdicts(edits, stats)
                 if check and not all(w is not False for w in written):
                     raise self._not_written(edits, stats, written)
@@ -327,7 +327,7 @@ class Editor:
                         self.store.update_edit(older, status="superseded")
                 # counted since the last snapshot: a multiple-of-N test skips multiples under batch calls
                 due = self.store.count_after(max(self.store.snapshot_ids(), default=0)) >= self.snapshot_every
-                self._save_state(snapshot=self.method.snapshots and due, state=state)
+                self._save_state(snapshot=self.method.snapshots and due, state=state, unchanged=unchanged)
         except BaseException:
             self._restore(ckpt)
             self._saved = {}  # the transaction rolled back: the store may not hold what was last written
@@ -533,9 +533,11 @@ class Editor:
             for k, v in weights.items():
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
 
-    def _save_state(self, snapshot: bool, state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
+    def _save_state(self, snapshot: bool, state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+                    unchanged: set[str] | None = None) -> None:
+        """Write the state (`unchanged`: `_unchanged` of its tensors, when the caller has it already)."""
         tensors, meta = state or self._state_tensors()
-        self.store.put_state(tensors, meta, self._unchanged(tensors))
+        self.store.put_state(tensors, meta, self._unchanged(tensors) if unchanged is None else unchanged)
         self._saved = {k: (t, t._version) for k, t in tensors.items()}
         if snapshot:
             self.store.put_snapshot(self.store.last_id("active"), tensors, meta)
@@ -556,7 +558,9 @@ class Editor:
         self._set_weights(weights)
 
     def _check_finite(self, stats: list[dict[str, Any]], edits: list[Edit],
-                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+                      tensors: dict[str, torch.Tensor] | None = None) -> set[str]:
+        """Raise EditFailed on a non-finite stat or state tensor; return the names of `tensors` unchanged since the
+        last save (not read again: they were checked then), which the save that follows can reuse."""
         if len(stats) != len(edits):
             raise mbase.EditFailed(f"method returned {len(stats)} results for {len(edits)} edits")
         for e, s in zip(edits, stats):
@@ -571,6 +575,7 @@ class Editor:
                 what = name.replace("weights.", "", 1) if name.startswith("weights.") else \
                     f"method state {name.removeprefix('method.')}"
                 raise mbase.EditFailed(f"edit produced non-finite values in {what}")
+        return unchanged
 
     # -- getting the edited model out ---------------------------------------------------------
     def _check_exportable(self) -> None:
