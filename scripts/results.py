@@ -382,6 +382,14 @@ REPAIR_ABLATIONS = {
         '"repair -merge fit,repair -feedback,repair -batching,repair -distillation,repair -loss-aware merge,repair '
         '-progressive,wise -merge fit" --hp mask_ratio=0.5 --hp merge_fit=false --ablation-T 0 --undo-fraction 0 '
         "--json") for t in (10, 100)},
+    "zsre-T1000-mask05": (
+        "The ZsRE world as above at T = 1000 (every record left after the calibration slice: 898), one stream per "
+        "configuration, calls of 32, final model, seed 0; a resumable run (`--out` skips the streams already in the "
+        "file)",
+        'python benchmarks/wise_repair.py --worlds zsre:../shared/data/zsre_mend_train-1k.json --T 1000 --configs '
+        '"repair -merge fit,wise -merge fit,repair -feedback,repair -batching,repair -loss-aware merge,repair '
+        '-progressive,repair -distillation" --hp mask_ratio=0.5 --hp merge_fit=false --ablation-T 0 --undo-fraction 0 '
+        "--out results/repair-ablation/zsre-T1000-mask05.jsonl"),
 }
 REPAIR_ROW_NAMES = {"repair -merge fit": "REPAIR, all mechanisms (the base of this table)",
                     "repair -feedback": "- closed-loop feedback",
@@ -438,6 +446,10 @@ def repair_ablation_section(out: Path) -> list[str]:
             got = [cell[(w, c)]["fired"] for w in worlds if (w, c) in cell]
             lines.append(f"| {REPAIR_ROW_NAMES.get(c, c)} | " + " | ".join(
                 " / ".join(str(round(g.get(k, 0))) for g in got) for k, _ in FIRED) + " |")
+        asked = command.split('--configs "')[1].split('"')[0].split(",")
+        missing = [REPAIR_ROW_NAMES.get(c, c) for c in asked if c not in configs]
+        if missing:
+            lines += ["", "Not run yet (the command goes on where it stopped): " + "; ".join(missing) + "."]
         lines.append("")
     if len(lines) == 2:
         return []
