@@ -157,6 +157,35 @@ def build_hparams(cls: type, overrides: dict[str, Any]) -> Any:
     return hp
 
 
+class Checked:
+    """Base of the hyperparameter dataclasses: `checks` maps a field to its rule, a tuple of the allowed values or
+    a range (">= 1", "> 0", "(0, 1]", "[0, 1]", ...); `validate()` raises ValueError naming the first field outside
+    its rule (rules are merged over the class's bases; None passes, where a field takes it). A class with rules
+    across fields overrides `validate`, calls `super().validate()` first and adds them."""
+
+    checks: ClassVar[dict[str, tuple | str]] = {}
+
+    def validate(self) -> None:
+        rules: dict[str, tuple | str] = {}
+        for c in reversed(type(self).__mro__):
+            rules.update(vars(c).get("checks", {}))
+        for name, rule in rules.items():
+            value = getattr(self, name)
+            if value is not None and not _within(value, rule):
+                want = "one of " + ", ".join(map(repr, rule)) if isinstance(rule, tuple) else rule
+                raise ValueError(f"{type(self).__name__}.{name} must be {want}, got {value!r}")
+
+
+def _within(value: Any, rule: tuple | str) -> bool:
+    if isinstance(rule, tuple):
+        return value in rule
+    if rule[0] in "([":  # an interval; NaN is in none
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return (lo <= value if rule[0] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)
+    op, bound = rule.split()
+    return {">=": value >= float(bound), ">": value > float(bound)}[op]
+
+
 class PerThread(threading.local):
     """A method's per-forward switches, one set per thread: a thread that trains an edit (its override on)
     and a thread that serves completions (routing on) can run forwards through the same hooks at once."""

@@ -9,18 +9,18 @@ snapshot-and-replay.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..tokens import make_batch
-from .base import EditItem, Method, register
+from .base import Checked, EditItem, Method, register
 from .fit import fit
 
 
 @dataclass
-class FTHparams:
+class FTHparams(Checked):
     """Defaults are tuned on the built-in world (lr 5e-3 / bound 5e-3 wrote nothing there: reliability 0 on
     20 edits; these give 0.85 with locality 0.83). For billion-parameter models ROME's FT-L setting
     (lr 5e-4, norm_constraint 5e-4) is the usual starting point."""
@@ -31,11 +31,8 @@ class FTHparams:
     norm_constraint: float = 5e-2  # L-infinity bound on the change of any weight entry per edit
     stop_loss: float = 1e-2  # stop early once the mean target NLL is below this
 
-    def validate(self) -> None:
-        if self.n_iter < 1:
-            raise ValueError("n_iter must be >= 1")
-        if not self.norm_constraint > 0:
-            raise ValueError("norm_constraint must be > 0")
+    checks: ClassVar[dict[str, tuple | str]] = {"lr": "> 0", "n_iter": ">= 1", "norm_constraint": "> 0",
+                                                "stop_loss": ">= 0"}
 
 
 @register("ft")

@@ -23,7 +23,7 @@ it was built: GRACE's rephrases lie a median 1.25 radii from their entry, no loc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..models.hooks import trace
 from ..tokens import make_batch, prompt_ids
 from . import easyedit as ee
-from .base import EditItem, Route, pick_layer, register
+from .base import Checked, EditItem, Route, pick_layer, register
 from .fit import fit
 from .grace_undo import undo_in_place
 from .routed import Routed
@@ -39,7 +39,7 @@ from .subject_gate import SubjectGate
 
 
 @dataclass
-class GraceHparams:
+class GraceHparams(Checked):
     layer: int | None = None  # decoder layer whose MLP output projection is adapted (None: upper-middle)
     eps_init: float = 1.0  # initial radius of a new codebook entry (Euclidean distance on the key)
     edit_lr: float = 1.0  # Adam learning rate of a value
@@ -54,19 +54,9 @@ class GraceHparams:
     gate_radius: float = 4.0
     gate_marks: bool = True  # the gate's subject forms after a mark such as "(" too (SoLA's; False: stores before it)
 
-    def validate(self) -> None:
-        if self.eps_init <= 0:
-            raise ValueError("eps_init must be > 0")
-        if self.n_iter < 1:
-            raise ValueError("n_iter must be >= 1")
-        if self.edit_lr <= 0:
-            raise ValueError("edit_lr must be > 0")
-        if self.value_mode not in ("per_token", "shared"):
-            raise ValueError(f"value_mode must be 'per_token' or 'shared', got {self.value_mode!r}")
-        if self.gate not in ("none", "subject"):
-            raise ValueError(f"gate must be 'none' or 'subject', got {self.gate!r}")
-        if self.gate_radius <= 0:
-            raise ValueError("gate_radius must be > 0")
+    checks: ClassVar[dict[str, tuple | str]] = {
+        "eps_init": "> 0", "edit_lr": "> 0", "n_iter": ">= 1", "stop_loss": ">= 0",
+        "value_mode": ("per_token", "shared"), "gate": ("none", "subject"), "gate_radius": "> 0"}
 
 
 @register("grace")

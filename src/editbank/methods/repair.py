@@ -43,7 +43,7 @@ received the edit (retraining only the edit's shards kept the decisions taken wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import register
 from .repair_mechanisms import Distillation, Feedback, LossAwareMerge, SimilarityBatching, Steer
@@ -96,20 +96,13 @@ class RepairHparams(WiseHparams):
     max_lr_adjusts: int = 2  # per write at most
     divergence_factor: float = 10.0  # a loss above this x the best (or not finite) rolls back to the best step
 
-    def validate(self) -> None:
-        super().validate()
-        if self.batch_size < 1 or self.max_retries < 0 or self.pool_threshold < 0 or self.patience < 1:
-            raise ValueError("batch_size and patience must be >= 1, max_retries and pool_threshold >= 0")
-        if not 0 <= self.prune_threshold <= 1:
-            raise ValueError("prune_threshold must be in [0, 1]")
-        if self.batching not in ("similar", "spread"):
-            raise ValueError(f"batching must be 'similar' or 'spread', got {self.batching!r}")
-        if self.kd_temperature <= 0 or self.reinit_sigma < 0:
-            raise ValueError("kd_temperature must be > 0 and reinit_sigma >= 0")
-        if not 0 < self.decay_factor <= 1 or not 0 < self.min_intervention <= 1:
-            raise ValueError("decay_factor and min_intervention must be in (0, 1]")
-        if not 0 < self.stagnation_lr_factor <= 1 or self.divergence_factor <= 1:
-            raise ValueError("stagnation_lr_factor must be in (0, 1] and divergence_factor > 1")
+    checks: ClassVar[dict[str, tuple | str]] = {
+        "prune_threshold": "[0, 1]", "pool_threshold": ">= 0", "max_retries": ">= 0", "reinit_sigma": ">= 0",
+        "batch_size": ">= 1", "batching": ("similar", "spread"), "kd_weight": ">= 0", "kd_mse": ">= 0",
+        "kd_logit_weight": ">= 0", "kd_temperature": "> 0", "kd_threshold": ">= 0", "merge_temperature": ">= 0",
+        "threshold": ">= 0", "decay_factor": "(0, 1]", "min_intervention": "(0, 1]", "patience": ">= 1",
+        "stagnation_tol": ">= 0", "stagnation_lr_factor": "(0, 1]", "max_lr_adjusts": ">= 0",
+        "divergence_factor": "> 1"}
 
 
 @register("repair")

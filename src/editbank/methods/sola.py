@@ -66,13 +66,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..tokens import make_batch, pad_id, prompt_ids
-from .base import EditFailed, EditItem, register, stable_seed
+from .base import Checked, EditFailed, EditItem, register, stable_seed
 from .fit import cosine_lr, fit, make_optimizer
 from .key_index import require_faiss
 from .locate.keys import context_prefixes
@@ -92,7 +92,7 @@ SPANS = ("prompt", "sentence")
 
 
 @dataclass
-class SolaHparams:
+class SolaHparams(Checked):
     layers: list[int] | None = None  # decoder layers whose MLP output projection gets LoRAs; first = master
     n_layers: int = 3  # with layers=None: this many consecutive upper-middle layers
     rank: int = 4
@@ -146,52 +146,23 @@ class SolaHparams:
     seed: int = 0
     preset: str | None = None  # "paper": SGD, lr 0.05, cosine, 40 steps, alpha 0.01 (fills fields left at default)
 
+    checks: ClassVar[dict[str, tuple | str]] = {
+        "preset": tuple(PRESETS), "rank": ">= 1", "n_layers": ">= 1", "n_iter": ">= 1", "lr": "> 0",
+        "lora_scale": "> 0", "stop_loss": ">= 0", "alpha": "> 0", "alpha_quantile": "(0, 1)",
+        "optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "distance": DISTANCES,
+        "index": ("exact", "faiss"), "index_candidates": ">= 1", "key_dims": ">= 0", "train_prefixes": ">= 0",
+        "calibration_samples": ">= 8", "key": KEYS, "whitening": WHITENINGS, "shrinkage": "[0, 1]", "gate": GATES,
+        "gate_quantile": "(0, 1)", "key_span": SPANS}
+
     def validate(self) -> None:
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+        super().validate()
+        if self.preset is not None:  # fills the fields left at their defaults (its values pass the checks)
             defaults = SolaHparams()
             for k, v in PRESETS[self.preset].items():
                 if getattr(self, k) == getattr(defaults, k):
                     setattr(self, k, v)
-        if self.rank < 1 or self.n_layers < 1 or self.n_iter < 1:
-            raise ValueError("rank, n_layers and n_iter must be >= 1")
-        if self.lr <= 0 or self.lora_scale <= 0:
-            raise ValueError("lr and lora_scale must be > 0")
-        if self.alpha_quantile is not None and not 0 < self.alpha_quantile < 1:
-            raise ValueError("alpha_quantile must be in (0, 1)")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ValueError("alpha must be > 0 (or None to calibrate it)")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
-        if self.index not in ("exact", "faiss"):
-            raise ValueError(f"index must be 'exact' or 'faiss', got {self.index!r}")
         if self.index == "faiss":
             require_faiss()  # a clear error now if FAISS is not installed
-        if self.index_candidates < 1:
-            raise ValueError("index_candidates must be >= 1")
-        if self.key_dims < 0:
-            raise ValueError("key_dims must be >= 0")
-        if self.train_prefixes < 0:
-            raise ValueError("train_prefixes must be >= 0")
-        if self.calibration_samples < 8:
-            raise ValueError("calibration_samples must be >= 8")
-        if self.key not in KEYS:
-            raise ValueError(f"key must be one of {KEYS}, got {self.key!r}")
-        if self.whitening not in WHITENINGS:
-            raise ValueError(f"whitening must be one of {WHITENINGS}, got {self.whitening!r}")
-        if not 0 <= self.shrinkage <= 1:
-            raise ValueError("shrinkage must be in [0, 1]")
-        if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if self.gate_quantile is not None and not 0 < self.gate_quantile < 1:
-            raise ValueError("gate_quantile must be in (0, 1)")
-        if self.key_span not in SPANS:
-            raise ValueError(f"key_span must be one of {SPANS}, got {self.key_span!r}")
         if self.key_span == "sentence" and self.gate != "subject":
             raise ValueError("key_span='sentence' cuts gated keys: it needs gate='subject'")
 

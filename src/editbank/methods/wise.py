@@ -48,7 +48,7 @@ import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +57,16 @@ from ..models.hooks import trace
 from ..requests import EditRequest
 from ..tokens import make_batch
 from . import easyedit as ee
-from .base import EditItem, Route, pick_layer, register, stable_seed
+from .base import Checked, EditItem, Route, pick_layer, register, stable_seed
 from .fit import fit, make_optimizer
 from .merging import MERGE_METHODS, merge_deltas
 from .routed import Routed, prompt_mean
 
+UNDO_MODES = ("retrain", "retrain+tombstone", "tombstone")
+
 
 @dataclass
-class WiseHparams:
+class WiseHparams(Checked):
     layer: int | None = None  # decoder layer whose MLP output projection gets the side memory (None: upper-middle)
     # layer=None picks the upper-middle layer but never the model's last (on the dev world the layer below the last
     # wrote more: WISE T = 100 OP 0.867 -> 0.905; on a 2-layer held-out world the last layer's memory wrote nothing)
@@ -95,35 +97,24 @@ class WiseHparams:
     undo: str = "retrain"  # "retrain" (exact), "retrain+tombstone" or "tombstone" (instant; see the module doc)
     seed: int = 0  # masks, prefixes and merges derive from this and the requests (never from edit ids)
 
+    checks: ClassVar[dict[str, tuple | str]] = {
+        "edit_lr": "> 0", "optimizer": ("sgd", "adam"), "n_iter": ">= 1", "norm_constraint": "> 0", "act_ratio": "> 0",
+        "mask_ratio": "(0, 1]", "save_freq": ">= 1", "merge_freq": ">= 1", "merge_alg": tuple(MERGE_METHODS),
+        "densities": "(0, 1]", "n_prefixes": ">= 0", "n_irrelevant": ">= 1", "stop_loss": ">= 0",
+        "route_by": ("score", "ratio", "key"), "key_threshold": "[0, 1]", "key_layer": ">= 0", "undo": UNDO_MODES}
+
     def validate(self) -> None:
+        super().validate()
         if len(self.act_margin) != 3:
-            raise ValueError("act_margin must be [alpha, beta, gamma]")
-        if self.n_iter < 1 or self.save_freq < 1 or self.merge_freq < 1 or self.n_prefixes < 0:
-            raise ValueError("n_iter, save_freq and merge_freq must be >= 1 and n_prefixes >= 0")
-        if self.n_irrelevant < 1:
-            raise ValueError(f"n_irrelevant must be >= 1, got {self.n_irrelevant}")
+            raise ValueError(f"act_margin must be [alpha, beta, gamma], got {self.act_margin}")
         if self.merge_freq % self.save_freq:
             raise ValueError(f"merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq})")
-        if not 0 < self.mask_ratio <= 1 or not 0 < self.densities <= 1:
-            raise ValueError("mask_ratio and densities must be in (0, 1]")
-        if self.merge_alg not in MERGE_METHODS:
-            raise ValueError(f"merge_alg must be one of {list(MERGE_METHODS)}, got {self.merge_alg!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.route_by not in ("score", "ratio", "key"):
-            raise ValueError(f"route_by must be 'score', 'ratio' or 'key', got {self.route_by!r}")
-        if self.undo not in UNDO_MODES:
-            raise ValueError(f"undo must be one of {UNDO_MODES}, got {self.undo!r}")
-        if not 0 <= self.key_threshold <= 1:
-            raise ValueError(f"key_threshold must be in [0, 1], got {self.key_threshold}")
         if self.key_layer is not None and self.route_by != "key":
             raise ValueError(f"key_layer needs route_by='key', got route_by={self.route_by!r}")
-        if self.edit_lr <= 0 or self.norm_constraint <= 0 or self.act_ratio <= 0:
-            raise ValueError("edit_lr, norm_constraint and act_ratio must be > 0")
 
 
-UNDO_MODES = ("retrain", "retrain+tombstone", "tombstone")
 TIE = 1e-5  # cosines within this of the nearest key's are a tie (`pooled_ties`)
+
 
 @dataclass
 class Shard:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from ..base import Checked
 
 
 @dataclass
-class LocateHparams:
+class LocateHparams(Checked):
     """Shared by the locate-then-edit methods: which layers, how the target is learned, which statistics.
 
     Defaults are tuned on the built-in worlds (2-4 layer Llama models); see docs/methods/locate.md."""
@@ -32,28 +35,19 @@ class LocateHparams:
     mom2_batch_size: int = 32  # texts per forward in the covariance pass
     max_undo_log: int = 16  # newest edits whose factors are kept for exact undo (older: snapshot and replay)
 
+    checks: ClassVar[dict[str, tuple | str]] = {
+        "fact_token": ("subject_last", "last"), "v_lr": "> 0", "v_num_grad_steps": ">= 1", "v_weight_decay": ">= 0",
+        "clamp_norm_factor": "> 0", "target_norms": ("ours", "reference"), "kl_factor": ">= 0", "v_stop_loss": ">= 0",
+        "n_prefixes": ">= 0", "prefix_words": ">= 1", "mom2_n_samples": ">= 1", "mom2_batch_size": ">= 1",
+        "max_undo_log": ">= 1"}
+
     def validate(self) -> None:
-        """Raise ValueError naming the first out-of-range field."""
+        super().validate()
         if self.layers is not None:
             if not self.layers:
                 raise ValueError("layers must name at least one layer (or be None)")
             if sorted(set(self.layers)) != list(self.layers):
                 raise ValueError(f"layers must be distinct and ascending, got {self.layers}")
-        for name in ("v_lr", "clamp_norm_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0")
-        for name in ("v_weight_decay", "kl_factor", "v_stop_loss"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        for name in ("v_num_grad_steps", "mom2_n_samples", "mom2_batch_size", "prefix_words", "max_undo_log"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.target_norms not in ("ours", "reference"):
-            raise ValueError(f"target_norms must be 'ours' or 'reference', got {self.target_norms!r}")
-        if self.fact_token not in ("subject_last", "last"):
-            raise ValueError(f"fact_token must be 'subject_last' or 'last', got {self.fact_token!r}")
-        if self.n_prefixes < 0:
-            raise ValueError("n_prefixes must be >= 0")
 
 
 @dataclass
@@ -79,14 +73,8 @@ class MEMITHparams(LocateHparams):
     # requests, so a stream edited one at a time is pulled back as much per edit as one edited in batches
     norm_per: str = "call"
 
-    def validate(self) -> None:
-        super().validate()
-        if not self.mom2_update_weight > 0:
-            raise ValueError("mom2_update_weight must be > 0")
-        if self.norm_control < 0:
-            raise ValueError("norm_control must be >= 0")
-        if self.norm_per not in ("call", "key"):
-            raise ValueError(f"norm_per must be 'call' or 'key', got {self.norm_per!r}")
+    checks: ClassVar[dict[str, tuple | str]] = {"mom2_update_weight": "> 0", "norm_control": ">= 0",
+                                                "norm_per": ("call", "key")}
 
 
 @dataclass
@@ -101,16 +89,8 @@ class AlphaEditHparams(LocateHparams):
     # requests, so a stream edited one at a time is pulled back as much per edit as one edited in batches
     norm_per: str = "call"
 
-    def validate(self) -> None:
-        super().validate()
-        if not self.nullspace_threshold > 0:
-            raise ValueError("nullspace_threshold must be > 0")
-        if not self.L2 > 0:
-            raise ValueError("L2 must be > 0")
-        if self.norm_control < 0:
-            raise ValueError("norm_control must be >= 0")
-        if self.norm_per not in ("call", "key"):
-            raise ValueError(f"norm_per must be 'call' or 'key', got {self.norm_per!r}")
+    checks: ClassVar[dict[str, tuple | str]] = {"nullspace_threshold": "> 0", "L2": "> 0", "norm_control": ">= 0",
+                                                "norm_per": ("call", "key")}
 
 
 @dataclass
@@ -125,9 +105,4 @@ class MetaKEHparams(AlphaEditHparams):
     # does not depend on D (False: the plan ignores it and the write realises less than planned)
     plan_pull: bool = True
 
-    def validate(self) -> None:
-        super().validate()
-        if not self.max_plan_factor >= 1:
-            raise ValueError("max_plan_factor must be >= 1")
-        if self.proxy not in ("last", "all"):
-            raise ValueError(f"proxy must be 'last' or 'all', got {self.proxy!r}")
+    checks: ClassVar[dict[str, tuple | str]] = {"max_plan_factor": ">= 1", "proxy": ("last", "all")}
