@@ -99,7 +99,7 @@ class RepairHparams(WiseHparams):
     checks: ClassVar[dict[str, tuple | str]] = {
         "prune_threshold": "[0, 1]", "pool_threshold": ">= 0", "max_retries": ">= 0", "reinit_sigma": ">= 0",
         "batch_size": ">= 1", "batching": ("similar", "spread"), "kd_weight": ">= 0", "kd_mse": ">= 0",
-        "kd_logit_weight": ">= 0", "kd_temperature": "> 0", "kd_threshold": ">= 0", "merge_temperature": ">= 0",
+        "kd_logit_weight": ">= 0", "kd_temperature": "> 0", "merge_temperature": ">= 0",
         "threshold": ">= 0", "decay_factor": "(0, 1]", "min_intervention": "(0, 1]", "patience": ">= 1",
         "stagnation_tol": ">= 0", "stagnation_lr_factor": "(0, 1]", "max_lr_adjusts": ">= 0",
         "divergence_factor": "> 1"}
