@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from functools import cache
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import TINY_TYPES, tiny_model, tiny_tokenizer
 from torch import nn
 from transformers import PreTrainedTokenizerFast
@@ -15,6 +18,7 @@ from editbank.models import (
     Arch,
     arch_of,
     forward_hooks,
+    frozen_prefix,
     load_model,
     model_fingerprint,
     patch,
@@ -210,3 +214,73 @@ def test_layer_paths_and_default_layers():
     assert Arch(arch.spec, two).default_layers(1) == [1] and Arch(arch.spec, two).default_layers(3) == [0, 1]
     with pytest.raises(ValueError):
         arch.default_layers(0)
+
+
+def _train_at_layer_2(model: nn.Module, steps: int, prefix: bool, during=None) -> tuple[torch.Tensor, list[float], int]:
+    """Adam on a delta added to layer 2's MLP output, one padded batch at every step, with or without
+    `frozen_prefix` over layers 0-1: (the delta, the losses, how often layer 0 really ran). Layer 0's MLP output
+    is shifted in this thread's forwards (as a method's per-thread switch would): constant, as the block requires."""
+    arch, inputs = arch_of(model), _inputs()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    d = torch.zeros(arch.out_features(arch.mlp_out(2)), requires_grad=True)
+    opt = torch.optim.Adam([d], lr=0.1)
+    runs, losses = [0], []
+
+    def count(module, args, out):
+        runs[0] += 1
+        return out + 0.5
+
+    hooks = [(arch.mlp_out(0), count), (arch.mlp_out(2), lambda m, i, out: out + d)]
+    with forward_hooks(hooks), frozen_prefix(model, [arch.layer(0), arch.layer(1)]) if prefix else nullcontext():
+        for step in range(steps):
+            loss = F.cross_entropy(model(**inputs).logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if during is not None and step == 1:
+                during()
+    return d.detach(), losses, runs[0]
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_frozen_prefix_skips_the_layers_below_and_trains_bitwise_the_same(model_type):
+    model = tiny_model(model_type, len(tiny_tokenizer()))
+    model.requires_grad_(False)
+    base = _logits(model)
+    d_off, losses_off, runs_off = _train_at_layer_2(model, 5, prefix=False)
+    d_on, losses_on, runs_on = _train_at_layer_2(model, 5, prefix=True)
+    assert (runs_off, runs_on) == (5, 1), "layer 0 ran once with the prefix frozen"
+    assert torch.equal(d_on, d_off) and losses_on == losses_off
+    assert _no_hooks(model) and all("forward" not in vars(m) for m in model.modules())
+    assert torch.equal(_logits(model), base)
+
+
+def test_frozen_prefix_runs_every_layer_for_other_inputs_and_other_threads():
+    """Inside the block a forward on other inputs (this thread's, between two steps) computes every layer, and so
+    does a forward another thread runs meanwhile on the trainer's own inputs (a server's completion; it must not
+    see the trainer's per-thread shift): neither reuses the trainer's layers, and the trainer's steps stay bitwise
+    those of a loop without the block."""
+    model = tiny_model("llama", len(tiny_tokenizer()))
+    model.requires_grad_(False)
+    other = dict(tiny_tokenizer()(["Quillon lies beside the sea"], return_tensors="pt"))
+    expected = _logits(model)  # the base model on the training inputs
+    seen: dict[str, list[torch.Tensor]] = {"here": [], "thread": []}
+
+    def forward(where: str) -> None:
+        with torch.no_grad():
+            seen[where].append(model(**(other if where == "here" else _inputs())).logits)
+
+    def between() -> None:
+        forward("here")
+        t = threading.Thread(target=forward, args=("thread",))
+        t.start()
+        t.join()
+
+    d_off, losses_off, runs_off = _train_at_layer_2(model, 5, prefix=False, during=between)
+    d_on, losses_on, runs_on = _train_at_layer_2(model, 5, prefix=True, during=between)
+    assert torch.equal(seen["here"][1], seen["here"][0]), "this thread's other forward computed every layer"
+    assert torch.equal(seen["thread"][0], expected) and torch.equal(seen["thread"][1], expected)
+    assert torch.equal(d_on, d_off) and losses_on == losses_off
+    # with the block: step 0, the other forward, step 2 (its inputs changed back), then steps 3-4 reuse
+    assert (runs_off, runs_on) == (6, 3)

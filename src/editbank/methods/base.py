@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..models.hooks import frozen_prefix
 from ..requests import EditRequest
 
 METHODS: dict[str, type[Method]] = {}
@@ -253,6 +254,12 @@ class Method:
         # what the store holds
         self.request_of: Callable[[int], EditRequest] | None = None
         self._pretrained: dict = {}  # what `pretrain` computed, for the `apply` inside `pretrained(...)`
+
+    def frozen_below(self, layer: int):
+        """Around a training loop that feeds one batch at every step and changes nothing below decoder layer
+        `layer`: the layers below it run on the first step only (`models.hooks.frozen_prefix`; bitwise the same
+        numbers, fewer forwards)."""
+        return frozen_prefix(self.model, [self.arch.layer(i) for i in range(layer)])
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self) -> None:

@@ -77,8 +77,9 @@ class FineTune(Method):
 
         self.weight.requires_grad_(True)
         try:
-            done = fit(loss_fn, opt, hp.n_iter, what="FT-L", stop_loss=hp.stop_loss, before_step=take_grad,
-                       after_step=bound)
+            with self.frozen_below(self.layer):
+                done = fit(loss_fn, opt, hp.n_iter, what="FT-L", stop_loss=hp.stop_loss, before_step=take_grad,
+                           after_step=bound)
         finally:
             self.weight.requires_grad_(False)
             self.weight.grad = None

@@ -238,7 +238,7 @@ class Grace(Routed):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             return F.cross_entropy(logits[0, :-1].float(), batch.labels[0, 1:])
 
-        with self.training(v), self.routing(Route(query_index=batch.query_index)):
+        with self.training(v), self.routing(Route(query_index=batch.query_index)), self.frozen_below(self.layer):
             done = fit(loss_fn, opt, self.hparams.n_iter, what="GRACE value training", stop_loss=self.hparams.stop_loss)
         return v.detach().to(self.values.dtype), done.loss, done.steps
 

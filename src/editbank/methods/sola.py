@@ -631,7 +631,7 @@ class Sola(Routed):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
 
-        with self.training((A, B)):
+        with self.training((A, B)), self.frozen_below(self.layers[0]):
             done = fit(loss_fn, opt, hp.n_iter, what="SoLA LoRA training", stop_loss=hp.stop_loss,
                        lr=cosine_lr(hp.lr, hp.n_iter) if hp.schedule == "cosine" else None)
         A = [a.detach() for a in A]

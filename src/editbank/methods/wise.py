@@ -484,7 +484,7 @@ class Wise(Routed):
         def bound() -> None:
             d.clamp_(-hp.norm_constraint, hp.norm_constraint)
 
-        with self.training(d):
+        with self.training(d), self.frozen_below(self.layer):
             done = fit(loss_fn, opt, hp.n_iter, what=f"{self.name} side-memory training", stop_loss=hp.stop_loss,
                        before_step=lambda: d.grad.mul_(mask), after_step=bound,
                        monitor=None if steer is None else steer.monitor)

@@ -1,6 +1,6 @@
 """Model access: architecture registry, loading/fingerprinting, and context-managed hooks."""
 
-from editbank.models.hooks import Trace, forward_hooks, patch, trace
+from editbank.models.hooks import Trace, forward_hooks, frozen_prefix, patch, trace
 from editbank.models.loading import load_model, model_fingerprint, resolve_dtype
 from editbank.models.registry import Arch, ArchSpec, arch_of, register_arch, supported_types
 
@@ -10,6 +10,7 @@ __all__ = [
     "Trace",
     "arch_of",
     "forward_hooks",
+    "frozen_prefix",
     "load_model",
     "model_fingerprint",
     "patch",

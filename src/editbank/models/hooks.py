@@ -110,3 +110,73 @@ def patch(model: nn.Module, path: str, fn: PatchFn) -> Iterator[nn.Module]:
 
     with forward_hooks([(module, hook)], with_kwargs=True):
         yield module
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two forwards' inputs are equal: tensors by value, containers item by item, plain values by ==;
+    any other object (a cache) never counts as equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return (a is None or isinstance(a, (bool, int, float, str))) and type(a) is type(b) and a == b
+
+
+@contextmanager
+def frozen_prefix(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """Within the block, a forward of `model` (this thread's) whose inputs equal the previous one's does not run
+    `layers` (the decoder layers below the trained ones, in order) again: the last of them returns what it
+    returned then. For training loops that feed one batch at every step and change nothing below the layer they
+    train: the numbers are bitwise those of running the layers (they would compute exactly what they computed
+    before); hooks inside the skipped layers do not fire on a reused forward. Forwards with other inputs, or with
+    a cache object among them, run every layer."""
+    if not layers or any("forward" in vars(m) for m in layers):  # nothing below, or already inside such a block
+        yield
+        return
+    owner, state = threading.get_ident(), {"inputs": None, "out": None, "reuse": False}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() != owner:
+            return
+        inputs = (args, kwargs)
+        state["reuse"] = state["out"] is not None and _same(state["inputs"], inputs)
+        if not state["reuse"]:  # kept as copies: a caller may write its tensors in place before the next step
+            state["inputs"], state["out"] = _clone(inputs), None
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if threading.get_ident() == owner:
+            state["reuse"] = False
+
+    def wrap(i: int, forward: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != owner:
+                return forward(*args, **kwargs)
+            if state["reuse"]:
+                return _clone(state["out"])
+            out = forward(*args, **kwargs)
+            if i == len(layers) - 1:
+                state["out"] = _clone(out)
+            return out
+
+        return run
+
+    with ExitStack() as stack:
+        stack.callback(model.register_forward_pre_hook(before, with_kwargs=True).remove)
+        stack.callback(model.register_forward_hook(after, with_kwargs=True, always_call=True).remove)
+        for i, m in enumerate(layers):
+            m.forward = wrap(i, m.forward)
+            stack.callback(vars(m).pop, "forward")
+        yield
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x

@@ -192,8 +192,9 @@ class LocateMethod(Method):
     def _plan(self, requests, prefixes: list[str]):
         """Learn the target residuals at the last edited layer (MetaKE overrides)."""
         last = self.arch.layer_path(self.layers[-1], "")
-        return optimize_targets(self.model, self.tokenizer, last, requests, prefixes, self.hparams,
-                                norm_ref=self.norm_reference(requests)), {}
+        with self.frozen_below(self.layers[-1]):
+            return optimize_targets(self.model, self.tokenizer, last, requests, prefixes, self.hparams,
+                                    norm_ref=self.norm_reference(requests)), {}
 
     def prepare(self) -> None:
         for layer in self.layers:

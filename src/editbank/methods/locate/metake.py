@@ -77,8 +77,9 @@ class MetaKE(AlphaEdit):
                                                         inputs=True).float().T)
             return mix, None if offset is None else offset.T
 
-        target = optimize_targets(self.model, self.tokenizer, self.arch.layer_path(last, ""), requests, prefixes,
-                                  self.hparams, transfer=transfer, max_norm_factor=self.hparams.max_plan_factor)
+        with self.frozen_below(last):
+            target = optimize_targets(self.model, self.tokenizer, self.arch.layer_path(last, ""), requests, prefixes,
+                                      self.hparams, transfer=transfer, max_norm_factor=self.hparams.max_plan_factor)
         keys_at = {layer: part[0] for layer, part in zip(chosen, parts)}
         plan, offset = chain(keys_at.__getitem__)  # [n, n] (+ [hidden, n]): what the write realises at the keys
         predicted = plan.T @ target.delta
