@@ -38,6 +38,7 @@ from rich.table import Table
 
 from editbank import Editor, EditRequest, World
 from editbank.bench.config import BenchConfig
+from editbank.bench.files import append_jsonl, read_jsonl
 from editbank.bench.run import check_leaks, load_data
 from editbank.evaluate import evaluate, rollback_eval, run_stream
 from editbank.methods.base import get_method
@@ -185,16 +186,16 @@ def main() -> None:
     ap.add_argument("--hp", action="append", default=[], help="hyperparameter key=value for every config")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON lines")
     ap.add_argument("--out", type=Path, default=None,
-                    help="append each figure to this JSON-lines file as it is measured, and skip the (world, config, "
-                         "T) already in it: an interrupted run started again goes on at its next stream")
+                    help="append each figure to this JSON-lines file as it is measured, and skip the streams already "
+                         "in it (the same world, config, T and run settings: seed, batch, --hp, final figures): an "
+                         "interrupted run started again goes on at its next stream")
     args = ap.parse_args()
     extra = parse_hp(args.hp)
     console = Console(quiet=args.json)
     from editbank.world.test_specs import SUITE
 
     names = [w for item in args.worlds.split(",") for w in (SUITE if item == "suite" else [item])]
-    done = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()] \
-        if args.out is not None and args.out.exists() else []
+    done = read_jsonl(args.out) if args.out is not None else []  # a line torn by a kill is dropped
     figs = []
     asked = [int(x) for x in args.T.split(",")] + [args.ablation_T]
     for world in [source(n, args.seed, asked, args.json) for n in names]:
@@ -204,18 +205,22 @@ def main() -> None:
             jobs += [(c, min(args.ablation_T, world.available), False) for c in args.ablation.split(",")
                      if c not in args.configs.split(",")]
         for name, t, final in jobs:
-            old = [f for f in done if (f["world"], f["config"], f["T"]) == (world.name, name, t)]
+            undo = final and t >= 10 and args.undo_fraction > 0
+            settings = {"seed": args.seed, "batch": args.batch, "hp": extra, "final": final,
+                        "undo": [args.undo_fraction, args.undo_modes] if undo else None}  # as JSON reads it back
+            old = [f for f in done if (f["world"], f["config"], f["T"], f.get("settings")) ==
+                   (world.name, name, t, settings)]
             if old:
-                figs.append(old[-1])
+                fig = old[-1]
                 console.print(f"{world.name}: {name} T={t}: in {args.out}, skipped")
-                continue
-            t0 = time.perf_counter()
-            fig = run(world, name, t, args, extra, final)
-            fig["wall_seconds"] = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                fig = run(world, name, t, args, extra, final)
+                fig["wall_seconds"] = time.perf_counter() - t0
+                fig["settings"] = settings
+                if args.out is not None:
+                    append_jsonl(args.out, [fig])
             figs.append(fig)
-            if args.out is not None:
-                with args.out.open("a") as fh:
-                    fh.write(json.dumps(fig) + "\n")
             if args.json:
                 print(json.dumps(fig), flush=True)
             else:

@@ -284,3 +284,27 @@ def test_frozen_prefix_runs_every_layer_for_other_inputs_and_other_threads():
     assert torch.equal(d_on, d_off) and losses_on == losses_off
     # with the block: step 0, the other forward, step 2 (its inputs changed back), then steps 3-4 reuse
     assert (runs_off, runs_on) == (6, 3)
+
+
+def test_frozen_prefix_lets_a_trace_below_fire_and_forgets_a_bare_decoder_call():
+    """Inside the block a forward that traces a layer below (MetaKE reads each edited layer's keys with one trace
+    per forward, on the same inputs) runs every layer, so the trace fires; and a call of the decoder that bypasses
+    the top model drops what was kept, so the next step does not reuse layers computed for other inputs."""
+    model = tiny_model("llama", len(tiny_tokenizer()))
+    model.requires_grad_(False)
+    arch, x = arch_of(model), _inputs()
+    y = {k: v.clone() for k, v in x.items()}
+    y["input_ids"][0, 1] = (y["input_ids"][0, 1] + 1) % 50
+    path = arch.layer_path(1, "mlp_out")
+    with torch.no_grad(), trace(model, path) as outside:
+        model(**x)
+    base = _logits(model)
+    with torch.no_grad(), frozen_prefix(model, [arch.layer(0), arch.layer(1)]):
+        model(**x)
+        for _ in range(2):
+            with trace(model, path) as tr:
+                model(**x)
+            assert tr[path].input is not None and torch.equal(tr[path].input, outside[path].input)
+        model(**x)
+        model.model(**y)  # the decoder alone, on other inputs
+        assert torch.equal(model(**x).logits, base)

@@ -125,34 +125,45 @@ def _same(a: Any, b: Any) -> bool:
     return (a is None or isinstance(a, (bool, int, float, str))) and type(a) is type(b) and a == b
 
 
+_PREFIX_LOCK = threading.Lock()  # wrapping and unwrapping layers' forward (two threads may enter at once)
+
+
+def _hook_ids(layers: list[nn.Module]) -> tuple:
+    """Which forward hooks sit on the layers and their submodules now (a trace added for one forward differs)."""
+    return tuple((tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for layer in layers for m in layer.modules())
+
+
 @contextmanager
 def frozen_prefix(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
-    """Within the block, a forward of `model` (this thread's) whose inputs equal the previous one's does not run
-    `layers` (the decoder layers below the trained ones, in order) again: the last of them returns what it
-    returned then. For training loops that feed one batch at every step and change nothing below the layer they
-    train: the numbers are bitwise those of running the layers (they would compute exactly what they computed
-    before); hooks inside the skipped layers do not fire on a reused forward. Forwards with other inputs, or with
-    a cache object among them, run every layer."""
-    if not layers or any("forward" in vars(m) for m in layers):  # nothing below, or already inside such a block
-        yield
-        return
-    owner, state = threading.get_ident(), {"inputs": None, "out": None, "reuse": False}
+    """Within the block, a forward of `model` (this thread's) whose inputs equal the previous one's, with the same
+    hooks on `layers`, does not run `layers` (the decoder layers below the trained ones, in order) again: the last of
+    them returns what it returned then. For training loops that feed one batch at every step and change nothing
+    below the layer they train: the numbers are bitwise those of running the layers (they would compute exactly what
+    they computed before). Every layer runs for a forward with other inputs or a cache object among them, one after
+    a hook was added or removed inside `layers` (a trace of a layer below: it must fire), another thread's forward,
+    and a call of the layers outside a forward of `model` (which also drops what was kept)."""
+    owner = threading.get_ident()
+    state: dict[str, Any] = {"inputs": None, "out": None, "reuse": False, "inside": False}
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if threading.get_ident() != owner:
             return
-        inputs = (args, kwargs)
-        state["reuse"] = state["out"] is not None and _same(state["inputs"], inputs)
+        key = ((args, kwargs), _hook_ids(layers))
+        state["inside"] = True
+        state["reuse"] = state["out"] is not None and _same(state["inputs"], key)
         if not state["reuse"]:  # kept as copies: a caller may write its tensors in place before the next step
-            state["inputs"], state["out"] = _clone(inputs), None
+            state["inputs"], state["out"] = _clone(key), None
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if threading.get_ident() == owner:
-            state["reuse"] = False
+            state["reuse"] = state["inside"] = False
 
     def wrap(i: int, forward: Callable) -> Callable:
         def run(*args: Any, **kwargs: Any) -> Any:
             if threading.get_ident() != owner:
+                return forward(*args, **kwargs)
+            if not state["inside"]:  # called on its own: what it computes is not this block's to keep
+                state["out"] = None
                 return forward(*args, **kwargs)
             if state["reuse"]:
                 return _clone(state["out"])
@@ -163,13 +174,24 @@ def frozen_prefix(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
 
         return run
 
-    with ExitStack() as stack:
-        stack.callback(model.register_forward_pre_hook(before, with_kwargs=True).remove)
-        stack.callback(model.register_forward_hook(after, with_kwargs=True, always_call=True).remove)
-        for i, m in enumerate(layers):
-            m.forward = wrap(i, m.forward)
-            stack.callback(vars(m).pop, "forward")
+    with _PREFIX_LOCK:  # nothing below, or already inside such a block (or wrapped by another library): as is
+        free = bool(layers) and not any("forward" in vars(m) for m in layers)
+        runs = [wrap(i, m.forward) for i, m in enumerate(layers)] if free else []
+        for m, run in zip(layers, runs):
+            m.forward = run
+    if not runs:
         yield
+        return
+    try:
+        with ExitStack() as stack:
+            stack.callback(model.register_forward_pre_hook(before, with_kwargs=True).remove)
+            stack.callback(model.register_forward_hook(after, with_kwargs=True, always_call=True).remove)
+            yield
+    finally:
+        with _PREFIX_LOCK:
+            for m, run in zip(layers, runs):
+                if vars(m).get("forward") is run:
+                    del vars(m)["forward"]
 
 
 def _clone(x: Any) -> Any:
