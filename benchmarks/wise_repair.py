@@ -188,14 +188,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="append each figure to this JSON-lines file as it is measured, and skip the streams already "
                          "in it (the same world, config, T and run settings: seed, batch, --hp, final figures): an "
-                         "interrupted run started again goes on at its next stream")
+                         "interrupted run started again goes on at its next stream; the file is read before each "
+                         "stream, so two processes given the same file and disjoint --configs share one table")
     args = ap.parse_args()
     extra = parse_hp(args.hp)
     console = Console(quiet=args.json)
     from editbank.world.test_specs import SUITE
 
     names = [w for item in args.worlds.split(",") for w in (SUITE if item == "suite" else [item])]
-    done = read_jsonl(args.out) if args.out is not None else []  # a line torn by a kill is dropped
     figs = []
     asked = [int(x) for x in args.T.split(",")] + [args.ablation_T]
     for world in [source(n, args.seed, asked, args.json) for n in names]:
@@ -208,6 +208,9 @@ def main() -> None:
             undo = final and t >= 10 and args.undo_fraction > 0
             settings = {"seed": args.seed, "batch": args.batch, "hp": extra, "final": final,
                         "undo": [args.undo_fraction, args.undo_modes] if undo else None}  # as JSON reads it back
+            # read afresh before each stream: another process appending to the same file (say, the other half of
+            # the configurations on a second core) may have finished this one meanwhile; a torn line is dropped
+            done = read_jsonl(args.out) if args.out is not None else []
             old = [f for f in done if (f["world"], f["config"], f["T"], f.get("settings")) ==
                    (world.name, name, t, settings)]
             if old:
