@@ -191,6 +191,9 @@ def main() -> None:
                          "interrupted run started again goes on at its next stream; the file is read before each "
                          "stream, so two processes given the same file and disjoint --configs share one table")
     args = ap.parse_args()
+    unknown = [c for c in args.configs.split(",") + args.ablation.split(",") if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     extra = parse_hp(args.hp)
     console = Console(quiet=args.json)
     from editbank.world.test_specs import SUITE
